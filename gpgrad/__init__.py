@@ -1,0 +1,43 @@
+"""gpgrad: exact Gaussian-process inference over functions and their derivatives.
+
+>>> import numpy as np, gpgrad
+>>> from gpgrad import kernels
+>>> X = np.random.default_rng(0).uniform(-1, 1, (20, 2))
+>>> y = np.sin(X[:, 0]) * X[:, 1]
+>>> post = gpgrad.GP(kernels.RBF(lengthscale=0.7), noise=1e-6).condition(X, y)
+>>> post.gradient(X[:3]).mean.shape
+(3, 2)
+"""
+
+from . import kernels
+from .exceptions import GPGradWarning, JitterWarning, NotPositiveDefiniteError
+from .functionals import (
+    Functional,
+    directional,
+    gradients,
+    hessians,
+    partials,
+    second_partials,
+    values,
+)
+from .gp import GP
+from .posterior import Posterior, Prediction
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GP",
+    "Posterior",
+    "Prediction",
+    "Functional",
+    "values",
+    "gradients",
+    "partials",
+    "directional",
+    "second_partials",
+    "hessians",
+    "kernels",
+    "GPGradWarning",
+    "JitterWarning",
+    "NotPositiveDefiniteError",
+]

@@ -1,0 +1,263 @@
+"""The Gaussian process: kernel, mean and noise; conditioning on observations.
+
+.. math::
+
+    E[Mf \\mid y] = m_M + M k L^\\top (L k L^\\top + Σ)^{-1} (y - m_L),\\qquad
+    \\operatorname{Cov}[Mf \\mid y] = M k M^\\top
+        - M k L^\\top (L k L^\\top + Σ)^{-1} L k M^\\top
+
+for observation functionals ``L`` with noise covariance ``Σ`` and query
+functionals ``M`` (Rasmussen & Williams §9.4; Solak et al. 2003). A constant
+mean has zero derivatives.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .covariance import as_blocks, batch_shape, covariance
+from .functionals import Functional, values
+from .kernels.base import Kernel
+from .linalg import backend as B
+from .linalg.dense import cholesky
+
+__all__ = ["GP"]
+
+_KINDS = ("value", "gradient", "partial", "directional", "second", "hessian")
+_BACKENDS = ("numpy", "torch")
+
+
+def _check_noise_value(v, what):
+    if B.is_tensor(v):
+        if not bool((v.detach() >= 0).all()) or not bool(v.detach().isfinite().all()):
+            raise ValueError(f"{what} must be a finite, non-negative variance")
+        return v
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{what} must be a number (a variance), got {type(v).__name__}")
+    v = float(v)
+    if not (np.isfinite(v) and v >= 0):
+        raise ValueError(f"{what} must be a finite, non-negative variance, got {v}")
+    return v
+
+
+class GP:
+    """A Gaussian process prior over functions and all their derivatives.
+
+    Parameters
+    ----------
+    kernel : gpgrad.kernels.Kernel
+    noise : float, tensor or dict, default 1e-8
+        Observation noise variance for observations that do not set their own:
+        one value for every kind, or a dict by kind (``"value"``, ``"gradient"``,
+        ``"partial"``, ``"directional"``, ``"second"``, ``"hessian"``; kinds left
+        out use ``"value"``'s).
+    mean : float or tensor, default 0.0
+        Constant prior mean of ``f`` (its derivatives have mean zero).
+    normalize_y : bool, default False
+        Standardize the value observations (subtract their mean, divide by their
+        standard deviation); derivative observations are divided by the same
+        standard deviation and never shifted. Predictions are returned in the
+        original units; the kernel's variance and the noise then refer to the
+        standardized scale for values, and ``noise`` stays in data units.
+    backend : {"numpy", "torch"}
+    device, dtype
+        Torch device and dtype (default float64 on CPU); numpy dtype for numpy.
+
+    Examples
+    --------
+    >>> import numpy as np, gpgrad
+    >>> X = np.linspace(0, 1, 8)[:, None]
+    >>> gp = gpgrad.GP(gpgrad.kernels.RBF(lengthscale=0.3), noise=1e-6)
+    >>> post = gp.condition(X, np.sin(6 * X[:, 0]))
+    >>> post.gradient(np.array([[0.5]])).mean.shape
+    (1, 1)
+    """
+
+    def __init__(
+        self,
+        kernel,
+        noise=1e-8,
+        mean=0.0,
+        normalize_y=False,
+        backend="numpy",
+        device=None,
+        dtype=None,
+    ):
+        if not isinstance(kernel, Kernel):
+            raise TypeError(
+                f"GP expects a gpgrad kernel (e.g. gpgrad.kernels.RBF()), got "
+                f"{type(kernel).__name__}"
+            )
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be 'numpy' or 'torch', got {backend!r}")
+        self.kernel = kernel
+        if isinstance(noise, dict):
+            unknown = set(noise) - set(_KINDS)
+            if unknown:
+                raise ValueError(
+                    f"noise keys must be observation kinds {_KINDS}, got "
+                    f"{sorted(unknown)}"
+                )
+            self.noise = {k: _check_noise_value(v, f"noise[{k!r}]") for k, v in noise.items()}
+        else:
+            self.noise = _check_noise_value(noise, "noise")
+        if B.is_tensor(mean):
+            self.mean = mean
+        elif isinstance(mean, numbers.Real) and not isinstance(mean, bool):
+            self.mean = float(mean)
+        else:
+            raise TypeError(f"mean must be a constant number, got {type(mean).__name__}")
+        self.normalize_y = bool(normalize_y)
+        self.backend = backend
+        if backend == "torch":
+            import torch
+
+            self.xp = B.namespace(torch.zeros(0))
+            self.dtype = torch.float64 if dtype is None else dtype
+            if self.dtype not in (torch.float64, torch.float32):
+                raise TypeError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+            self.device = torch.device(device if device is not None else "cpu")
+        else:
+            if device not in (None, "cpu"):
+                raise ValueError(
+                    f"the numpy backend runs on the CPU; got device={device!r} "
+                    "(use backend='torch' for GPUs)"
+                )
+            self.xp = B.namespace(np.zeros(0))
+            self.dtype = np.dtype(np.float64 if dtype is None else dtype)
+            if self.dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
+                raise TypeError(f"dtype must be float64 or float32, got {dtype}")
+            self.device = None
+
+    def __repr__(self):
+        return (
+            f"GP({self.kernel!r}, noise={self.noise}, mean={self.mean}, "
+            f"backend={self.backend!r})"
+        )
+
+    # ------------------------------------------------------------------
+    def noise_for(self, kind):
+        if isinstance(self.noise, dict):
+            return self.noise.get(kind, self.noise.get("value", 1e-8))
+        return self.noise
+
+    def _asarray(self, x):
+        return B.to_namespace(x, self.xp, dtype=self.dtype, device=self.device)
+
+    def _parse(self, args, what="observations", need_targets=True):
+        if len(args) == 2 and not isinstance(args[0], Functional):
+            args = (values(args[0], args[1]),)
+        if not args:
+            raise ValueError(f"no {what} given: pass gpgrad.values(X, y), ...")
+        out = []
+        for a in args:
+            if isinstance(a, (list, tuple)) and all(isinstance(f, Functional) for f in a):
+                out.extend(a)
+            elif isinstance(a, Functional):
+                out.append(a)
+            else:
+                raise TypeError(
+                    f"{what} must be gpgrad functionals (gpgrad.values(X, y), "
+                    f"gpgrad.gradients(X, G), ...) or (X, y), got {type(a).__name__}"
+                )
+        d = out[0].d
+        for f in out:
+            if f.d != d:
+                raise ValueError(
+                    f"all {what} must have the same input dimension: got {d} and {f.d}"
+                )
+            if need_targets and f.y is None:
+                raise ValueError(
+                    f"{f.kind} observations have no targets; pass them as the "
+                    "constructor's target argument"
+                )
+            self.kernel.check_order(f.order, f"{f.kind} {what}")
+        self.kernel.check_input_dim(d)
+        for f in out:
+            self._check_backend(f)
+        return out
+
+    def _check_backend(self, f):
+        arrays = [f.X, f.y, f.noise]
+        for a in arrays:
+            if a is None or isinstance(a, float):
+                continue
+            if self.backend == "numpy" and B.is_tensor(a):
+                raise TypeError(
+                    "got torch tensors but the GP uses backend='numpy'; use "
+                    "GP(..., backend='torch') or pass numpy arrays"
+                )
+            if self.backend == "torch" and B.is_tensor(a):
+                if a.device.type != self.device.type:
+                    raise ValueError(
+                        f"inputs are on device {a.device} but the GP is on "
+                        f"{self.device}; move them with .to({str(self.device)!r})"
+                    )
+
+    def _prepare(self, obs):
+        xp = self.xp
+        blocks = as_blocks(obs, xp, self.dtype, self.device)
+        batch = batch_shape(self.kernel, blocks)
+        ys = [self._asarray(f.flat_targets(f.y)) for f in obs]
+        ys = [xp.broadcast_to(y, batch + (y.shape[-1],)) for y in ys]
+        # constant mean and normalization (values only are shifted)
+        mean = self._asarray(self.mean)
+        is_val = [f.kind == "value" for f in obs]
+        shift = xp.zeros(batch, dtype=self.dtype, device=self.device)
+        scale = xp.ones(batch, dtype=self.dtype, device=self.device)
+        if self.normalize_y and any(is_val):
+            vals = xp.concat([y for y, v in zip(ys, is_val) if v], axis=-1)
+            shift = xp.mean(vals, axis=-1)
+            if vals.shape[-1] > 1:
+                sd = xp.std(vals, axis=-1)
+                scale = xp.where(sd > 0, sd, xp.ones_like(sd))
+        res = []
+        for y, v in zip(ys, is_val):
+            if v:
+                y = y - (mean + shift)[..., None]
+            res.append(y / scale[..., None])
+        r = xp.concat(res, axis=-1)
+        noise = []
+        for f, y in zip(obs, ys):
+            nz = f.noise if f.noise is not None else self.noise_for(f.kind)
+            nv = f.flat_noise(nz, xp, y)
+            noise.append(xp.broadcast_to(nv, batch + (y.shape[-1],)))
+        noise = xp.concat(noise, axis=-1) / (scale * scale)[..., None]
+        return blocks, r, noise, shift, scale
+
+    def _factor(self, blocks, noise, n_obs):
+        K = covariance(self.kernel, blocks)
+        K = _add_diag(K, noise)
+        L, jitter = cholesky(
+            K,
+            what=f"the covariance matrix of the {n_obs} observations",
+            hint=" (identical points observed twice need noise > 0)",
+        )
+        return L, jitter
+
+    def condition(self, *observations):
+        """Condition on observations; returns a :class:`~gpgrad.Posterior`.
+
+        ``gp.condition(X, y)`` is short for ``gp.condition(gpgrad.values(X, y))``.
+        """
+        from .posterior import Posterior
+
+        obs = self._parse(observations)
+        blocks, r, noise, shift, scale = self._prepare(obs)
+        L, jitter = self._factor(blocks, noise, r.shape[-1])
+        return Posterior(self, obs, blocks, L, r, shift, scale, jitter)
+
+    def log_marginal_likelihood(self, *observations):
+        """``log p(y)`` of the observations under this prior (a scalar, or one
+        per batch member)."""
+        return self.condition(*observations).log_marginal_likelihood()
+
+
+def _add_diag(K, noise):
+    if B.is_tensor(K) and (K.requires_grad or noise.requires_grad):
+        import torch
+
+        return K + torch.diag_embed(noise)
+    return B.add_to_diagonal_(K, noise)

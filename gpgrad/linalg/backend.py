@@ -1,0 +1,238 @@
+"""The only place where numpy and torch differ.
+
+Everything else in gpgrad is written once against an array namespace
+(``array_api_compat``); the few operations that the array API standard lacks
+or that need backend-specific care (triangular solves, in-place Cholesky,
+random numbers, conversion at the public door) live here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "namespace",
+    "is_torch",
+    "is_numpy",
+    "to_namespace",
+    "solve_tril",
+    "solve_triu_t",
+    "matrix_transpose",
+    "to_float",
+]
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def namespace(*arrays):
+    """The array namespace of ``arrays`` (numpy or torch), ignoring scalars."""
+    arrays = [a for a in arrays if a is not None and not isinstance(a, (int, float))]
+    if not arrays:
+        return array_api_compat.array_namespace(np.zeros(0))
+    return array_api_compat.array_namespace(*arrays)
+
+
+def is_torch(xp) -> bool:
+    return array_api_compat.is_torch_namespace(xp)
+
+
+def is_numpy(xp) -> bool:
+    return array_api_compat.is_numpy_namespace(xp)
+
+
+def is_tensor(x) -> bool:
+    return array_api_compat.is_torch_array(x)
+
+
+def device_of(x):
+    return array_api_compat.device(x)
+
+
+def to_namespace(x, xp, dtype=None, device=None):
+    """Convert ``x`` (array, tensor, list or scalar) into ``xp``'s arrays.
+
+    Torch tensors keep their autograd history (``Tensor.to``), so gradients flow
+    back to hyperparameters and inputs given as tensors.
+    """
+    if is_torch(xp):
+        torch = _torch()
+        if isinstance(x, torch.Tensor):
+            return x.to(device=device, dtype=dtype)
+        return torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
+    if is_tensor(x):
+        raise TypeError(
+            "expected a numpy array for the numpy backend, got a torch tensor; "
+            "use backend='torch' or pass tensor.detach().cpu().numpy()"
+        )
+    return np.asarray(x, dtype=dtype)
+
+
+def to_float(x) -> float:
+    """A Python float from a 0-d array or tensor (one host sync on GPU)."""
+    if is_tensor(x):
+        return float(x.detach().cpu())
+    return float(x)
+
+
+def to_numpy(x):
+    if is_tensor(x):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def matrix_transpose(x):
+    return x.swapaxes(-1, -2) if isinstance(x, np.ndarray) else x.transpose(-1, -2)
+
+
+def solve_tril(L, B):
+    """``L⁻¹ B`` for lower-triangular ``L`` (..., n, n) and ``B`` (..., n, k)."""
+    if is_tensor(L):
+        torch = _torch()
+        return torch.linalg.solve_triangular(L, B, upper=False)
+    import scipy.linalg
+
+    return scipy.linalg.solve_triangular(L, B, lower=True, check_finite=False)
+
+
+def solve_triu_t(L, B):
+    """``L⁻ᵀ B`` for lower-triangular ``L`` (..., n, n) and ``B`` (..., n, k)."""
+    if is_tensor(L):
+        torch = _torch()
+        return torch.linalg.solve_triangular(L.transpose(-1, -2), B, upper=True)
+    import scipy.linalg
+
+    return scipy.linalg.solve_triangular(
+        L, B, lower=True, trans="T", check_finite=False
+    )
+
+
+def cholesky_inplace(A):
+    """Try the lower Cholesky factor of symmetric ``A`` (..., n, n).
+
+    Returns ``(L, ok)`` where ``ok`` is a boolean array over the batch. Where the
+    factorization succeeds for a 2-D numpy or CPU-torch matrix that needs no
+    autograd, ``A``'s memory is reused (no second n×n buffer); the strictly
+    upper triangle of ``L`` is then zeroed. Failed batch members hold garbage.
+    """
+    if is_tensor(A):
+        torch = _torch()
+        if A.device.type == "cpu" and not A.requires_grad and A.ndim == 2:
+            L, ok = cholesky_inplace(A.numpy())
+            return torch.from_numpy(L), torch.from_numpy(ok)
+        L, info = torch.linalg.cholesky_ex(A, upper=False)
+        return L, info == 0
+    if A.ndim == 2 and A.flags.c_contiguous:
+        import scipy.linalg.lapack as lapack
+
+        potrf = lapack.get_lapack_funcs("potrf", (A,))
+        d0 = np.diagonal(A).copy()
+        # A is symmetric and C-ordered, so A.T is the same matrix in Fortran
+        # order; its upper factor U (A = UᵀU) is our lower factor L = Uᵀ,
+        # computed in place without a copy. LAPACK leaves A's strict upper
+        # triangle untouched, which lets a failed attempt be undone.
+        U, info = potrf(A.T, lower=False, overwrite_a=True, clean=False)
+        L = U.T
+        if info == 0:
+            _zero_strict_upper_(L)
+            return L, np.asarray(True)
+        mirror_upper_to_lower_(A)
+        set_diagonal_(A, d0)
+        return A, np.asarray(False)
+    L = np.empty_like(A)
+    ok = np.ones(A.shape[:-2], dtype=bool)
+    for idx in np.ndindex(*A.shape[:-2]):
+        try:
+            L[idx] = np.linalg.cholesky(A[idx])
+        except np.linalg.LinAlgError:
+            ok[idx] = False
+    return L, ok
+
+
+def _zero_strict_upper_(L, tile: int = 1024):
+    n = L.shape[-1]
+    for r0 in range(0, n, tile):
+        r1 = min(n, r0 + tile)
+        L[..., r0:r1, r1:] = 0
+        L[..., r0:r1, r0:r1] = np.tril(L[..., r0:r1, r0:r1])
+
+
+def diagonal(A):
+    """A view or copy of the last two axes' diagonal (..., n)."""
+    if is_tensor(A):
+        return A.diagonal(dim1=-2, dim2=-1)
+    return np.diagonal(A, axis1=-2, axis2=-1)
+
+
+def add_to_diagonal_(A, v):
+    """``A[..., i, i] += v[..., i]`` in place (numpy or torch)."""
+    if is_tensor(A):
+        A.diagonal(dim1=-2, dim2=-1).add_(v)
+        return A
+    n = A.shape[-1]
+    idx = np.arange(n)
+    A[..., idx, idx] += v
+    return A
+
+
+def set_diagonal_(A, v):
+    if is_tensor(A):
+        A.diagonal(dim1=-2, dim2=-1).copy_(v)
+        return A
+    n = A.shape[-1]
+    idx = np.arange(n)
+    A[..., idx, idx] = v
+    return A
+
+
+def mirror_upper_to_lower_(A, tile: int = 1024):
+    """Copy the upper triangle of ``A`` (..., n, n) onto its lower one, in place.
+
+    Works tile by tile so that no n×n temporary is created.
+    """
+    n = A.shape[-1]
+    for r0 in range(0, n, tile):
+        r1 = min(n, r0 + tile)
+        if r0 > 0:
+            A[..., r0:r1, :r0] = matrix_transpose(A[..., :r0, r0:r1])
+        t = A[..., r0:r1, r0:r1]
+        if is_tensor(A):
+            torch = _torch()
+            upper = torch.triu(t)
+            A[..., r0:r1, r0:r1] = upper + torch.triu(t, 1).transpose(-1, -2)
+        else:
+            upper = np.triu(t)
+            A[..., r0:r1, r0:r1] = upper + np.triu(t, 1).swapaxes(-1, -2)
+    return A
+
+
+def random_normal(xp, shape, dtype, device, seed):
+    """Standard normal draws in ``xp`` (a seed, a Generator, or None)."""
+    if is_torch(xp):
+        torch = _torch()
+        if isinstance(seed, torch.Generator):
+            gen = seed
+        else:
+            gen = torch.Generator(device=device or "cpu")
+            if seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(int(seed))
+        return torch.randn(shape, dtype=dtype, device=device, generator=gen)
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(shape).astype(dtype or np.float64)
+
+
+def eigh(A):
+    if is_tensor(A):
+        return _torch().linalg.eigh(A)
+    return np.linalg.eigh(A)
+
+
+LOG2PI = math.log(2.0 * math.pi)

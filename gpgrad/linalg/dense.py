@@ -1,0 +1,102 @@
+"""Dense Cholesky with one visible jitter policy."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from ..exceptions import JitterWarning, NotPositiveDefiniteError
+from . import backend as B
+
+__all__ = ["cholesky", "JITTER_START", "JITTER_MAX"]
+
+#: first jitter tried, relative to the mean diagonal, in units of the dtype's eps
+JITTER_START = 100.0
+#: largest relative jitter before giving up, by dtype
+JITTER_MAX = {np.dtype(np.float64): 1e-6, np.dtype(np.float32): 1e-3}
+
+
+def _eps_and_max(A):
+    if B.is_tensor(A):
+        import torch
+
+        eps = torch.finfo(A.dtype).eps
+        big = 1e-3 if A.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-6
+        return eps, big
+    return float(np.finfo(A.dtype).eps), JITTER_MAX.get(A.dtype, 1e-6)
+
+
+def cholesky(K, *, what="the observations' covariance matrix", hint="", warn=True,
+             max_jitter=None):
+    """Lower Cholesky factor of symmetric ``K`` (..., N, N), with jitter.
+
+    Tries the plain factorization first; where it fails, adds
+    ``ε · mean(diag K)`` to the diagonal with ε rising tenfold from
+    ``100·eps(dtype)`` up to ``max_jitter`` (1e-6 in float64, 1e-3 in float32),
+    warning with :class:`~gpgrad.JitterWarning` when jitter was used, and raising
+    :class:`~gpgrad.NotPositiveDefiniteError` (naming what to change) when even
+    the largest jitter fails. ``K`` may be overwritten (its memory is reused for
+    the factor where possible).
+
+    Returns
+    -------
+    L : array (..., N, N)
+    jitter : float
+        The absolute jitter added (largest over the batch; 0.0 if none).
+    """
+    eps, big = _eps_and_max(K)
+    if max_jitter is not None:
+        big = max_jitter
+    d0 = B.diagonal(K)
+    d0 = d0.clone() if B.is_tensor(d0) else d0.copy()
+    L, ok = B.cholesky_inplace(K)
+    if bool(ok.all()):
+        return L, 0.0
+    if B.is_tensor(d0):
+        bad = bool((~d0.isfinite()).any())
+    else:
+        bad = not np.all(np.isfinite(d0))
+    if bad:
+        raise NotPositiveDefiniteError(
+            f"{what} has NaN or infinite entries; check the inputs and the kernel's "
+            "hyperparameters"
+        )
+    xp = B.namespace(K)
+    scale = xp.mean(d0, axis=-1)
+    N = K.shape[-1]
+    rel = JITTER_START * eps
+    added = 0.0 * scale
+    while rel <= big * (1 + 1e-9):
+        if B.is_tensor(K) and K.requires_grad:
+            # autograd: out of place
+            add = rel * scale - added
+            K = K + xp.reshape(add, tuple(add.shape) + (1, 1)) * _eye(xp, N, K)
+            added = rel * scale
+        else:
+            B.add_to_diagonal_(K, (rel * scale - added)[..., None])
+            added = rel * scale
+        L, ok = B.cholesky_inplace(K)
+        if bool(ok.all()):
+            jitter = float(B.to_numpy(added).max())
+            if warn:
+                warnings.warn(
+                    f"added jitter {jitter:.3g} ({rel:.1e} of the mean diagonal) to "
+                    f"{what} ({N}×{N}) to make it positive definite; predictions "
+                    "move by about that much. To avoid it: raise the observation "
+                    f"noise, remove duplicated or near-duplicated points{hint}.",
+                    JitterWarning,
+                    stacklevel=3,
+                )
+            return L, jitter
+        rel *= 10.0
+    raise NotPositiveDefiniteError(
+        f"{what} ({N}×{N}) is not positive definite even with jitter {big:.0e} × "
+        "its mean diagonal. Raise the observation noise (GP(noise=...) or the "
+        "observation's noise=), remove duplicated or near-duplicated points, "
+        f"use a longer lengthscale or float64{hint}."
+    )
+
+
+def _eye(xp, N, like):
+    return xp.eye(N, dtype=like.dtype, device=B.device_of(like))

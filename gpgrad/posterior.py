@@ -1,0 +1,381 @@
+"""Predictions from a conditioned GP: values, gradients, Hessians, directional
+derivatives and joint sets; samples; the log marginal likelihood."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from .covariance import Block, covariance, point_covariance
+from .exceptions import GPGradWarning
+from .functionals import (
+    Functional,
+    directional,
+    gradients,
+    hessian_index,
+    hessians,
+    partials,
+    second_partials,
+    values,
+)
+from .linalg import backend as B
+
+__all__ = ["Posterior", "Prediction"]
+
+#: query entries handled at once when only marginals are asked for
+QUERY_CHUNK_ELEMENTS = 1 << 24
+
+
+class Prediction:
+    """Posterior moments of a query.
+
+    Attributes
+    ----------
+    mean : array
+        Shape of the query: (..., m) values, (..., m, d) gradients,
+        (..., m, d, d) Hessians, (..., M) for :meth:`Posterior.predict`.
+    var : array
+        Marginal variances, the shape of ``mean``.
+    cov : array or None
+        With ``full_cov=True``, the joint covariance of shape
+        ``mean.shape[batch:] + mean.shape[batch:]`` after the batch axes. For
+        gradients and Hessians without ``full_cov``, the per-point blocks
+        (..., m, d, d) and (..., m, d, d, d, d). Otherwise None.
+    """
+
+    __slots__ = ("mean", "var", "cov")
+
+    def __init__(self, mean, var, cov=None):
+        self.mean = mean
+        self.var = var
+        self.cov = cov
+
+    @property
+    def std(self):
+        xp = B.namespace(self.var)
+        return xp.sqrt(self.var)
+
+    def __repr__(self):
+        shape = tuple(self.mean.shape)
+        cov = None if self.cov is None else tuple(self.cov.shape)
+        return f"Prediction(mean shape {shape}, cov shape {cov})"
+
+    def __iter__(self):
+        # allows ``mean, var = post.value(X)``
+        yield self.mean
+        yield self.var
+
+
+class DenseSolver:
+    """``(K + Σ)⁻¹`` through its Cholesky factor ``L``."""
+
+    method = "cholesky"
+
+    def __init__(self, L):
+        self.L = L
+
+    def solve(self, R):
+        return B.solve_triu_t(self.L, B.solve_tril(self.L, R))
+
+    def quad_factors(self, Ks):
+        """``(P, Q)`` with ``Ksᵀ (K + Σ)⁻¹ Ks = Pᵀ Q``."""
+        V = B.solve_tril(self.L, Ks)
+        return V, V
+
+    def logdet(self):
+        xp = B.namespace(self.L)
+        return 2.0 * xp.sum(xp.log(B.diagonal(self.L)), axis=-1)
+
+
+class Posterior:
+    """A GP conditioned on observations.
+
+    Create it with :meth:`gpgrad.GP.condition`. Every query method takes points
+    ``X`` (..., m, d) and returns a :class:`Prediction`; ``full_cov=True`` adds
+    the joint covariance over all requested entries.
+    """
+
+    def __init__(self, gp, observations, blocks, L, residual, shift, scale, jitter):
+        self.gp = gp
+        self.kernel = gp.kernel
+        self.observations = list(observations)
+        self._blocks = blocks
+        self._solver = DenseSolver(L)
+        self._r = residual
+        self._alpha = self._solver.solve(residual[..., None])[..., 0]
+        self._shift = shift
+        self._scale = scale
+        self.jitter = jitter
+        self.xp = gp.xp
+
+    @property
+    def method(self) -> str:
+        """How the linear system was solved (``"cholesky"``)."""
+        return self._solver.method
+
+    @property
+    def num_observations(self) -> int:
+        return int(self._r.shape[-1])
+
+    # ------------------------------------------------------------------
+    # queries
+    def value(self, X, full_cov=False) -> Prediction:
+        """Posterior of ``f`` at ``X``: mean and var (..., m)."""
+        return self._query(values(X), full_cov)
+
+    def gradient(self, X, full_cov=False) -> Prediction:
+        """Posterior of ``∇f`` at ``X``: mean and var (..., m, d); ``cov`` is
+        the per-point (..., m, d, d) blocks, or with ``full_cov`` the joint
+        (..., m, d, m, d)."""
+        return self._query(gradients(X), full_cov)
+
+    def hessian(self, X, full_cov=False) -> Prediction:
+        """Posterior of the Hessian at ``X``: mean and var (..., m, d, d);
+        ``cov`` per point (..., m, d, d, d, d) or joint (..., m, d, d, m, d, d)."""
+        return self._query(hessians(X), full_cov)
+
+    def directional(self, X, U, full_cov=False) -> Prediction:
+        """Posterior of ``u_pᵀ∇f(x_p)``: mean and var (..., m)."""
+        return self._query(directional(X, U), full_cov)
+
+    def partial(self, X, dims, full_cov=False) -> Prediction:
+        """Posterior of ``∂f/∂x_{dims[p]}`` at each point: mean and var (..., m)."""
+        return self._query(partials(X, dims), full_cov)
+
+    def second_partial(self, X, i, j, full_cov=False) -> Prediction:
+        """Posterior of ``∂²f/∂x_i∂x_j`` at each point: mean and var (..., m)."""
+        return self._query(second_partials(X, i, j), full_cov)
+
+    def predict(self, *queries, full_cov=False) -> Prediction:
+        """Joint posterior over several functional sets.
+
+        ``mean`` and ``var`` are (..., M) over the concatenated entries of the
+        queries (each point-major; Hessians as their distinct (i ≤ j) entries);
+        with ``full_cov=True``, ``cov`` is (..., M, M).
+        """
+        qs = self._queries(queries)
+        mean, var, cov = self._moments(qs, "full" if full_cov else "var")
+        return Prediction(mean, var, cov)
+
+    # ------------------------------------------------------------------
+    def _queries(self, queries):
+        if not queries:
+            raise ValueError("no queries given: pass gpgrad.values(Xs), ...")
+        out = []
+        for q in queries:
+            if not isinstance(q, Functional):
+                raise TypeError(
+                    "queries must be gpgrad functionals such as gpgrad.values(Xs) "
+                    f"or gpgrad.gradients(Xs), got {type(q).__name__}"
+                )
+            d = self._blocks[0].d
+            if q.d != d:
+                raise ValueError(
+                    f"query points have {q.d} columns but the observations have {d}"
+                )
+            self.kernel.check_order(q.order, f"a {q.kind} query")
+            self.gp._check_backend(q)
+            out.append(q)
+        return out
+
+    def _query(self, q, full_cov):
+        (q,) = self._queries([q])
+        mode = "full" if full_cov else ("point" if q.k > 1 else "var")
+        mean, var, cov = self._moments([q], mode)
+        return self._shape_result(q, mean, var, cov, mode)
+
+    def _shape_result(self, q, mean, var, cov, mode):
+        xp = self.xp
+        batch = tuple(mean.shape[:-1])
+        n, k, d = q.n, q.k, q.d
+        mean = xp.reshape(mean, batch + (n, k))
+        var = xp.reshape(var, batch + (n, k))
+        if mode == "full":
+            cov = xp.reshape(cov, batch + (n, k, n, k))
+        if q.kind == "hessian":
+            idx = self._asindex(hessian_index(d).reshape(-1))
+            mean = xp.reshape(xp.take(mean, idx, axis=-1), batch + (n, d, d))
+            var = xp.reshape(xp.take(var, idx, axis=-1), batch + (n, d, d))
+            if mode == "point":
+                cov = xp.take(xp.take(cov, idx, axis=-1), idx, axis=-2)
+                cov = xp.reshape(cov, batch + (n, d, d, d, d))
+            elif mode == "full":
+                cov = xp.take(xp.take(cov, idx, axis=-1), idx, axis=-3)
+                cov = xp.reshape(cov, batch + (n, d, d, n, d, d))
+        elif k == 1:
+            mean, var = mean[..., 0], var[..., 0]
+            if mode == "full":
+                cov = cov[..., :, 0, :, 0]
+        return Prediction(mean, var, cov)
+
+    def _asindex(self, idx):
+        if B.is_torch(self.xp):
+            import torch
+
+            return torch.as_tensor(idx, device=self.gp.device)
+        return np.asarray(idx)
+
+    def _moments(self, queries, mode):
+        """Flat mean (..., M), var (..., M) and, by ``mode``, the joint cov
+        (..., M, M) ("full") or per-point blocks (..., m, k, k) ("point")."""
+        xp = self.xp
+        gp = self.gp
+        qblocks = [Block(q, xp, gp.dtype, gp.device) for q in queries]
+        if mode == "full":
+            mean, P, Q, Ks = self._cross(qblocks)
+            prior = covariance(self.kernel, qblocks)
+            cov = prior - B.matrix_transpose(P) @ Q
+            cov = 0.5 * (cov + B.matrix_transpose(cov))
+            var = B.diagonal(cov)
+            var, cov = self._unscale_cov(var, cov)
+            return self._unscale_mean(mean, queries), var, cov
+        # marginals: chunk over query points to bound memory
+        means, vars_, blocks = [], [], []
+        N = self.num_observations
+        for qb in qblocks:
+            step = max(1, QUERY_CHUNK_ELEMENTS // max(1, N * qb.k))
+            for i0 in range(0, qb.n, step):
+                sub = _sub_block(qb, i0, min(qb.n, i0 + step))
+                mean, P, Q, _ = self._cross([sub])
+                prior = point_covariance(self.kernel, sub)  # (..., m, k, k)
+                batch = tuple(mean.shape[:-1])
+                m, k = sub.n, sub.k
+                Pm = xp.reshape(P, tuple(P.shape[:-1]) + (m, k))
+                Qm = xp.reshape(Q, tuple(Q.shape[:-1]) + (m, k))
+                if mode == "point":
+                    Pt = xp.moveaxis(Pm, -3, -2)  # (..., m, N, k)
+                    Qt = xp.moveaxis(Qm, -3, -2)
+                    blk = prior - B.matrix_transpose(Pt) @ Qt
+                    blk = 0.5 * (blk + B.matrix_transpose(blk))
+                    blocks.append(xp.broadcast_to(blk, batch + (m, k, k)))
+                    v = B.diagonal(blk)
+                else:
+                    v = B.diagonal(prior) - xp.sum(Pm * Qm, axis=-3)
+                vars_.append(xp.reshape(xp.broadcast_to(v, batch + (m, k)), batch + (m * k,)))
+                means.append(mean)
+        mean = self._unscale_mean(xp.concat(means, axis=-1), queries)
+        var = xp.concat(vars_, axis=-1)
+        cov = xp.concat(blocks, axis=-3) if mode == "point" else None
+        var, cov = self._unscale_cov(var, cov)
+        return mean, var, cov
+
+    def _cross(self, qblocks):
+        Ks = covariance(self.kernel, self._blocks, qblocks)  # (..., N, M)
+        mean = (B.matrix_transpose(Ks) @ self._alpha[..., None])[..., 0]
+        P, Q = self._solver.quad_factors(Ks)
+        return mean, P, Q, Ks
+
+    def _unscale_mean(self, mean, queries):
+        xp = self.xp
+        scale = self._scale[..., None]
+        mean = mean * scale
+        offset = self.gp._asarray(self.gp.mean) + self._shift
+        parts, start = [], 0
+        for q in queries:
+            seg = mean[..., start : start + q.size]
+            if q.kind == "value":
+                seg = seg + offset[..., None]
+            parts.append(seg)
+            start += q.size
+        return xp.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+    def _unscale_cov(self, var, cov):
+        xp = self.xp
+        s2 = self._scale * self._scale
+        neg = var < 0
+        if bool(xp.any(neg)):
+            worst = B.to_float(xp.min(var))
+            ref = B.to_float(xp.max(xp.abs(var)))
+            if worst < -1e-6 * max(ref, 1e-300) and worst < -1e-12:
+                warnings.warn(
+                    f"posterior variances down to {worst:.3g} were negative (round-off "
+                    "in an ill-conditioned system) and were set to 0; more noise "
+                    "or fewer near-duplicate points make them reliable",
+                    GPGradWarning,
+                    stacklevel=4,
+                )
+            var = xp.where(neg, xp.zeros_like(var), var)
+        var = var * s2[..., None]
+        if cov is not None:
+            cov = cov * xp.reshape(s2, tuple(s2.shape) + (1,) * (cov.ndim - s2.ndim))
+        return var, cov
+
+    # ------------------------------------------------------------------
+    def sample(self, *queries, n_samples=1, seed=None):
+        """Joint samples of the queried functionals.
+
+        ``post.sample(Xs)`` samples values at ``Xs``; otherwise pass functionals
+        (``gpgrad.gradients(Xs)``, ...). With one query the samples have shape
+        ``(n_samples, *mean.shape)`` (Hessians as full symmetric matrices);
+        with several, ``(n_samples, ..., M)`` over the concatenated entries.
+        ``seed`` is an int, a numpy Generator/torch Generator, or None.
+        """
+        if len(queries) == 1 and not isinstance(queries[0], Functional):
+            queries = (values(queries[0]),)
+        qs = self._queries(queries)
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        xp = self.xp
+        mean, _, cov = self._moments(qs, "full")
+        w, V = B.eigh(cov)
+        top = xp.max(xp.abs(w), axis=-1, keepdims=True)
+        bad = w < -1e-6 * top
+        if bool(xp.any(bad)):
+            warnings.warn(
+                "the posterior covariance has clearly negative eigenvalues "
+                f"(down to {B.to_float(xp.min(w)):.3g}); samples use its nearest "
+                "positive semi-definite matrix",
+                GPGradWarning,
+                stacklevel=2,
+            )
+        w = xp.where(w > 0, w, xp.zeros_like(w))
+        A = V * xp.sqrt(w)[..., None, :]
+        M = mean.shape[-1]
+        z = B.random_normal(
+            xp, (n_samples,) + tuple(mean.shape), self.gp.dtype, self.gp.device, seed
+        )
+        draws = mean + (A @ z[..., None])[..., 0]
+        if len(qs) > 1:
+            return draws
+        q = qs[0]
+        batch = tuple(mean.shape[:-1])
+        lead = (n_samples,) + batch
+        if q.kind == "hessian":
+            idx = self._asindex(hessian_index(q.d).reshape(-1))
+            draws = xp.reshape(draws, lead + (q.n, q.k))
+            return xp.reshape(xp.take(draws, idx, axis=-1), lead + (q.n, q.d, q.d))
+        if q.k > 1:
+            return xp.reshape(draws, lead + (q.n, q.k))
+        del M
+        return draws
+
+    # ------------------------------------------------------------------
+    def log_marginal_likelihood(self):
+        """``log p(y) = −½ rᵀ(K+Σ)⁻¹r − ½ log|K+Σ| − ½ N log 2π`` in data units.
+
+        With ``normalize_y`` the Jacobian of the standardization is included,
+        so the value does not depend on that choice beyond its effect on the
+        fitted scale.
+        """
+        xp = self.xp
+        N = self.num_observations
+        quad = xp.sum(self._r * self._alpha, axis=-1)
+        lml = -0.5 * quad - 0.5 * self._solver.logdet() - 0.5 * N * math.log(2 * math.pi)
+        return lml - N * xp.log(self._scale)
+
+    def __repr__(self):
+        kinds = ", ".join(f"{f.kind}s×{f.n}" for f in self.observations)
+        return f"Posterior({kinds}; {self.num_observations} entries, {self.method})"
+
+
+def _sub_block(b, i0, i1):
+    if i0 == 0 and i1 == b.n:
+        return b
+    sub = object.__new__(Block)
+    sub.f = b.f
+    sub.X, sub.U = b.points(i0, i1)
+    sub.order, sub.k, sub.d = b.order, b.k, b.d
+    sub.n = i1 - i0
+    return sub

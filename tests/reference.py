@@ -1,0 +1,262 @@
+"""Independent reference implementations for the tests.
+
+Kernels are written directly as functions of two points (no profiles, no chain
+rule), once, against an ``ops`` object, so the same formula runs under
+``torch.func`` autodiff (float64) and under ``mpmath`` (high-precision finite
+differences, for coincident points where autodiff of ``|x − x'|`` is NaN).
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import product
+
+import mpmath as mp
+import numpy as np
+import torch
+from torch.func import jacfwd, jacrev
+
+import gpgrad
+from gpgrad import kernels as K
+
+
+class TorchOps:
+    exp = staticmethod(torch.exp)
+    sqrt = staticmethod(torch.sqrt)
+    sin = staticmethod(torch.sin)
+    pi = math.pi
+
+
+class MpOps:
+    exp = staticmethod(mp.exp)
+    sqrt = staticmethod(mp.sqrt)
+    sin = staticmethod(mp.sin)
+    pi = mp.pi
+
+
+def _sq(x, y, ls):
+    return sum(((x[i] - y[i]) / ls[i]) ** 2 for i in range(len(ls)))
+
+
+def rbf(var, ls):
+    return lambda x, y, o: var * o.exp(-0.5 * _sq(x, y, ls))
+
+
+def matern(nu, var, ls):
+    def f(x, y, o):
+        r = o.sqrt(_sq(x, y, ls))
+        if nu == 0.5:
+            return var * o.exp(-r)
+        if nu == 1.5:
+            a = math.sqrt(3.0) * r
+            return var * (1 + a) * o.exp(-a)
+        a = math.sqrt(5.0) * r
+        return var * (1 + a + a * a / 3) * o.exp(-a)
+
+    return f
+
+
+def rq(var, ls, alpha):
+    return lambda x, y, o: var * (1 + _sq(x, y, ls) / (2 * alpha)) ** (-alpha)
+
+
+def periodic(var, ls, period):
+    def f(x, y, o):
+        s = sum(
+            2 * o.sin(o.pi * (x[i] - y[i]) / period) ** 2 / ls[i] ** 2
+            for i in range(len(ls))
+        )
+        return var * o.exp(-s)
+
+    return f
+
+
+def linear(var, ls):
+    return lambda x, y, o: var * sum(x[i] * y[i] / ls[i] ** 2 for i in range(len(ls)))
+
+
+def poly(var, ls, degree, offset):
+    return lambda x, y, o: var * (
+        sum(x[i] * y[i] / ls[i] ** 2 for i in range(len(ls))) + offset
+    ) ** degree
+
+
+def const(var):
+    return lambda x, y, o: var + 0 * x[0] * y[0]
+
+
+def ref_sum(f, g):
+    return lambda x, y, o: f(x, y, o) + g(x, y, o)
+
+
+def ref_prod(f, g):
+    return lambda x, y, o: f(x, y, o) * g(x, y, o)
+
+
+def ref_scale(c, f):
+    return lambda x, y, o: c * f(x, y, o)
+
+
+def cases(d=2):
+    """(name, gpgrad kernel, reference function, smooth at x = x')."""
+    ls = [0.7, 1.3, 0.9][:d]
+    ls1 = [0.8] * d
+    out = [
+        ("RBF-ARD", K.RBF(lengthscale=ls, variance=1.7), rbf(1.7, ls), True),
+        ("RBF-iso", K.RBF(lengthscale=0.8), rbf(1.0, ls1), True),
+        ("Matern12", K.Matern12(lengthscale=ls, variance=1.3), matern(0.5, 1.3, ls), False),
+        ("Matern32", K.Matern32(lengthscale=ls, variance=0.8), matern(1.5, 0.8, ls), False),
+        ("Matern52", K.Matern52(lengthscale=ls, variance=2.1), matern(2.5, 2.1, ls), False),
+        (
+            "RQ",
+            K.RationalQuadratic(lengthscale=ls, variance=1.1, alpha=1.7),
+            rq(1.1, ls, 1.7),
+            True,
+        ),
+        (
+            "Periodic",
+            K.Periodic(lengthscale=ls, variance=0.9, period=2.3),
+            periodic(0.9, ls, 2.3),
+            True,
+        ),
+        ("Linear", K.Linear(lengthscale=ls, variance=0.6), linear(0.6, ls), True),
+        (
+            "Poly3",
+            K.Polynomial(degree=3, lengthscale=ls, variance=0.5, offset=0.7),
+            poly(0.5, ls, 3, 0.7),
+            True,
+        ),
+        ("Constant", K.Constant(variance=1.4), const(1.4), True),
+        (
+            "Sum",
+            K.RBF(lengthscale=ls) + K.Linear(variance=0.3),
+            ref_sum(rbf(1.0, ls), linear(0.3, [1.0] * d)),
+            True,
+        ),
+        (
+            "Product",
+            K.Matern52(lengthscale=ls, variance=1.5) * K.Periodic(lengthscale=1.1, period=1.7),
+            ref_prod(matern(2.5, 1.5, ls), periodic(1.0, [1.1] * d, 1.7)),
+            False,
+        ),
+        (
+            "ScaledProduct",
+            2.5 * (K.RBF(lengthscale=ls) * K.Polynomial(degree=2, offset=0.5)),
+            ref_scale(2.5, ref_prod(rbf(1.0, ls), poly(1.0, [1.0] * d, 2, 0.5))),
+            True,
+        ),
+    ]
+    return out
+
+
+def derivative_tensors(f, x, y, max_p=2, max_q=2):
+    """T[(p, q)]: the tensor of p derivatives on x then q on y of f(x, y)."""
+
+    def k(a, b):
+        return f(a, b, TorchOps)
+
+    funcs = {}
+    for p in range(max_p + 1):
+        g = k
+        for _ in range(p):
+            g = jacfwd(g, argnums=0) if _ else jacrev(g, argnums=0)
+        for q in range(max_q + 1):
+            h = g
+            for _ in range(q):
+                h = jacfwd(h, argnums=1)
+            funcs[(p, q)] = h
+    return {key: h(x, y).numpy(force=True) for key, h in funcs.items()}
+
+
+def derivative_tensors_mp(f, x, y, max_p=2, max_q=2, dps=100, h="1e-20"):
+    """The same tensors by mpmath's high-precision finite differences."""
+    d = len(x)
+    with mp.workdps(dps):
+        xs = [mp.mpf(float(v)) for v in x]
+        ys = [mp.mpf(float(v)) for v in y]
+
+        def fun(*args):
+            return f(list(args[:d]), list(args[d:]), MpOps)
+
+        out = {}
+        for p in range(max_p + 1):
+            for q in range(max_q + 1):
+                T = np.zeros((d,) * (p + q))
+                for idx in product(range(d), repeat=p + q):
+                    counts = [0] * (2 * d)
+                    for t, i in enumerate(idx):
+                        counts[i + (d if t >= p else 0)] += 1
+                    T[idx] = float(mp.diff(fun, xs + ys, counts, h=mp.mpf(h)))
+                out[(p, q)] = T
+    return out
+
+
+def entries(f):
+    """The entries of functional ``f`` by its documented layout: a list of
+    (point index, [direction vectors])."""
+    n, d = f.n, f.d
+    e = np.eye(d)
+    out = []
+    for p in range(n):
+        if f.kind == "value":
+            out.append((p, []))
+        elif f.kind == "gradient":
+            out.extend((p, [e[i]]) for i in range(d))
+        elif f.kind == "hessian":
+            out.extend((p, [e[i], e[j]]) for i in range(d) for j in range(i, d))
+        elif f.kind == "partial":
+            out.append((p, [e[f.dims[p]]]))
+        elif f.kind == "directional":
+            U = f.U if f.U.shape[0] == n else np.repeat(f.U, n, axis=0)
+            out.append((p, [U[p]]))
+        elif f.kind == "second":
+            out.append((p, [e[f.i[p]], e[f.j[p]]]))
+    return out
+
+
+def contract(T, dirsA, dirsB):
+    v = T
+    for a in dirsA + dirsB:
+        v = np.tensordot(a, v, axes=([0], [0]))
+    return float(v)
+
+
+def reference_covariance(fref, FA, FB, mp_mode=False):
+    """The cross-covariance matrix of functional lists FA, FB, entry by entry."""
+    eA = [(fi, e) for fi, F in enumerate(FA) for e in entries(F)]
+    eB = [(fi, e) for fi, F in enumerate(FB) for e in entries(F)]
+    cache = {}
+    out = np.zeros((len(eA), len(eB)))
+    for a, (fa, (pa, da)) in enumerate(eA):
+        for b, (fb, (pb, db)) in enumerate(eB):
+            xa = np.asarray(FA[fa].X[pa], dtype=np.float64)
+            xb = np.asarray(FB[fb].X[pb], dtype=np.float64)
+            key = (xa.tobytes(), xb.tobytes())
+            if key not in cache:
+                if mp_mode:
+                    cache[key] = derivative_tensors_mp(fref, xa, xb)
+                else:
+                    cache[key] = derivative_tensors(
+                        fref, torch.tensor(xa), torch.tensor(xb)
+                    )
+            T = cache[key][(len(da), len(db))]
+            out[a, b] = contract(T, da, db)
+    return out
+
+
+def functional_mix(X, order, rng):
+    """Query functionals of every kind up to ``order`` at points X."""
+    n, d = X.shape
+    fs = [gpgrad.values(X)]
+    if order >= 1:
+        fs += [
+            gpgrad.gradients(X),
+            gpgrad.partials(X, rng.integers(0, d, n)),
+            gpgrad.directional(X, rng.normal(size=(n, d))),
+        ]
+    if order >= 2:
+        fs += [
+            gpgrad.hessians(X),
+            gpgrad.second_partials(X, rng.integers(0, d, n), rng.integers(0, d, n)),
+        ]
+    return fs

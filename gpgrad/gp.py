@@ -17,11 +17,11 @@ import numbers
 
 import numpy as np
 
-from .covariance import as_blocks, batch_shape, covariance
+from .covariance import as_blocks, batch_shape
 from .functionals import Functional, values
 from .kernels.base import Kernel
 from .linalg import backend as B
-from .linalg.dense import cholesky
+from .linalg.select import METHODS, make_solver
 
 __all__ = ["GP"]
 
@@ -64,6 +64,9 @@ class GP:
     backend : {"numpy", "torch"}
     device, dtype
         Torch device and dtype (default float64 on CPU); numpy dtype for numpy.
+    method : str, default "auto"
+        How to solve the observations' linear system: ``"cholesky"`` (dense)
+        or ``"auto"``.
 
     Examples
     --------
@@ -84,6 +87,7 @@ class GP:
         backend="numpy",
         device=None,
         dtype=None,
+        method="auto",
     ):
         if not isinstance(kernel, Kernel):
             raise TypeError(
@@ -100,7 +104,9 @@ class GP:
                     f"noise keys must be observation kinds {_KINDS}, got "
                     f"{sorted(unknown)}"
                 )
-            self.noise = {k: _check_noise_value(v, f"noise[{k!r}]") for k, v in noise.items()}
+            self.noise = {
+                k: _check_noise_value(v, f"noise[{k!r}]") for k, v in noise.items()
+            }
         else:
             self.noise = _check_noise_value(noise, "noise")
         if B.is_tensor(mean):
@@ -108,7 +114,12 @@ class GP:
         elif isinstance(mean, numbers.Real) and not isinstance(mean, bool):
             self.mean = float(mean)
         else:
-            raise TypeError(f"mean must be a constant number, got {type(mean).__name__}")
+            raise TypeError(
+                f"mean must be a constant number, got {type(mean).__name__}"
+            )
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.method = method
         self.normalize_y = bool(normalize_y)
         self.backend = backend
         if backend == "torch":
@@ -117,7 +128,9 @@ class GP:
             self.xp = B.namespace(torch.zeros(0))
             self.dtype = torch.float64 if dtype is None else dtype
             if self.dtype not in (torch.float64, torch.float32):
-                raise TypeError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+                raise TypeError(
+                    f"dtype must be torch.float64 or torch.float32, got {dtype}"
+                )
             self.device = torch.device(device if device is not None else "cpu")
         else:
             if device not in (None, "cpu"):
@@ -153,7 +166,9 @@ class GP:
             raise ValueError(f"no {what} given: pass gpgrad.values(X, y), ...")
         out = []
         for a in args:
-            if isinstance(a, (list, tuple)) and all(isinstance(f, Functional) for f in a):
+            if isinstance(a, (list, tuple)) and all(
+                isinstance(f, Functional) for f in a
+            ):
                 out.extend(a)
             elif isinstance(a, Functional):
                 out.append(a)
@@ -227,16 +242,6 @@ class GP:
         noise = xp.concat(noise, axis=-1) / (scale * scale)[..., None]
         return blocks, r, noise, shift, scale
 
-    def _factor(self, blocks, noise, n_obs):
-        K = covariance(self.kernel, blocks)
-        K = _add_diag(K, noise)
-        L, jitter = cholesky(
-            K,
-            what=f"the covariance matrix of the {n_obs} observations",
-            hint=" (identical points observed twice need noise > 0)",
-        )
-        return L, jitter
-
     def condition(self, *observations):
         """Condition on observations; returns a :class:`~gpgrad.Posterior`.
 
@@ -246,18 +251,10 @@ class GP:
 
         obs = self._parse(observations)
         blocks, r, noise, shift, scale = self._prepare(obs)
-        L, jitter = self._factor(blocks, noise, r.shape[-1])
-        return Posterior(self, obs, blocks, L, r, shift, scale, jitter)
+        solver = make_solver(self, blocks, noise)
+        return Posterior(self, obs, blocks, solver, r, shift, scale)
 
     def log_marginal_likelihood(self, *observations):
         """``log p(y)`` of the observations under this prior (a scalar, or one
         per batch member)."""
         return self.condition(*observations).log_marginal_likelihood()
-
-
-def _add_diag(K, noise):
-    if B.is_tensor(K) and (K.requires_grad or noise.requires_grad):
-        import torch
-
-        return K + torch.diag_embed(noise)
-    return B.add_to_diagonal_(K, noise)

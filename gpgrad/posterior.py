@@ -68,27 +68,6 @@ class Prediction:
         yield self.var
 
 
-class DenseSolver:
-    """``(K + Σ)⁻¹`` through its Cholesky factor ``L``."""
-
-    method = "cholesky"
-
-    def __init__(self, L):
-        self.L = L
-
-    def solve(self, R):
-        return B.solve_triu_t(self.L, B.solve_tril(self.L, R))
-
-    def quad_factors(self, Ks):
-        """``(P, Q)`` with ``Ksᵀ (K + Σ)⁻¹ Ks = Pᵀ Q``."""
-        V = B.solve_tril(self.L, Ks)
-        return V, V
-
-    def logdet(self):
-        xp = B.namespace(self.L)
-        return 2.0 * xp.sum(xp.log(B.diagonal(self.L)), axis=-1)
-
-
 class Posterior:
     """A GP conditioned on observations.
 
@@ -97,22 +76,26 @@ class Posterior:
     the joint covariance over all requested entries.
     """
 
-    def __init__(self, gp, observations, blocks, L, residual, shift, scale, jitter):
+    def __init__(self, gp, observations, blocks, solver, residual, shift, scale):
         self.gp = gp
         self.kernel = gp.kernel
         self.observations = list(observations)
         self._blocks = blocks
-        self._solver = DenseSolver(L)
+        self._solver = solver
         self._r = residual
-        self._alpha = self._solver.solve(residual[..., None])[..., 0]
+        self._alpha = solver.solve(residual[..., None])[..., 0]
         self._shift = shift
         self._scale = scale
-        self.jitter = jitter
         self.xp = gp.xp
 
     @property
+    def jitter(self) -> float:
+        """Absolute jitter added to the observations' covariance (0.0 if none)."""
+        return getattr(self._solver, "jitter", 0.0)
+
+    @property
     def method(self) -> str:
-        """How the linear system was solved (``"cholesky"``)."""
+        """How the linear system was solved (``"cholesky"``, ...)."""
         return self._solver.method
 
     @property
@@ -253,7 +236,9 @@ class Posterior:
                     v = B.diagonal(blk)
                 else:
                     v = B.diagonal(prior) - xp.sum(Pm * Qm, axis=-3)
-                vars_.append(xp.reshape(xp.broadcast_to(v, batch + (m, k)), batch + (m * k,)))
+                vars_.append(
+                    xp.reshape(xp.broadcast_to(v, batch + (m, k)), batch + (m * k,))
+                )
                 means.append(mean)
         mean = self._unscale_mean(xp.concat(means, axis=-1), queries)
         var = xp.concat(vars_, axis=-1)
@@ -315,7 +300,11 @@ class Posterior:
         if len(queries) == 1 and not isinstance(queries[0], Functional):
             queries = (values(queries[0]),)
         qs = self._queries(queries)
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        if (
+            isinstance(n_samples, bool)
+            or not isinstance(n_samples, int)
+            or n_samples < 1
+        ):
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
         xp = self.xp
         mean, _, cov = self._moments(qs, "full")
@@ -362,7 +351,9 @@ class Posterior:
         xp = self.xp
         N = self.num_observations
         quad = xp.sum(self._r * self._alpha, axis=-1)
-        lml = -0.5 * quad - 0.5 * self._solver.logdet() - 0.5 * N * math.log(2 * math.pi)
+        lml = (
+            -0.5 * quad - 0.5 * self._solver.logdet() - 0.5 * N * math.log(2 * math.pi)
+        )
         return lml - N * xp.log(self._scale)
 
     def __repr__(self):

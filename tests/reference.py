@@ -76,9 +76,9 @@ def linear(var, ls):
 
 
 def poly(var, ls, degree, offset):
-    return lambda x, y, o: var * (
-        sum(x[i] * y[i] / ls[i] ** 2 for i in range(len(ls))) + offset
-    ) ** degree
+    return lambda x, y, o: (
+        var * (sum(x[i] * y[i] / ls[i] ** 2 for i in range(len(ls))) + offset) ** degree
+    )
 
 
 def const(var):
@@ -104,9 +104,24 @@ def cases(d=2):
     out = [
         ("RBF-ARD", K.RBF(lengthscale=ls, variance=1.7), rbf(1.7, ls), True),
         ("RBF-iso", K.RBF(lengthscale=0.8), rbf(1.0, ls1), True),
-        ("Matern12", K.Matern12(lengthscale=ls, variance=1.3), matern(0.5, 1.3, ls), False),
-        ("Matern32", K.Matern32(lengthscale=ls, variance=0.8), matern(1.5, 0.8, ls), False),
-        ("Matern52", K.Matern52(lengthscale=ls, variance=2.1), matern(2.5, 2.1, ls), False),
+        (
+            "Matern12",
+            K.Matern12(lengthscale=ls, variance=1.3),
+            matern(0.5, 1.3, ls),
+            False,
+        ),
+        (
+            "Matern32",
+            K.Matern32(lengthscale=ls, variance=0.8),
+            matern(1.5, 0.8, ls),
+            False,
+        ),
+        (
+            "Matern52",
+            K.Matern52(lengthscale=ls, variance=2.1),
+            matern(2.5, 2.1, ls),
+            False,
+        ),
         (
             "RQ",
             K.RationalQuadratic(lengthscale=ls, variance=1.1, alpha=1.7),
@@ -135,7 +150,8 @@ def cases(d=2):
         ),
         (
             "Product",
-            K.Matern52(lengthscale=ls, variance=1.5) * K.Periodic(lengthscale=1.1, period=1.7),
+            K.Matern52(lengthscale=ls, variance=1.5)
+            * K.Periodic(lengthscale=1.1, period=1.7),
             ref_prod(matern(2.5, 1.5, ls), periodic(1.0, [1.1] * d, 1.7)),
             False,
         ),

@@ -20,8 +20,14 @@ def _order(kernel):
 
 
 def _gp_cov(kernel, FA, FB=None):
-    A = as_blocks(FA, np.__name__ and __import__("gpgrad").GP(kernel).xp, np.float64, None)
-    Bl = None if FB is None else as_blocks(FB, __import__("gpgrad").GP(kernel).xp, np.float64, None)
+    A = as_blocks(
+        FA, np.__name__ and __import__("gpgrad").GP(kernel).xp, np.float64, None
+    )
+    Bl = (
+        None
+        if FB is None
+        else as_blocks(FB, __import__("gpgrad").GP(kernel).xp, np.float64, None)
+    )
     return covariance(kernel, A, Bl)
 
 
@@ -82,13 +88,16 @@ def test_point_covariance_is_diagonal_of_gram(name, kernel, fref, smooth):
         k = F.k
         for p in range(F.n):
             np.testing.assert_allclose(
-                pc[p], full[p * k : (p + 1) * k, p * k : (p + 1) * k], rtol=1e-12, atol=1e-12
+                pc[p],
+                full[p * k : (p + 1) * k, p * k : (p + 1) * k],
+                rtol=1e-12,
+                atol=1e-12,
             )
 
 
 def test_three_dimensional_ard_hessian_blocks():
     rng = np.random.default_rng(11)
-    for name, kernel, fref, smooth in cases(3):
+    for name, kernel, fref, _smooth in cases(3):
         if name not in ("RBF-ARD", "Matern52", "Periodic", "Product"):
             continue
         XA = rng.uniform(-1, 1, (2, 3))
@@ -145,6 +154,8 @@ def test_hyperparameter_gradients_at_coincident_points_are_finite():
     import gpgrad
 
     F = [gpgrad.values(X), gpgrad.gradients(X), gpgrad.hessians(X)]
-    Kt = covariance(k, as_blocks(F, gpgrad.GP(k, backend="torch").xp, torch.float64, None))
+    Kt = covariance(
+        k, as_blocks(F, gpgrad.GP(k, backend="torch").xp, torch.float64, None)
+    )
     Kt.sum().backward()
     assert torch.isfinite(ls.grad).all()

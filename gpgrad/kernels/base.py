@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -123,7 +123,7 @@ def vector_size(value) -> int:
 # set partitions for Faà di Bruno
 
 
-@lru_cache(maxsize=None)
+@cache
 def set_partitions(n: int, max_block: int) -> tuple:
     """All partitions of ``range(n)`` into blocks of at most ``max_block``."""
 
@@ -165,7 +165,7 @@ class Kernel:
         """The hyperparameters by name (composites prefix their children's)."""
         return {name: getattr(self, name) for name in self._param_names}
 
-    def replace(self, **params) -> "Kernel":
+    def replace(self, **params) -> Kernel:
         """A copy with some hyperparameters replaced (names as in
         :meth:`parameters`)."""
         new = copy.copy(self)
@@ -224,8 +224,10 @@ class Kernel:
 
         if isinstance(other, Kernel):
             return Product(self, other)
-        if isinstance(other, (int, float)) or B.is_tensor(other) or isinstance(
-            other, np.ndarray
+        if (
+            isinstance(other, (int, float))
+            or B.is_tensor(other)
+            or isinstance(other, np.ndarray)
         ):
             return Scale(self, other)
         return NotImplemented
@@ -348,7 +350,7 @@ class StationaryMap(InputMap):
     def derivative(self, xp, state, dirs):
         D, ls = state
         if len(dirs) == 1:
-            (a, side), = dirs
+            ((a, side),) = dirs
             if side == "A":
                 return _dir_on_rows(xp, a / ls, D)
             return -_dir_on_cols(xp, a / ls, D)
@@ -379,7 +381,7 @@ class DotProductMap(InputMap):
     def derivative(self, xp, state, dirs):
         ZA, ZB, ls = state
         if len(dirs) == 1:
-            (a, side), = dirs
+            ((a, side),) = dirs
             if side == "A":
                 # (..., nA, c, d) @ (..., 1, d, m) -> (..., nA, c, m)
                 return (a / ls @ B.matrix_transpose(ZB)[..., None, :, :])[..., None]
@@ -440,7 +442,9 @@ class RadialKernel(Kernel):
         s, state = self.input_map.prepare(xp, XA, XB, self)
         ctx.map = state
         var = batch_scalar(xp, self.variance, XA, 4)
-        ctx.phi = [None if p is None else var * p for p in self.profile(xp, s, max_order)]
+        ctx.phi = [
+            None if p is None else var * p for p in self.profile(xp, s, max_order)
+        ]
         return ctx
 
     def _contract(self, ctx, dA, dB):

@@ -104,9 +104,7 @@ class Product(_Composite):
         total = None
         for sa in _subsets(len(dA)):
             for sb in _subsets(len(dB)):
-                t1 = k1._contract(
-                    c1, [dA[i] for i in sa], [dB[j] for j in sb]
-                )
+                t1 = k1._contract(c1, [dA[i] for i in sa], [dB[j] for j in sb])
                 t2 = k2._contract(
                     c2,
                     [dA[i] for i in range(len(dA)) if i not in sa],
@@ -129,9 +127,7 @@ class Scale(_Composite):
 
     def __init__(self, kernel, scale=1.0):
         if not isinstance(kernel, Kernel):
-            raise TypeError(
-                f"Scale wraps a gpgrad kernel, got {type(kernel).__name__}"
-            )
+            raise TypeError(f"Scale wraps a gpgrad kernel, got {type(kernel).__name__}")
         self.children = (kernel,)
         self.scale = scale
         self._validate()

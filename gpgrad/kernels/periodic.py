@@ -97,4 +97,3 @@ class Periodic(RadialKernel):
     def profile(self, xp, s, m):
         e = xp.exp(-s)
         return [e if j % 2 == 0 else -e for j in range(m + 1)]
-

@@ -9,7 +9,7 @@ import numpy as np
 from ..exceptions import JitterWarning, NotPositiveDefiniteError
 from . import backend as B
 
-__all__ = ["cholesky", "JITTER_START", "JITTER_MAX"]
+__all__ = ["cholesky", "DenseCholeskySolver", "JITTER_START", "JITTER_MAX"]
 
 #: first jitter tried, relative to the mean diagonal, in units of the dtype's eps
 JITTER_START = 100.0
@@ -22,13 +22,21 @@ def _eps_and_max(A):
         import torch
 
         eps = torch.finfo(A.dtype).eps
-        big = 1e-3 if A.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-6
+        big = (
+            1e-3 if A.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-6
+        )
         return eps, big
     return float(np.finfo(A.dtype).eps), JITTER_MAX.get(A.dtype, 1e-6)
 
 
-def cholesky(K, *, what="the observations' covariance matrix", hint="", warn=True,
-             max_jitter=None):
+def cholesky(
+    K,
+    *,
+    what="the observations' covariance matrix",
+    hint="",
+    warn=True,
+    max_jitter=None,
+):
     """Lower Cholesky factor of symmetric ``K`` (..., N, N), with jitter.
 
     Tries the plain factorization first; where it fails, adds
@@ -100,3 +108,30 @@ def cholesky(K, *, what="the observations' covariance matrix", hint="", warn=Tru
 
 def _eye(xp, N, like):
     return xp.eye(N, dtype=like.dtype, device=B.device_of(like))
+
+
+class DenseCholeskySolver:
+    """``(K + Σ)⁻¹`` through the Cholesky factor ``L`` of the dense matrix.
+
+    The solver interface used by :class:`gpgrad.Posterior`: ``solve(R)``
+    returns ``(K + Σ)⁻¹ R`` for R (..., N, k); ``quad_factors(Ks)`` returns
+    ``(P, Q)`` with ``Ksᵀ (K + Σ)⁻¹ Ks = Pᵀ Q``; ``logdet()`` returns
+    ``log |K + Σ|``.
+    """
+
+    method = "cholesky"
+
+    def __init__(self, L, jitter=0.0):
+        self.L = L
+        self.jitter = jitter
+
+    def solve(self, R):
+        return B.solve_triu_t(self.L, B.solve_tril(self.L, R))
+
+    def quad_factors(self, Ks):
+        V = B.solve_tril(self.L, Ks)
+        return V, V
+
+    def logdet(self):
+        xp = B.namespace(self.L)
+        return 2.0 * xp.sum(xp.log(B.diagonal(self.L)), axis=-1)

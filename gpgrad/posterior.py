@@ -24,6 +24,9 @@ from .linalg import backend as B
 
 __all__ = ["Posterior", "Prediction"]
 
+#: query kinds whose per-point entries form a vector or matrix
+_VECTOR = ("gradient", "hessian")
+
 #: query entries handled at once when only marginals are asked for
 QUERY_CHUNK_ELEMENTS = 1 << 24
 
@@ -165,7 +168,7 @@ class Posterior:
 
     def _query(self, q, full_cov):
         (q,) = self._queries([q])
-        mode = "full" if full_cov else ("point" if q.k > 1 else "var")
+        mode = "full" if full_cov else ("point" if q.kind in _VECTOR else "var")
         mean, var, cov = self._moments([q], mode)
         return self._shape_result(q, mean, var, cov, mode)
 
@@ -187,7 +190,7 @@ class Posterior:
             elif mode == "full":
                 cov = xp.take(xp.take(cov, idx, axis=-1), idx, axis=-3)
                 cov = xp.reshape(cov, batch + (n, d, d, n, d, d))
-        elif k == 1:
+        elif q.kind not in _VECTOR:
             mean, var = mean[..., 0], var[..., 0]
             if mode == "full":
                 cov = cov[..., :, 0, :, 0]
@@ -335,7 +338,7 @@ class Posterior:
             idx = self._asindex(hessian_index(q.d).reshape(-1))
             draws = xp.reshape(draws, lead + (q.n, q.k))
             return xp.reshape(xp.take(draws, idx, axis=-1), lead + (q.n, q.d, q.d))
-        if q.k > 1:
+        if q.kind in _VECTOR:
             return xp.reshape(draws, lead + (q.n, q.k))
         del M
         return draws

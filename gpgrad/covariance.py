@@ -87,7 +87,7 @@ def _split_view(xp, view, shape):
     return out
 
 
-def covariance(kernel, A, Bl=None, *, out=None, xp=None):
+def covariance(kernel, A, Bl=None, *, out=None, xp=None, upper_only=False):
     """Cross-covariance matrix of two lists of :class:`Block`.
 
     Parameters
@@ -98,6 +98,9 @@ def covariance(kernel, A, Bl=None, *, out=None, xp=None):
         triangle is computed and then mirrored.
     out : array (..., N_A, N_B), optional
         Buffer to fill (for example a preallocated, reused matrix).
+    upper_only : bool, default False
+        With ``Bl=None``, fill only the upper triangle (all a Cholesky
+        factorization reads) and leave the strict lower triangle uninitialized.
 
     Returns
     -------
@@ -132,7 +135,7 @@ def covariance(kernel, A, Bl=None, *, out=None, xp=None):
                 XB, UB = bb.points(j0, bb.n)
                 res = _contract_chunk(kernel, xp, XA, UA, XB, UB, ba.order, bb.order)
                 v4[..., i0:i1, :, j0:, :] = res
-    if symmetric:
+    if symmetric and not upper_only:
         B.mirror_upper_to_lower_(out)
     return out
 
@@ -144,14 +147,16 @@ def point_covariance(kernel, block):
     entries, computed pointwise (no n×n matrix).
     """
     xp = B.namespace(block.X)
-    X = block.X
+    batch = batch_shape(kernel, [block])
+    # the point axis becomes a leading batch axis, so per-batch hyperparameters
+    # (aligned with the trailing batch axes) need X broadcast to the full batch
+    X = xp.broadcast_to(block.X, batch + tuple(block.X.shape[-2:]))
     nb = X.ndim - 2
     Xp = xp.moveaxis(X, -2, 0)[..., None, :]  # (n, *b, 1, d)
     U = block.U
     if U.shape[0] == block.n and block.n > 1:
         U = xp.reshape(U, (block.n,) + (1,) * nb + (1,) + tuple(U.shape[1:]))
     res = _contract_chunk(kernel, xp, Xp, U, Xp, U, block.order, block.order)
-    batch = batch_shape(kernel, [block])
     res = xp.broadcast_to(res, (block.n,) + batch + (1, block.k, 1, block.k))
     res = xp.reshape(res, (block.n,) + batch + (block.k, block.k))
     return xp.moveaxis(res, 0, -3)

@@ -210,7 +210,7 @@ class Posterior:
         gp = self.gp
         qblocks = [Block(q, xp, gp.dtype, gp.device) for q in queries]
         if mode == "full":
-            mean, P, Q, Ks = self._cross(qblocks)
+            mean, P, Q, Ks = self._cross(qblocks, joint=True)
             prior = covariance(self.kernel, qblocks)
             cov = prior - B.matrix_transpose(P) @ Q
             cov = 0.5 * (cov + B.matrix_transpose(cov))
@@ -249,7 +249,13 @@ class Posterior:
         var, cov = self._unscale_cov(var, cov)
         return mean, var, cov
 
-    def _cross(self, qblocks):
+    def _cross(self, qblocks, joint=False):
+        # solvers for large problems compute the mean matrix-free and may give
+        # structured quadratic-form factors; ``joint`` asks for factors valid
+        # across query points (full_cov), not only within each point
+        hook = getattr(self._solver, "cross", None)
+        if hook is not None:
+            return hook(self.kernel, self._blocks, qblocks, self._alpha, joint=joint)
         Ks = covariance(self.kernel, self._blocks, qblocks)  # (..., N, M)
         mean = (B.matrix_transpose(Ks) @ self._alpha[..., None])[..., 0]
         P, Q = self._solver.quad_factors(Ks)

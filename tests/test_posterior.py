@@ -127,7 +127,9 @@ def test_closed_form_one_dimensional_rbf():
     assert joint.cov[0, 1] == pytest.approx(cov_vd, rel=1e-12)
 
 
-@pytest.mark.parametrize("name,kernel,fref,smooth", cases(2), ids=[c[0] for c in cases(2)])
+@pytest.mark.parametrize(
+    "name,kernel,fref,smooth", cases(2), ids=[c[0] for c in cases(2)]
+)
 def test_log_marginal_likelihood_matches_reference(name, kernel, fref, smooth):
     rng = np.random.default_rng(5)
     X = rng.uniform(-1, 1, (4, 2))
@@ -155,12 +157,16 @@ def test_log_marginal_likelihood_matches_reference(name, kernel, fref, smooth):
         obs[-1].y = target
         obs[-1].noise = None
     lml = gpgrad.GP(kernel, noise=noise).log_marginal_likelihood(*obs)
-    want = multivariate_normal(np.zeros(len(y)), Kref + noise * np.eye(len(y))).logpdf(y)
+    want = multivariate_normal(np.zeros(len(y)), Kref + noise * np.eye(len(y))).logpdf(
+        y
+    )
     assert lml == pytest.approx(want, rel=1e-9)
 
 
 def test_query_kinds_are_consistent():
-    post = _mixed_posterior(K.Matern52(lengthscale=[0.7, 0.5]), np.random.default_rng(6))
+    post = _mixed_posterior(
+        K.Matern52(lengthscale=[0.7, 0.5]), np.random.default_rng(6)
+    )
     Xs = np.random.default_rng(7).uniform(-1, 1, (5, 2))
     U = np.random.default_rng(8).normal(size=(5, 2))
     g = post.gradient(Xs)
@@ -180,7 +186,9 @@ def test_query_kinds_are_consistent():
     # per-point blocks are the diagonal blocks of the joint covariance
     full = post.gradient(Xs, full_cov=True).cov
     for p_ in range(5):
-        np.testing.assert_allclose(full[p_, :, p_, :], g.cov[p_], rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(
+            full[p_, :, p_, :], g.cov[p_], rtol=1e-10, atol=1e-13
+        )
     Hf = post.hessian(Xs, full_cov=True).cov
     np.testing.assert_allclose(Hf[2, :, :, 2, :, :], H.cov[2], rtol=1e-10, atol=1e-13)
     assert H.cov.shape == (5, 2, 2, 2, 2)
@@ -203,7 +211,9 @@ def test_joint_covariance_symmetric_psd_over_every_kind():
         np.testing.assert_allclose(marg.var, pred.var, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("kernel", [K.Matern32(0.5), K.Matern52([0.4, 0.9]), K.Matern12(0.3)])
+@pytest.mark.parametrize(
+    "kernel", [K.Matern32(0.5), K.Matern52([0.4, 0.9]), K.Matern12(0.3)]
+)
 def test_prediction_at_training_inputs_is_finite_and_interpolates(kernel):
     rng = np.random.default_rng(12)
     X, y, G = _data(rng, n=6)
@@ -229,7 +239,10 @@ def test_normalize_y_equals_rescaled_model():
     X, y, G = _data(rng)
     y = 50.0 + 20.0 * y
     G = 20.0 * G
-    obs = [gpgrad.values(X[:9], y[:9], noise=0.3), gpgrad.gradients(X[9:], G[9:], noise=0.5)]
+    obs = [
+        gpgrad.values(X[:9], y[:9], noise=0.3),
+        gpgrad.gradients(X[9:], G[9:], noise=0.5),
+    ]
     k = K.Matern52(lengthscale=[0.6, 0.8], variance=1.4)
     pn = gpgrad.GP(k, normalize_y=True).condition(*obs)
     mu, sd = y[:9].mean(), y[:9].std()

@@ -116,43 +116,51 @@ def solve_triu_t(L, B):
 def cholesky_inplace(A):
     """Try the lower Cholesky factor of symmetric ``A`` (..., n, n).
 
-    Returns ``(L, ok)`` where ``ok`` is a boolean array over the batch. Where the
-    factorization succeeds for a 2-D numpy or CPU-torch matrix that needs no
-    autograd, ``A``'s memory is reused (no second n×n buffer); the strictly
-    upper triangle of ``L`` is then zeroed. Failed batch members hold garbage.
+    Only ``A``'s upper triangle is read. Returns ``(L, ok, intact)``: the
+    factor, a boolean array over the batch, and whether ``A`` still holds its
+    original values. Where possible ``A``'s memory is reused for ``L`` (no
+    second n×n buffer): a 2-D numpy matrix through LAPACK's ``potrf`` and torch
+    tensors that need no autograd through ``torch.linalg.cholesky_ex(out=...)``;
+    ``A`` is then lost when the factorization fails.
     """
     if is_tensor(A):
         torch = _torch()
-        if A.device.type == "cpu" and not A.requires_grad and A.ndim == 2:
-            L, ok = cholesky_inplace(A.numpy())
-            return torch.from_numpy(L), torch.from_numpy(ok)
-        L, info = torch.linalg.cholesky_ex(A, upper=False)
-        return L, info == 0
+        if A.requires_grad:
+            L, info = torch.linalg.cholesky_ex(A.mT, upper=False)
+            return L, info == 0, True
+        info = torch.empty(A.shape[:-2], dtype=torch.int32, device=A.device)
+        # factor the transposed view: it is column-major, LAPACK's (and
+        # cuSOLVER's) own layout, so no internal n×n copy is made; A is
+        # symmetric, so it is the same matrix
+        At = A.mT
+        L, info = torch.linalg.cholesky_ex(At, upper=False, out=(At, info))
+        return L, info == 0, False
     if A.ndim == 2 and A.flags.c_contiguous:
         import scipy.linalg.lapack as lapack
 
         potrf = lapack.get_lapack_funcs("potrf", (A,))
-        d0 = np.diagonal(A).copy()
         # A is symmetric and C-ordered, so A.T is the same matrix in Fortran
-        # order; its upper factor U (A = UᵀU) is our lower factor L = Uᵀ,
-        # computed in place without a copy. LAPACK leaves A's strict upper
-        # triangle untouched, which lets a failed attempt be undone.
-        U, info = potrf(A.T, lower=False, overwrite_a=True, clean=False)
-        L = U.T
+        # order: factor it in place (lower, OpenBLAS's faster variant; it reads
+        # A's upper triangle only) and keep the factor in Fortran order.
+        M, info = potrf(A.T, lower=True, overwrite_a=True, clean=False)
         if info == 0:
-            _zero_strict_upper_(L)
-            return L, np.asarray(True)
-        mirror_upper_to_lower_(A)
-        set_diagonal_(A, d0)
-        return A, np.asarray(False)
+            _zero_strict_upper_(M)
+            return M, np.asarray(True), True
+        return A, np.asarray(False), False
+    # batches: numpy's Cholesky reads the lower triangle, so pass the transpose
+    At = A.swapaxes(-1, -2)
+    try:
+        return np.linalg.cholesky(At), np.ones(A.shape[:-2], dtype=bool), True
+    except np.linalg.LinAlgError:
+        pass
     L = np.empty_like(A)
     ok = np.ones(A.shape[:-2], dtype=bool)
     for idx in np.ndindex(*A.shape[:-2]):
         try:
-            L[idx] = np.linalg.cholesky(A[idx])
+            L[idx] = np.linalg.cholesky(At[idx])
         except np.linalg.LinAlgError:
             ok[idx] = False
-    return L, ok
+    return L, ok, True
 
 
 def _zero_strict_upper_(L, tile: int = 1024):

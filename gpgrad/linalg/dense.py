@@ -36,16 +36,20 @@ def cholesky(
     hint="",
     warn=True,
     max_jitter=None,
+    rebuild=None,
 ):
     """Lower Cholesky factor of symmetric ``K`` (..., N, N), with jitter.
 
     Tries the plain factorization first; where it fails, adds
-    ``ε · mean(diag K)`` to the diagonal with ε rising tenfold from
-    ``100·eps(dtype)`` up to ``max_jitter`` (1e-6 in float64, 1e-3 in float32),
-    warning with :class:`~gpgrad.JitterWarning` when jitter was used, and raising
-    :class:`~gpgrad.NotPositiveDefiniteError` (naming what to change) when even
-    the largest jitter fails. ``K`` may be overwritten (its memory is reused for
-    the factor where possible).
+    ``ε · mean(diag K)`` to the diagonal of the failed batch members, with ε
+    rising tenfold from ``100·eps(dtype)`` up to ``max_jitter`` (1e-6 in float64,
+    1e-3 in float32), warning with :class:`~gpgrad.JitterWarning` when jitter
+    was used, and raising :class:`~gpgrad.NotPositiveDefiniteError` (naming what
+    to change) when even the largest jitter fails.
+
+    Only ``K``'s upper triangle is read. With ``rebuild`` (a function that
+    returns ``K`` anew), ``K``'s memory is reused for the factor and a failed
+    attempt rebuilds it; without it, ``K`` is kept and copies are factored.
 
     Returns
     -------
@@ -56,35 +60,49 @@ def cholesky(
     eps, big = _eps_and_max(K)
     if max_jitter is not None:
         big = max_jitter
+    xp = B.namespace(K)
     d0 = B.diagonal(K)
     d0 = d0.clone() if B.is_tensor(d0) else d0.copy()
-    L, ok = B.cholesky_inplace(K)
-    if bool(ok.all()):
-        return L, 0.0
     if B.is_tensor(d0):
         bad = bool((~d0.isfinite()).any())
     else:
         bad = not np.all(np.isfinite(d0))
     if bad:
         raise NotPositiveDefiniteError(
-            f"{what} has NaN or infinite entries; check the inputs and the kernel's "
-            "hyperparameters"
+            f"{what} has NaN or infinite entries; check the inputs and the "
+            "kernel's hyperparameters"
         )
-    xp = B.namespace(K)
+    grad = B.is_tensor(K) and K.requires_grad
+    if rebuild is None and not grad:
+        K_keep = K  # factor copies: K must survive a failed attempt
+        L, ok, _ = B.cholesky_inplace(_copy(K))
+    else:
+        L, ok, intact = B.cholesky_inplace(K)
+    if bool(ok.all()):
+        return L, 0.0
     scale = xp.mean(d0, axis=-1)
+    need = ~ok  # batch members that need jitter
     N = K.shape[-1]
     rel = JITTER_START * eps
     added = 0.0 * scale
     while rel <= big * (1 + 1e-9):
-        if B.is_tensor(K) and K.requires_grad:
+        target = xp.where(need, rel * scale, added)
+        if grad:
             # autograd: out of place
-            add = rel * scale - added
+            add = target - added
             K = K + xp.reshape(add, tuple(add.shape) + (1, 1)) * _eye(xp, N, K)
-            added = rel * scale
+            L, ok, _ = B.cholesky_inplace(K)
+        elif rebuild is None:
+            K_keep = B.add_to_diagonal_(K_keep, (target - added)[..., None])
+            L, ok, _ = B.cholesky_inplace(_copy(K_keep))
         else:
-            B.add_to_diagonal_(K, (rel * scale - added)[..., None])
-            added = rel * scale
-        L, ok = B.cholesky_inplace(K)
+            if not intact:
+                K = rebuild()
+                B.add_to_diagonal_(K, target[..., None])
+            else:
+                B.add_to_diagonal_(K, (target - added)[..., None])
+            L, ok, intact = B.cholesky_inplace(K)
+        added = target
         if bool(ok.all()):
             jitter = float(B.to_numpy(added).max())
             if warn:
@@ -97,6 +115,7 @@ def cholesky(
                     stacklevel=3,
                 )
             return L, jitter
+        need = need | ~ok
         rel *= 10.0
     raise NotPositiveDefiniteError(
         f"{what} ({N}×{N}) is not positive definite even with jitter {big:.0e} × "
@@ -104,6 +123,10 @@ def cholesky(
         "observation's noise=), remove duplicated or near-duplicated points, "
         f"use a longer lengthscale or float64{hint}."
     )
+
+
+def _copy(A):
+    return A.clone() if B.is_tensor(A) else np.array(A, copy=True)
 
 
 def _eye(xp, N, like):

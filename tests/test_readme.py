@@ -1,0 +1,23 @@
+"""The README's Python examples run as printed."""
+
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _blocks():
+    text = README.read_text(encoding="utf-8")
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_has_examples():
+    assert len(_blocks()) >= 1
+
+
+def test_readme_examples_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for i, code in enumerate(_blocks()):
+        exec(compile(code, f"README block {i}", "exec"), {"__name__": "__readme__"})
+    out = capsys.readouterr().out
+    assert "[[" in out  # the ten-line example prints its arrays

@@ -59,17 +59,24 @@ def _check_finite(a, what):
 
 def _float_array(a, what):
     if B.is_tensor(a):
+        if a.is_complex():
+            raise TypeError(f"{what} must be real, got a complex tensor")
         if not a.is_floating_point():
             a = a.double()
         return a
     if isinstance(a, (str, bytes)):
         raise TypeError(f"{what} must be an array of numbers, got a string")
     try:
-        arr = np.asarray(a, dtype=np.float64)
+        raw = np.asarray(a)
+        complex_ = raw.dtype.kind == "c"
+        arr = None if complex_ else np.asarray(raw, dtype=np.float64)
     except (TypeError, ValueError):
         raise TypeError(
             f"{what} must be an array of numbers, got {type(a).__name__}"
         ) from None
+    if complex_:
+        # float64 conversion would silently drop the imaginary part
+        raise TypeError(f"{what} must be real, got complex values")
     return arr
 
 

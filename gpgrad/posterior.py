@@ -101,6 +101,15 @@ class Posterior:
         """How the linear system was solved (``"cholesky"``, ...)."""
         return self._solver.method
 
+    def condition(self, *observations) -> Posterior:
+        """This posterior conditioned on more observations.
+
+        Exact: the result equals ``gp.condition(*old, *new)`` (it is computed
+        that way, refactoring the whole system).
+        """
+        more = self.gp._parse(observations)
+        return self.gp.condition(*self.observations, *more)
+
     @property
     def num_observations(self) -> int:
         return int(self._r.shape[-1])
@@ -141,6 +150,7 @@ class Posterior:
         queries (each point-major; Hessians as their distinct (i ≤ j) entries);
         with ``full_cov=True``, ``cov`` is (..., M, M).
         """
+        _check_flag(full_cov)
         qs = self._queries(queries)
         mean, var, cov = self._moments(qs, "full" if full_cov else "var")
         return Prediction(mean, var, cov)
@@ -156,6 +166,12 @@ class Posterior:
                     "queries must be gpgrad functionals such as gpgrad.values(Xs) "
                     f"or gpgrad.gradients(Xs), got {type(q).__name__}"
                 )
+            if q.y is not None:
+                raise ValueError(
+                    f"a {q.kind} query has targets: queries describe what to "
+                    f"predict, so build it without them (gpgrad.{q.kind}s(X) ...); "
+                    "to add observations, condition the GP on them"
+                )
             d = self._blocks[0].d
             if q.d != d:
                 raise ValueError(
@@ -167,6 +183,7 @@ class Posterior:
         return out
 
     def _query(self, q, full_cov):
+        _check_flag(full_cov)
         (q,) = self._queries([q])
         mode = "full" if full_cov else ("point" if q.kind in _VECTOR else "var")
         mean, var, cov = self._moments([q], mode)
@@ -315,6 +332,15 @@ class Posterior:
             or n_samples < 1
         ):
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        if not (
+            seed is None
+            or isinstance(seed, (int, np.integer, np.random.Generator))
+            or type(seed).__name__ == "Generator"
+        ) or isinstance(seed, bool):
+            raise TypeError(
+                "seed must be an int, a numpy or torch Generator, or None, got "
+                f"{type(seed).__name__}"
+            )
         xp = self.xp
         mean, _, cov = self._moments(qs, "full")
         w, V = B.eigh(cov)
@@ -368,6 +394,11 @@ class Posterior:
     def __repr__(self):
         kinds = ", ".join(f"{f.kind}s×{f.n}" for f in self.observations)
         return f"Posterior({kinds}; {self.num_observations} entries, {self.method})"
+
+
+def _check_flag(full_cov):
+    if not isinstance(full_cov, (bool, np.bool_)):
+        raise TypeError(f"full_cov must be True or False, got {full_cov!r}")
 
 
 def _sub_block(b, i0, i1):

@@ -321,3 +321,21 @@ def test_more_data_never_increases_gradient_variance():
         gpgrad.values(X, y), gpgrad.gradients(X, G, noise=1e-2)
     )
     assert np.all(p2.gradient(Xs).var <= p1.gradient(Xs).var + 1e-12)
+
+
+def test_posterior_condition_adds_observations():
+    rng = np.random.default_rng(19)
+    X, y, G = _data(rng)
+    gp = gpgrad.GP(K.RBF(lengthscale=0.6), noise=1e-5)
+    two_step = gp.condition(X[:6], y[:6]).condition(gpgrad.gradients(X[6:], G[6:]))
+    at_once = gp.condition(gpgrad.values(X[:6], y[:6]), gpgrad.gradients(X[6:], G[6:]))
+    Xs = rng.uniform(-1, 1, (3, 2))
+    np.testing.assert_allclose(
+        two_step.gradient(Xs).mean, at_once.gradient(Xs).mean, rtol=1e-12
+    )
+    with pytest.raises(ValueError, match="query has targets"):
+        at_once.predict(gpgrad.values(Xs, np.zeros(3)))
+    with pytest.raises(TypeError, match="full_cov must be True or False"):
+        at_once.value(Xs, full_cov="yes")
+    with pytest.raises(TypeError, match="seed must be an int"):
+        at_once.sample(Xs, seed="a")

@@ -108,8 +108,10 @@ def cholesky(
             if warn:
                 warnings.warn(
                     f"added jitter {jitter:.3g} ({rel:.1e} of the mean diagonal) to "
-                    f"{what} ({N}×{N}) to make it positive definite; predictions "
-                    "move by about that much. To avoid it: raise the observation "
+                    f"{what} ({N}×{N}) to make it positive definite. That is the "
+                    "same as that much extra noise variance on every observation; "
+                    "in an ill-conditioned system predictions can move by far more "
+                    "than the jitter itself. To avoid it: raise the observation "
                     f"noise, remove duplicated or near-duplicated points{hint}.",
                     JitterWarning,
                     stacklevel=3,

@@ -310,7 +310,9 @@ class Posterior:
             var = xp.where(neg, xp.zeros_like(var), var)
         var = var * s2[..., None]
         if cov is not None:
-            cov = cov * xp.reshape(s2, tuple(s2.shape) + (1,) * (cov.ndim - s2.ndim))
+            # cov has var's batch axes and its own trailing entry axes
+            trailing = cov.ndim - (var.ndim - 1)
+            cov = cov * xp.reshape(s2, tuple(s2.shape) + (1,) * trailing)
         return var, cov
 
     # ------------------------------------------------------------------

@@ -237,6 +237,15 @@ def random_normal(xp, shape, dtype, device, seed):
     return rng.standard_normal(shape).astype(dtype or np.float64)
 
 
+def ndtr(z):
+    """The standard normal CDF Φ(z), differentiable for tensors."""
+    if is_tensor(z):
+        return _torch().special.ndtr(z)
+    from scipy.special import ndtr as _ndtr
+
+    return _ndtr(z)
+
+
 def eigh(A):
     if is_tensor(A):
         return _torch().linalg.eigh(A)

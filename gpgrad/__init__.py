@@ -9,8 +9,10 @@
 (3, 2)
 """
 
+from . import acquisition as acquisition
 from . import kernels
 from .exceptions import GPGradWarning, JitterWarning, NotPositiveDefiniteError
+from .fit import fit as fit
 from .functionals import (
     Functional,
     directional,
@@ -21,6 +23,7 @@ from .functionals import (
     values,
 )
 from .gp import GP
+from .io import load, save
 from .posterior import Posterior, Prediction
 
 __version__ = "0.1.0"
@@ -40,4 +43,8 @@ __all__ = [
     "GPGradWarning",
     "JitterWarning",
     "NotPositiveDefiniteError",
+    "save",
+    "load",
+    "fit",
+    "acquisition",
 ]

@@ -1,0 +1,301 @@
+"""Hyperparameter fitting: the likelihood's gradient against finite differences,
+the optimum against an independent likelihood, recovery of known
+hyperparameters, batched against looped, bounds, errors."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import multivariate_normal
+
+import gpgrad
+from gpgrad import kernels as K
+from gpgrad.fit import FitWarning, _few_threads, _Objective, _specs
+
+
+def _rbf_lml(X, y, ls, var, noise, mean):
+    """Independent log marginal likelihood of values under an RBF prior."""
+    d2 = (X[:, None, 0] - X[None, :, 0]) ** 2
+    C = var * np.exp(-0.5 * d2 / ls**2) + noise * np.eye(len(y))
+    return multivariate_normal(mean=np.full(len(y), mean), cov=C).logpdf(y)
+
+
+def _series(n=30, noise=0.05, seed=0):
+    rng = np.random.default_rng(seed)
+    X = np.sort(rng.uniform(0, 5, n))[:, None]
+    y = np.sin(1.3 * X[:, 0]) + 2.0 + noise * rng.normal(size=n)
+    return X, y
+
+
+def test_objective_gradient_matches_central_differences():
+    X, y = _series()
+    rng = np.random.default_rng(1)
+    Xg = rng.uniform(0, 5, (6, 1))
+    obs = [
+        gpgrad.values(X, y),
+        gpgrad.gradients(Xg, 1.3 * np.cos(1.3 * Xg)),
+        gpgrad.second_partials(Xg, 0, 0, -(1.3**2) * np.sin(1.3 * Xg[:, 0])),
+    ]
+    gp = gpgrad.GP(K.Matern52() + K.RBF())
+    specs, fixed = _specs(gp, obs, (), None, None, False, True)
+    f = _Objective(gp, obs, specs, fixed, (), "autograd", False)
+    theta = np.array([-0.3, 0.2, -0.5, 0.4, -4.0, -3.0, -5.0, 0.1])
+    assert theta.size == len(specs)
+    h = 1e-5
+    with _few_threads("autograd", gp, 100):
+        val, grad = f(theta)
+        fd = np.array(
+            [
+                (f(theta + h * e)[0] - f(theta - h * e)[0]) / (2 * h)
+                for e in np.eye(theta.size)
+            ]
+        )
+    np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-8)
+
+
+def test_optimum_is_a_maximum_of_an_independent_likelihood():
+    X, y = _series()
+    res = gpgrad.fit(gpgrad.GP(K.RBF()), X, y, restarts=2)
+    p = res.params
+    args = (p["lengthscale"], p["variance"], p["noise.value"], p["mean"])
+    best = _rbf_lml(X, y, *args)
+    assert res.log_marginal_likelihood == pytest.approx(best, rel=1e-9)
+    # every single-parameter perturbation lowers the likelihood
+    for i in range(4):
+        for f in (0.97, 1.03):
+            a = list(args)
+            a[i] = a[i] * f if i < 3 else a[i] + (f - 1.0)
+            assert _rbf_lml(X, y, *a) < best
+    assert res.on_bound == []
+    assert res.fitted == ["variance", "lengthscale", "noise.value", "mean"]
+    assert isinstance(res.gp, gpgrad.GP) and res.gp.backend == "numpy"
+
+
+def test_recovers_known_hyperparameters_from_a_prior_sample():
+    rng = np.random.default_rng(3)
+    X = np.sort(rng.uniform(0, 10, 120))[:, None]
+    kern = K.RBF(lengthscale=0.8, variance=2.0)
+    C = kern(X) + 1e-10 * np.eye(120)
+    f = np.linalg.cholesky(C) @ rng.normal(size=120)
+    y = f + 0.5 + math.sqrt(0.01) * rng.normal(size=120)
+    res = gpgrad.fit(gpgrad.GP(K.RBF()), X, y, restarts=2, seed=1)
+    p = res.params
+    assert p["lengthscale"] == pytest.approx(0.8, rel=0.2)
+    assert p["noise.value"] == pytest.approx(0.01, rel=0.5)
+    assert 0.5 < p["variance"] < 8.0
+
+
+def test_derivative_noise_is_fitted_per_kind():
+    rng = np.random.default_rng(4)
+    X = rng.uniform(-2, 2, (40, 1))
+    Xg = rng.uniform(-2, 2, (60, 1))
+    y = np.sin(2 * X[:, 0]) + 0.01 * rng.normal(size=40)  # noise var 1e-4
+    G = 2 * np.cos(2 * Xg) + 0.3 * rng.normal(size=(60, 1))  # noise var 0.09
+    res = gpgrad.fit(
+        gpgrad.GP(K.RBF()), gpgrad.values(X, y), gpgrad.gradients(Xg, G), restarts=1
+    )
+    assert res.params["noise.gradient"] == pytest.approx(0.09, rel=0.4)
+    assert res.params["noise.value"] < 1e-3
+    # an observation that carries its own noise fixes that kind
+    res2 = gpgrad.fit(
+        gpgrad.GP(K.RBF()),
+        gpgrad.values(X, y),
+        gpgrad.gradients(Xg, G, noise=0.09),
+        restarts=1,
+    )
+    assert "noise.gradient" not in res2.params
+    assert "noise.gradient" not in res2.fitted
+
+
+def test_derivative_only_data_fits_no_mean():
+    rng = np.random.default_rng(5)
+    Xg = rng.uniform(-2, 2, (25, 1))
+    G = np.cos(Xg) + 0.05 * rng.normal(size=(25, 1))
+    res = gpgrad.fit(gpgrad.GP(K.RBF()), gpgrad.gradients(Xg, G), restarts=1)
+    assert "mean" not in res.fitted
+    g = res.posterior.gradient(np.array([[0.0], [1.0]]))
+    np.testing.assert_allclose(g.mean[:, 0], np.cos([0.0, 1.0]), atol=0.1)
+
+
+def test_fixed_names_and_values():
+    X, y = _series()
+    gp = gpgrad.GP(K.RBF(lengthscale=0.7), noise=0.003)
+    res = gpgrad.fit(gp, X, y, fixed=["lengthscale", "noise.value"], restarts=1)
+    assert res.params["lengthscale"] == 0.7
+    assert res.params["noise.value"] == 0.003
+    assert res.fitted == ["variance", "mean"]
+    res = gpgrad.fit(gp, X, y, fixed={"mean": 2.0, "variance": 1.5}, restarts=1)
+    assert res.params["mean"] == 2.0 and res.params["variance"] == 1.5
+    # the free parameters are at a maximum of the independent likelihood
+    p = res.params
+    args = [p["lengthscale"], 1.5, p["noise.value"], 2.0]
+    best = _rbf_lml(X, y, *args)
+    for f in (0.97, 1.03):
+        assert _rbf_lml(X, y, args[0] * f, *args[1:]) < best
+
+
+def test_batched_torch_matches_looped_numpy():
+    X1, y1 = _series(seed=6)
+    X2, y2 = _series(seed=7, noise=0.2)
+    Xb = torch.as_tensor(np.stack([X1, X2]))
+    yb = torch.as_tensor(np.stack([y1, 3 * y2]))
+    res = gpgrad.fit(gpgrad.GP(K.Matern52(), backend="torch"), Xb, yb, restarts=2)
+    assert torch.is_tensor(res.params["variance"])
+    assert res.log_marginal_likelihood.shape == (2,)
+    for b, (X, y) in enumerate([(X1, y1), (X2, 3 * y2)]):
+        one = gpgrad.fit(gpgrad.GP(K.Matern52()), X, y, restarts=2)
+        assert float(res.log_marginal_likelihood[b]) == pytest.approx(
+            one.log_marginal_likelihood, abs=1e-4
+        )
+        for name in ("variance", "noise.value", "mean"):
+            assert float(res.params[name][b]) == pytest.approx(
+                one.params[name], rel=1e-2
+            )
+        ls = float(res.params["lengthscale"].reshape(2)[b])
+        assert ls == pytest.approx(one.params["lengthscale"], rel=1e-2)
+
+
+def test_torch_float32_gp_keeps_its_dtype():
+    X, y = _series()
+    gp = gpgrad.GP(K.RBF(), backend="torch", dtype=torch.float32)
+    res = gpgrad.fit(gp, X, y, restarts=1)
+    assert res.params["lengthscale"].dtype == torch.float32
+    assert res.posterior.value(X[:3]).mean.dtype == torch.float32
+    ref = gpgrad.fit(gpgrad.GP(K.RBF()), X, y, restarts=1)
+    assert float(res.params["lengthscale"]) == pytest.approx(
+        ref.params["lengthscale"], rel=1e-6
+    )
+
+
+def test_finite_difference_path_finds_the_same_optimum():
+    X, y = _series()
+    a = gpgrad.fit(gpgrad.GP(K.Matern52()), X, y, restarts=1)
+    b = gpgrad.fit(
+        gpgrad.GP(K.Matern52()), X, y, restarts=1, gradient="finite-difference"
+    )
+    assert b.gradient == "finite-difference" and a.gradient == "autograd"
+    assert b.log_marginal_likelihood == pytest.approx(
+        a.log_marginal_likelihood, abs=1e-4
+    )
+
+
+def test_normalize_y_reaches_the_same_likelihood():
+    X, y = _series()
+    y = 100.0 * y
+    a = gpgrad.fit(gpgrad.GP(K.RBF()), X, y, restarts=2)
+    b = gpgrad.fit(gpgrad.GP(K.RBF(), normalize_y=True), X, y, restarts=2)
+    assert b.log_marginal_likelihood == pytest.approx(
+        a.log_marginal_likelihood, abs=1e-3
+    )
+    Xs = np.array([[1.0], [2.5]])
+    np.testing.assert_allclose(
+        b.posterior.gradient(Xs).mean, a.posterior.gradient(Xs).mean, rtol=1e-3
+    )
+
+
+def test_ard_separates_a_relevant_from_an_irrelevant_input():
+    rng = np.random.default_rng(8)
+    X = rng.uniform(-1, 1, (40, 2))
+    y = np.sin(3 * X[:, 0]) + 0.01 * rng.normal(size=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitWarning)  # the irrelevant one may hit it
+        res = gpgrad.fit(gpgrad.GP(K.RBF()), X, y, ard=True, restarts=1)
+    ls = res.params["lengthscale"]
+    assert ls.shape == (2,)
+    assert ls[1] > 5 * ls[0]
+
+
+def test_noise_free_data_warn_about_the_lower_bound():
+    X = np.linspace(0, 3, 12)[:, None]
+    y = np.sin(X[:, 0])
+    with pytest.warns(FitWarning, match=r"noise.value = .* sits on its lower bound"):
+        res = gpgrad.fit(gpgrad.GP(K.RBF()), X, y, restarts=1)
+    assert res.on_bound == ["noise.value"]
+    assert res.params["noise.value"] <= 1.01 * res.bounds["noise.value"][0]
+
+
+def test_user_bounds_are_respected():
+    X, y = _series()
+    with pytest.warns(FitWarning, match="lengthscale .* upper bound"):
+        res = gpgrad.fit(
+            gpgrad.GP(K.RBF()), X, y, bounds={"lengthscale": (0.01, 0.1)}, restarts=1
+        )
+    assert res.params["lengthscale"] == pytest.approx(0.1, rel=1e-3)
+
+
+def test_progress_reports(capsys):
+    X, y = _series()
+    seen = []
+    gpgrad.fit(gpgrad.GP(K.RBF()), X, y, restarts=2, progress=lambda *a: seen.append(a))
+    assert {a[0] for a in seen} == {1, 2}
+    assert all(isinstance(a[2], float) for a in seen)
+    gpgrad.fit(gpgrad.GP(K.RBF()), X, y, restarts=2, progress=True)
+    err = capsys.readouterr().err
+    assert "start 2/2 done, log marginal likelihood" in err
+
+
+def test_composite_kernel_names():
+    X, y = _series()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitWarning)  # one part may switch off
+        res = gpgrad.fit(gpgrad.GP(K.RBF() + K.Matern52()), X, y, restarts=1)
+    assert {"0.lengthscale", "1.lengthscale", "0.variance", "1.variance"} <= set(
+        res.params
+    )
+    assert "noise.value" in res.params and "mean" in res.params
+    assert "FitResult" not in res.summary()
+    assert "0.lengthscale" in res.summary()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        (
+            {"fixed": ["lenghtscale"]},
+            ValueError,
+            "unknown hyperparameter 'lenghtscale'",
+        ),
+        ({"bounds": {"variance": (2.0, 1.0)}}, ValueError, "0 < lower < upper"),
+        ({"bounds": {"variance": 3.0}}, ValueError, r"must be a pair \(lower, upper\)"),
+        ({"restarts": 0}, ValueError, "restarts must be a positive integer"),
+        ({"gradient": "exact"}, ValueError, "gradient must be 'auto'"),
+        ({"progress": "yes"}, TypeError, "progress must be True, False or a callable"),
+        ({"fixed": 3}, TypeError, "fixed must be a list of names"),
+    ],
+)
+def test_bad_arguments(kwargs, exc, match):
+    X, y = _series(n=8)
+    with pytest.raises(exc, match=match):
+        gpgrad.fit(gpgrad.GP(K.RBF()), X, y, **kwargs)
+
+
+def test_bad_models():
+    X, y = _series(n=8)
+    with pytest.raises(TypeError, match="fit expects a gpgrad.GP"):
+        gpgrad.fit(K.RBF(), X, y)
+    with pytest.raises(ValueError, match="batched problems are fitted with"):
+        gpgrad.fit(gpgrad.GP(K.RBF()), np.stack([X, X]), np.stack([y, y]))
+    with pytest.raises(ValueError, match="backend='torch' fits with autograd"):
+        gpgrad.fit(
+            gpgrad.GP(K.RBF(), backend="torch"), X, y, gradient="finite-difference"
+        )
+
+
+def test_without_torch_falls_back_to_finite_differences(monkeypatch):
+    import sys
+
+    mod = sys.modules["gpgrad.fit"]
+    monkeypatch.setattr(mod, "_torch_available", lambda: False)
+    X, y = _series(n=12)
+    res = gpgrad.fit(gpgrad.GP(K.RBF()), X, y, restarts=1)
+    assert res.gradient == "finite-difference"
+    with pytest.raises(ValueError, match="gradient='autograd' needs torch"):
+        gpgrad.fit(gpgrad.GP(K.RBF()), X, y, gradient="autograd")
+
+
+def test_companions_reachable_from_the_function():
+    assert gpgrad.fit.FitWarning is FitWarning
+    assert issubclass(FitWarning, gpgrad.GPGradWarning)
+    assert gpgrad.fit.FitResult.__name__ == "FitResult"

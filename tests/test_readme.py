@@ -16,8 +16,10 @@ def test_readme_has_examples():
 
 
 def test_readme_examples_run(tmp_path, monkeypatch, capsys):
+    # the blocks run in order in one namespace, as a reader would run them
     monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__readme__"}
     for i, code in enumerate(_blocks()):
-        exec(compile(code, f"README block {i}", "exec"), {"__name__": "__readme__"})
+        exec(compile(code, f"README block {i}", "exec"), namespace)
     out = capsys.readouterr().out
     assert "[[" in out  # the ten-line example prints its arrays

@@ -1,0 +1,379 @@
+"""Scaling benchmark: dense Cholesky, matrix-free CG and Woodbury.
+
+Run from the repository root::
+
+    python benchmarks/scaling.py                 # everything (several minutes)
+    python benchmarks/scaling.py --only large    # one part: large, agree, wide, growth
+    python benchmarks/scaling.py --quick         # small sizes, a smoke run
+
+Parts:
+
+``large``
+    N = 2,000 points in D = 50 (102,000 rows), values and gradients observed,
+    RBF and Matérn 5/2: conditioning with CG plus the posterior gradient mean
+    at 100 test points; wall time and peak resident memory (of a fresh
+    process per run).
+``agree``
+    N = 300, D = 20: CG against dense Cholesky, relative error of the
+    posterior gradient mean (max |Δ| / max |mean|).
+``wide``
+    N = 50, D = 1,000, gradients observed (Woodbury): conditioning plus the
+    posterior gradient mean and variance at one test point.
+``growth``
+    Time and peak memory against N (D = 10, values and gradients) and against
+    D (N = 20, gradients only), for each method where it applies (Matérn 5/2
+    unless ``--growth-kernel rbf``); saved as a plot.
+
+Every timed run happens in its own subprocess so that its peak resident memory
+(``ru_maxrss``) is its own, after a warm-up on a 3-point problem of the same
+kind (lazy imports, first BLAS/LAPACK calls). Times are medians over
+``--repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+# --------------------------------------------------------------------------
+# one run, in a child process
+
+
+def _child(spec):
+    """Run one configuration; print a JSON line with seconds and peak RSS."""
+    import resource
+
+    import numpy as np
+
+    sys.path.insert(0, ROOT)
+    import gpgrad
+    from gpgrad import kernels
+    from gpgrad.linalg.iterative import CG
+    from gpgrad.linalg.matfree import posterior_mean
+
+    rng = np.random.default_rng(spec["seed"])
+    N, D, M = spec["N"], spec["D"], spec["M"]
+    X = rng.uniform(-1, 1, (N, D))
+    Xs = rng.uniform(-1, 1, (M, D))
+    ls = spec["ls_factor"] * np.sqrt(D)
+    kern = {"rbf": kernels.RBF, "matern52": kernels.Matern52}[spec["kernel"]]
+    kernel = kern(lengthscale=ls)
+
+    def f(X):
+        return np.sin(X).sum(-1) / np.sqrt(X.shape[-1])
+
+    def g(X):
+        return np.cos(X) / np.sqrt(X.shape[-1])
+
+    obs = [gpgrad.gradients(X, g(X))]
+    if spec["values"]:
+        obs.insert(0, gpgrad.values(X, f(X)))
+    method = spec["method"]
+    if method == "cg":
+        method = CG(tol=spec["tol"], preconditioner=spec["precond"])
+    gp = gpgrad.GP(kernel, noise=spec["noise"], method=method)
+    # warm-up on a tiny problem of the same kind: lazy imports and the BLAS
+    # and LAPACK first-call costs are not part of the figure
+    Xw = X[:3, :]
+    warm = [gpgrad.gradients(Xw, g(Xw))]
+    if spec["values"]:
+        warm.insert(0, gpgrad.values(Xw, f(Xw)))
+    posterior_mean(gp.condition(*warm), gpgrad.gradients(Xs[:1]))
+    gp.condition(*warm).gradient(Xs[:1])
+    t0 = time.perf_counter()
+    post = gp.condition(*obs)
+    t1 = time.perf_counter()
+    out = {"method": post.method, "condition_s": t1 - t0}
+    if spec["query"] == "mean":
+        mean = posterior_mean(post, gpgrad.gradients(Xs))
+    else:
+        pred = post.gradient(Xs)
+        mean = pred.mean
+        out["var_max"] = float(np.max(pred.var))
+    t2 = time.perf_counter()
+    out["query_s"] = t2 - t1
+    out["total_s"] = t2 - t0
+    out["mean"] = np.asarray(mean).reshape(-1).tolist() if spec.get("keep") else None
+    info = getattr(post._solver, "info", None)
+    if info:
+        out["iterations"] = info["iterations"]
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(out))
+
+
+def run(spec, repeats):
+    """Median time over ``repeats`` fresh processes; the largest peak RSS."""
+    results = []
+    for _ in range(repeats):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            msg = proc.stderr.strip().splitlines()[-1:] or ["failed"]
+            return {"error": msg[0]}
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    out = dict(results[0])
+    for key in ("condition_s", "query_s", "total_s"):
+        out[key] = statistics.median(r[key] for r in results)
+    out["peak_rss_gb"] = max(r["peak_rss_gb"] for r in results)
+    out["repeats"] = repeats
+    return out
+
+
+def spec(**kw):
+    base = dict(
+        N=100,
+        D=10,
+        M=100,
+        kernel="rbf",
+        values=True,
+        method="cg",
+        tol=1e-8,
+        precond=None,
+        noise=1e-4,
+        ls_factor=0.5,
+        seed=0,
+        query="mean",
+    )
+    base.update(kw)
+    return base
+
+
+# --------------------------------------------------------------------------
+# the machine
+
+
+def machine():
+    import numpy as np
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+    for name in ("scipy", "torch"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        info[var] = os.environ.get(var, "unset")
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+# --------------------------------------------------------------------------
+# parts
+
+
+def part_large(args):
+    rows = []
+    for kernel in ("rbf", "matern52"):
+        s = spec(N=args.large_n, D=50, M=100, kernel=kernel, tol=args.tol)
+        r = run(s, args.repeats_large)
+        rows.append({"kernel": kernel, **s, **r})
+        print(_fmt_row(f"large {kernel} N={s['N']} D=50", r), flush=True)
+    return rows
+
+
+def part_agree(args):
+    rows = []
+    for kernel in ("rbf", "matern52"):
+        base = dict(N=300 if not args.quick else 60, D=20, M=100, kernel=kernel)
+        dense = run(spec(method="cholesky", keep=True, **base), 1)
+        cg = run(spec(method="cg", tol=args.tol, keep=True, **base), 1)
+        if "error" in dense or "error" in cg:
+            rows.append(
+                {"kernel": kernel, "error": dense.get("error", cg.get("error"))}
+            )
+            continue
+        import numpy as np
+
+        a, b = np.asarray(cg["mean"]), np.asarray(dense["mean"])
+        rel = float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+        row = {
+            "kernel": kernel,
+            **base,
+            "rel_err": rel,
+            "cg_s": cg["total_s"],
+            "dense_s": dense["total_s"],
+            "iterations": cg.get("iterations"),
+        }
+        rows.append(row)
+        print(
+            f"agree {kernel} N={base['N']} D=20: relative error {rel:.2e} "
+            f"(cg {cg['total_s']:.2f} s, {cg.get('iterations')} iterations; "
+            f"dense {dense['total_s']:.2f} s)",
+            flush=True,
+        )
+    return rows
+
+
+def part_wide(args):
+    rows = []
+    for kernel in ("rbf", "matern52"):
+        s = spec(
+            N=50,
+            D=1000 if not args.quick else 200,
+            M=1,
+            kernel=kernel,
+            values=False,
+            method="auto",
+            query="meanvar",
+            noise=1e-6,
+        )
+        r = run(s, args.repeats)
+        rows.append({"kernel": kernel, **s, **r})
+        print(_fmt_row(f"wide {kernel} N=50 D={s['D']} (mean+var)", r), flush=True)
+    return rows
+
+
+def part_growth(args):
+    rows = []
+    Ns = [50, 100, 200, 400, 800] if not args.quick else [20, 40]
+    for N in Ns:
+        for method in ("cholesky", "cg"):
+            if method == "cholesky" and N * 11 > 9000:
+                continue
+            s = spec(
+                N=N, D=10, M=20, method=method, tol=args.tol, kernel=args.growth_kernel
+            )
+            r = run(s, args.repeats)
+            rows.append({"axis": "N", **s, **r})
+            print(_fmt_row(f"growth N={N} D=10 {method}", r), flush=True)
+    Ds = [25, 50, 100, 200, 400] if not args.quick else [25, 50]
+    for D in Ds:
+        for method in ("cholesky", "cg", "woodbury"):
+            if method == "cholesky" and 20 * D > 9000:
+                continue
+            s = spec(
+                N=20,
+                D=D,
+                M=20,
+                method=method,
+                values=False,
+                tol=args.tol,
+                kernel=args.growth_kernel,
+            )
+            r = run(s, args.repeats)
+            rows.append({"axis": "D", **s, **r})
+            print(_fmt_row(f"growth N=20 D={D} {method}", r), flush=True)
+    return rows
+
+
+def plot_growth(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for col, (axis, fixed) in enumerate((("N", "D = 10"), ("D", "N = 20"))):
+        for method, style in (("cholesky", "o-"), ("cg", "s-"), ("woodbury", "^-")):
+            pts = [
+                r
+                for r in rows
+                if r.get("axis") == axis and r["method"] == method and "error" not in r
+            ]
+            if not pts:
+                continue
+            x = [r[axis] for r in pts]
+            axes[0, col].loglog(x, [r["total_s"] for r in pts], style, label=method)
+            axes[1, col].loglog(x, [r["peak_rss_gb"] for r in pts], style, label=method)
+        axes[0, col].set_title(f"condition + mean: time against {axis} ({fixed})")
+        axes[1, col].set_title(f"peak memory against {axis} ({fixed})")
+        axes[1, col].set_xlabel(axis)
+        axes[0, col].set_ylabel("seconds (median)")
+        axes[1, col].set_ylabel("peak RSS (GiB)")
+        for ax in axes[:, col]:
+            ax.legend()
+            ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _fmt_row(name, r):
+    if "error" in r:
+        return f"{name}: error: {r['error']}"
+    it = f", {r['iterations']} CG iterations" if r.get("iterations") else ""
+    return (
+        f"{name}: {r['method']}, condition {r['condition_s']:.2f} s + query "
+        f"{r['query_s']:.2f} s = {r['total_s']:.2f} s (median of "
+        f"{r['repeats']}), peak RSS {r['peak_rss_gb']:.2f} GiB{it}"
+    )
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=["large", "agree", "wide", "growth"])
+    ap.add_argument("--quick", action="store_true", help="small sizes")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats-large", type=int, default=1)
+    ap.add_argument("--tol", type=float, default=1e-8, help="CG tolerance")
+    ap.add_argument("--large-n", type=int, default=2000)
+    ap.add_argument(
+        "--growth-kernel",
+        default="matern52",
+        choices=["rbf", "matern52"],
+        help="kernel of the growth curves (RBF at ℓ = 0.5√D needs ~1000 CG "
+        "iterations already at N = 100, D = 10)",
+    )
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        _child(json.loads(args.child))
+        return
+    if args.quick:
+        args.large_n = 200
+        args.repeats = 1
+    os.makedirs(args.out, exist_ok=True)
+    info = machine()
+    print("machine:", json.dumps(info), flush=True)
+    parts = [args.only] if args.only else ["agree", "wide", "large", "growth"]
+    results = {"machine": info}
+    for part in parts:
+        results[part] = globals()[f"part_{part}"](args)
+    if "growth" in results:
+        path = os.path.join(args.out, "scaling.png")
+        plot_growth(results["growth"], path)
+        print("plot:", path)
+    name = "scaling" + (f"_{args.only}" if args.only else "") + ".json"
+    with open(os.path.join(args.out, name), "w") as fh:
+        json.dump(results, fh, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,468 @@
+"""Matrix-free products with derivative Gram matrices: O(N²D), no N(D+1)-square array.
+
+For observations of order at most one (values, gradients, partials, directional
+derivatives) of a radial kernel ``k = σ² φ(s)`` the product of the Gram matrix
+with a coefficient vector needs only the N×N matrices ``Φ_m = σ² φ⁽ᵐ⁾(S)``,
+m = 0, 1, 2, and a few N×N×D matrix products. Work in scaled coordinates
+``z = x/ℓ``: a derivative along ``u`` in x is a derivative along ``u/ℓ`` in z,
+so every entry's coefficient ``c`` becomes a z-space vector ``w = c·u/ℓ`` at its
+point, and every output entry is read off as ``(u/ℓ)·g`` from the z-space
+gradient row ``g``.
+
+Stationary map (``s = ½|z − z'|²``), coefficients ``v`` (values) and ``W``
+(gradient rows) at points ``Z_B``, outputs at points ``Z_A``, with
+``C_ab = (z_a − z_b)·w_b``:
+
+.. math::
+
+    y = Φ_0 v − \\operatorname{rowsum}(Z_A ⊙ Φ_1 W) + Φ_1 q,\\quad q_b = z_b·w_b
+
+    G = Z_A ⊙ (Φ_1 v) − Φ_1 (v ⊙ Z_B) − [Z_A ⊙ (M 1) − M Z_B] − Φ_1 W,
+    \\quad M = Φ_2 ⊙ C
+
+Dot-product map (``s = z·z'``):
+
+.. math::
+
+    y = Φ_0 v + \\operatorname{rowsum}(Z_A ⊙ Φ_1 W),\\qquad
+    G = Φ_1 (v ⊙ Z_B) + (Φ_2 ⊙ Z_A W^\\top) Z_B + Φ_1 W
+
+(``X ⊙ a`` scales row i of X by ``a_i``.) Points observed both as values and as
+gradients are merged, so the usual value+gradient problem costs one N×N set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernels.base import (
+    DotProductMap,
+    RadialKernel,
+    StationaryMap,
+    batch_scalar,
+)
+from . import backend as B
+
+__all__ = ["GramOperator", "supports", "unsupported_reason", "posterior_mean"]
+
+#: elements of the largest temporary when forming S from differences (~32 MB)
+DIFF_CHUNK_ELEMENTS = 1 << 22
+#: elements of the k·n_A·n_B coefficient-dependent temporaries per pass (~128 MB)
+RHS_CHUNK_ELEMENTS = 1 << 24
+
+
+def unsupported_reason(kernel, blocks):
+    """Why the matrix-free product cannot handle this problem, or None."""
+    if not isinstance(kernel, RadialKernel):
+        return (
+            f"the matrix-free product supports single radial kernels (RBF, "
+            f"Matern32/52, RationalQuadratic, Linear, Polynomial), got "
+            f"{type(kernel).__name__}"
+        )
+    if not isinstance(kernel.input_map, (StationaryMap, DotProductMap)):
+        return (
+            f"{type(kernel).__name__} has an input map the matrix-free product "
+            "does not know"
+        )
+    for b in blocks:
+        if b.order > 1:
+            return (
+                f"{b.f.kind} functionals (second derivatives) are not supported by "
+                "the matrix-free product; only values and first derivatives are"
+            )
+    return None
+
+
+def supports(kernel, blocks) -> bool:
+    """Whether :class:`GramOperator` handles ``kernel`` with these blocks."""
+    return unsupported_reason(kernel, blocks) is None
+
+
+def _same_points(xp, X1, X2):
+    if X1 is X2:
+        return True
+    if tuple(X1.shape) != tuple(X2.shape):
+        return False
+    return bool(xp.all(X1 == X2))
+
+
+class _Group:
+    """Points with their value entries and their first-derivative entries.
+
+    ``parts`` lists ``(block_index, kind)`` with kind ``"value"``, ``"grad"``
+    (full gradient, identity directions) or ``"dir"`` (one or more direction
+    vectors per point, ``U`` (nU, k, d) already divided by ℓ).
+    """
+
+    def __init__(self, X):
+        self.X = X
+        self.Z = None
+        self.parts = []
+
+    @property
+    def has_value(self):
+        return any(p[1] == "value" for p in self.parts)
+
+    @property
+    def has_grad(self):
+        return any(p[1] != "value" for p in self.parts)
+
+
+def _groups(xp, blocks):
+    groups = []
+    for i, b in enumerate(blocks):
+        kind = (
+            "value" if b.order == 0 else ("grad" if b.f.kind == "gradient" else "dir")
+        )
+        for g in groups:
+            if _same_points(xp, g.X, b.X) and all(p[1] != kind for p in g.parts):
+                g.parts.append((i, kind))
+                break
+        else:
+            g = _Group(b.X)
+            g.parts.append((i, kind))
+            groups.append(g)
+    return groups
+
+
+class GramOperator:
+    """``K + diag(noise)`` of order-≤1 observations, as a linear operator.
+
+    Parameters
+    ----------
+    kernel : RadialKernel
+        Stationary (RBF, Matérn, rational quadratic) or dot-product kernel.
+    blocks : list of :class:`gpgrad.covariance.Block`
+        The observations (values, gradients, partials, directional).
+    noise : array (..., N) or None
+        Observation noise variances added to the diagonal.
+
+    Notes
+    -----
+    Memory: three N×N profile matrices per pair of point groups, and
+    k·N×N temporaries per product with k right-hand sides (chunked over k).
+    Time: about ten N²D flops per right-hand side. Differentiable in torch.
+    """
+
+    def __init__(self, kernel, blocks, noise=None):
+        reason = unsupported_reason(kernel, blocks)
+        if reason is not None:
+            raise ValueError(reason)
+        self.kernel = kernel
+        self.blocks = list(blocks)
+        like = blocks[0].X
+        self.xp = xp = B.namespace(like)
+        self.like = like
+        self.stationary = isinstance(kernel.input_map, StationaryMap)
+        self.ls = kernel._ls(xp, like, 1)  # (*b, 1, d)
+        self.var = batch_scalar(xp, kernel.variance, like, 2)  # (*b, 1, 1)
+        self.groups = _groups(xp, self.blocks)
+        if self.stationary:
+            # stationary kernels are translation invariant: centering the
+            # scaled points shrinks the cancellation in z_a·w_b − z_b·w_b
+            allz = xp.concat([g.X / self.ls for g in self.groups], axis=-2)
+            self.center = xp.mean(allz, axis=-2, keepdims=True)
+        else:
+            self.center = None
+        for g in self.groups:
+            g.Z = self._scaled(g.X)
+        self.sizes = [b.size for b in self.blocks]
+        self.N = sum(self.sizes)
+        self.noise = noise
+        self._phi = {}
+        self._udirs = [self._dirs(b) for b in self.blocks]
+
+    # -- geometry ----------------------------------------------------------
+    def _scaled(self, X):
+        Z = X / self.ls
+        if self.center is not None:
+            Z = Z - self.center
+        return Z
+
+    def _dirs(self, b):
+        """Direction vectors of an order-1 block in z-space: (nU, k, d)."""
+        if b.order == 0 or b.f.kind == "gradient":
+            return None
+        U = b.U[:, :, 0, :]
+        # broadcast ℓ over the batch: (…, nU, k, d)
+        return U / self.ls[..., None, :, :]
+
+    def _profiles(self, ZA, ZB, same):
+        """``[Φ₀, Φ₁, Φ₂]`` (…, nA, nB) with the variance applied."""
+        xp = self.xp
+        nA, nB, d = ZA.shape[-2], ZB.shape[-2], ZA.shape[-1]
+        if self.stationary:
+            step = max(1, DIFF_CHUNK_ELEMENTS // max(1, nB * d))
+            rows = []
+            for i0 in range(0, nA, step):
+                diff = ZA[..., i0 : i0 + step, None, :] - ZB[..., None, :, :]
+                rows.append(0.5 * xp.sum(diff * diff, axis=-1))
+            S = rows[0] if len(rows) == 1 else xp.concat(rows, axis=-2)
+            if same:
+                # exact zeros on the diagonal keep singular profile
+                # derivatives (Matérn 3/2's φ'') at their limit
+                eye = xp.eye(nA, dtype=S.dtype, device=B.device_of(S))
+                S = S * (1.0 - eye)
+        else:
+            S = ZA @ B.matrix_transpose(ZB)
+        prof = self.kernel.profile(self.xp, S, 2)
+        out = []
+        for p in prof[:3]:
+            out.append(None if p is None else self.var * p)
+        while len(out) < 3:
+            out.append(None)
+        return out
+
+    def _group_profiles(self, ga, gb):
+        # profiles made under torch.no_grad (inside CG) carry no graph: keep
+        # them apart from the differentiable ones
+        key = (id(ga), id(gb), _grad_enabled(self.xp))
+        if key not in self._phi:
+            self._phi[key] = self._profiles(ga.Z, gb.Z, ga is gb)
+        return self._phi[key]
+
+    # -- scatter / gather between entries and per-group coefficients ---------
+    def _split(self, V, sizes):
+        """Split (…, k, N) into per-block pieces."""
+        out, start = [], 0
+        for s in sizes:
+            out.append(V[..., start : start + s])
+            start += s
+        return out
+
+    def _coefficients(self, groups, blocks, udirs, pieces):
+        """Per group: v (…, k, n) or None and W (…, k, n, d) or None (z-space)."""
+        xp = self.xp
+        coef = []
+        for g in groups:
+            v = W = None
+            for i, kind in g.parts:
+                b, c = blocks[i], pieces[i]
+                if kind == "value":
+                    v = c
+                    continue
+                k = b.k
+                c = xp.reshape(c, tuple(c.shape[:-1]) + (b.n, k))
+                if kind == "grad":
+                    w = c / self.ls[..., None, :, :]
+                else:
+                    # Σ_t c_{p,t} ũ_{p,t}: (…, n, 1, k) @ (…, n|1, k, d)
+                    w = (c[..., :, None, :] @ udirs[i][..., None, :, :, :])[..., 0, :]
+                W = w if W is None else W + w
+            coef.append((v, W))
+        return coef
+
+    def _outputs(self, groups, blocks, udirs, results):
+        """Per block (…, k, size) from per-group (y, G) (G in z-space)."""
+        xp = self.xp
+        out = [None] * len(blocks)
+        for g, (y, G) in zip(groups, results):
+            for i, kind in g.parts:
+                b = blocks[i]
+                if kind == "value":
+                    out[i] = y
+                elif kind == "grad":
+                    e = G / self.ls[..., None, :, :]
+                    out[i] = xp.reshape(e, tuple(e.shape[:-2]) + (b.n * b.k,))
+                else:
+                    # ũ_{p,t}·g_p: (…, n|1, k, d) @ (…, n, d, 1)
+                    e = (udirs[i][..., None, :, :, :] @ G[..., :, :, None])[..., 0]
+                    out[i] = xp.reshape(e, tuple(e.shape[:-2]) + (b.n * b.k,))
+        return out
+
+    # -- the product for one pair of groups -----------------------------------
+    def _pair(self, phi, ZA, ZB, v, W, want_y, want_G):
+        """Contributions to (y, G) at A from coefficients (v, W) at B.
+
+        Shapes: ZA (…, nA, d), ZB (…, nB, d), v (…, k, nB), W (…, k, nB, d),
+        Φ (…, nA, nB); returns y (…, k, nA) and G (…, k, nA, d) (or None).
+        """
+        xp = self.xp
+        P0, P1, P2 = (None if p is None else p[..., None, :, :] for p in phi)
+        ZA_, ZB_ = ZA[..., None, :, :], ZB[..., None, :, :]
+        y = G = None
+
+        def add(a, b):
+            return b if a is None else a + b
+
+        if v is not None:
+            if want_y:
+                y = add(y, (P0 @ v[..., None])[..., 0])
+            if want_G and P1 is not None:
+                P1v = (P1 @ v[..., None])[..., 0]
+                if self.stationary:
+                    t = ZA_ * P1v[..., None] - P1 @ (v[..., None] * ZB_)
+                else:
+                    t = P1 @ (v[..., None] * ZB_)
+                G = add(G, t)
+        if W is not None and P1 is not None:
+            P1W = P1 @ W  # (…, k, nA, d)
+            if want_y:
+                t = xp.sum(ZA_ * P1W, axis=-1)
+                if self.stationary:
+                    q = xp.sum(ZB_ * W, axis=-1)  # (…, k, nB)
+                    t = t - (P1 @ q[..., None])[..., 0]
+                    y = add(y, -t)
+                else:
+                    y = add(y, t)
+            if want_G:
+                if self.stationary:
+                    G = add(G, -P1W)
+                    if P2 is not None:
+                        q = xp.sum(ZB_ * W, axis=-1)
+                        C = ZA_ @ B.matrix_transpose(W) - q[..., None, :]
+                        M = P2 * C
+                        M1 = xp.sum(M, axis=-1)
+                        G = G - (ZA_ * M1[..., None] - M @ ZB_)
+                else:
+                    G = add(G, P1W)
+                    if P2 is not None:
+                        M = P2 * (ZA_ @ B.matrix_transpose(W))
+                        G = G + M @ ZB_
+        return y, G
+
+    def _apply(self, out_groups, in_groups, coef, same):
+        """(y, G) for each output group (…, k, n) and (…, k, n, d)."""
+        res = []
+        for ga in out_groups:
+            y = G = None
+            for gb, (v, W) in zip(in_groups, coef):
+                if same:
+                    phi = self._group_profiles(ga, gb)
+                else:
+                    phi = self._profiles(ga.Z, gb.Z, False)
+                yy, GG = self._pair(phi, ga.Z, gb.Z, v, W, ga.has_value, ga.has_grad)
+                if yy is not None:
+                    y = yy if y is None else y + yy
+                if GG is not None:
+                    G = GG if G is None else G + GG
+            res.append((y, G))
+        return res
+
+    # -- public products ---------------------------------------------------------
+    def _chunks(self, nA):
+        per = max(1, 3 * nA * nA)
+        return max(1, RHS_CHUNK_ELEMENTS // per)
+
+    def matmul(self, V, *, with_noise=True):
+        """``(K + diag(noise)) V`` for V (…, N, k); returns (…, N, k)."""
+        xp = self.xp
+        Vt = B.matrix_transpose(V)  # (…, k, N)
+        k = Vt.shape[-2]
+        nA = sum(g.Z.shape[-2] for g in self.groups)
+        step = self._chunks(nA)
+        outs = []
+        for c0 in range(0, k, step):
+            Vc = Vt[..., c0 : c0 + step, :]
+            pieces = self._split(Vc, self.sizes)
+            coef = self._coefficients(self.groups, self.blocks, self._udirs, pieces)
+            res = self._apply(self.groups, self.groups, coef, True)
+            parts = self._outputs(self.groups, self.blocks, self._udirs, res)
+            outs.append(xp.concat(parts, axis=-1))
+        KV = B.matrix_transpose(outs[0] if len(outs) == 1 else xp.concat(outs, axis=-2))
+        if with_noise and self.noise is not None:
+            KV = KV + self.noise[..., None] * V
+        return KV
+
+    def cross_matmul(self, qblocks, V):
+        """``K_{QL} V``: query functionals against the observations.
+
+        Parameters
+        ----------
+        qblocks : list of Block
+            Query functionals of order ≤ 1 (M entries in all).
+        V : array (…, N, k)
+            Coefficients on the observation entries (e.g. the weights
+            ``(K + Σ)⁻¹ r``).
+
+        Returns
+        -------
+        array (…, M, k)
+            Computed in O(N M D) time without the M×N cross-covariance.
+        """
+        reason = unsupported_reason(self.kernel, qblocks)
+        if reason is not None:
+            raise ValueError(reason)
+        xp = self.xp
+        qgroups = _groups(xp, qblocks)
+        for g in qgroups:
+            g.Z = self._scaled(g.X)
+        qdirs = [self._dirs(b) for b in qblocks]
+        Vt = B.matrix_transpose(V)
+        pieces = self._split(Vt, self.sizes)
+        coef = self._coefficients(self.groups, self.blocks, self._udirs, pieces)
+        # bound the (…, k, m, N) temporaries by chunking the query points
+        N = sum(g.Z.shape[-2] for g in self.groups)
+        k = Vt.shape[-2]
+        step = max(1, RHS_CHUNK_ELEMENTS // max(1, N * k * 4))
+        outs = []
+        for qg in qgroups:
+            n = qg.Z.shape[-2]
+            ys, Gs = [], []
+            for i0 in range(0, n, step):
+                sub = _Group(qg.X[..., i0 : i0 + step, :])
+                sub.Z = qg.Z[..., i0 : i0 + step, :]
+                sub.parts = qg.parts
+                ((y, G),) = self._apply([sub], self.groups, coef, False)
+                ys.append(y)
+                Gs.append(G)
+            y = None if ys[0] is None else xp.concat(ys, axis=-1)
+            G = None if Gs[0] is None else xp.concat(Gs, axis=-2)
+            outs.append((y, G))
+        parts = self._outputs(qgroups, qblocks, qdirs, outs)
+        return B.matrix_transpose(xp.concat(parts, axis=-1))
+
+    def diagonal(self):
+        """The diagonal of ``K + diag(noise)``, (…, N)."""
+        from ..covariance import point_covariance
+
+        xp = self.xp
+        parts = []
+        for b in self.blocks:
+            pc = point_covariance(self.kernel, b)  # (…, n, k, k)
+            dg = B.diagonal(pc)
+            parts.append(xp.reshape(dg, tuple(dg.shape[:-2]) + (b.size,)))
+        shapes = [tuple(p.shape[:-1]) for p in parts]
+        if self.noise is not None:
+            shapes.append(tuple(self.noise.shape[:-1]))
+        batch = tuple(np.broadcast_shapes(*shapes))
+        parts = [xp.broadcast_to(p, batch + (p.shape[-1],)) for p in parts]
+        dg = xp.concat(parts, axis=-1)
+        if self.noise is not None:
+            dg = dg + self.noise
+        return dg
+
+
+def _grad_enabled(xp):
+    if B.is_torch(xp):
+        import torch
+
+        return torch.is_grad_enabled()
+    return False
+
+
+def posterior_mean(post, *queries):
+    """Posterior mean of ``queries`` without their variances.
+
+    The same as ``post.predict(*queries).mean`` but skips the variance, which
+    for iterative solvers costs one linear solve per query entry. With the
+    iterative or Woodbury solvers the mean is computed matrix-free in
+    O(N M D).
+
+    Returns
+    -------
+    array (…, M)
+        Flat over the concatenated query entries, as :meth:`Posterior.predict`.
+    """
+    from ..covariance import Block, covariance
+
+    qs = post._queries(queries)
+    gp = post.gp
+    qblocks = [Block(q, post.xp, gp.dtype, gp.device) for q in qs]
+    hook = getattr(post._solver, "cross_mean", None)
+    if hook is not None:
+        mean = hook(qblocks, post._alpha)
+    else:
+        Ks = covariance(post.kernel, post._blocks, qblocks)
+        mean = (B.matrix_transpose(Ks) @ post._alpha[..., None])[..., 0]
+    return post._unscale_mean(mean, qs)

@@ -742,9 +742,9 @@ def select_backends(args):
             or any(s in b["name"] for s in args.only)
         )
 
-    # the names without CUDA decide whether torch is needed at all
+    # torch is probed when any kept backend, CUDA ones included, needs it
     needs_torch = any(
-        keep(b) and b["backend"] == "torch" for b in backends_available(cuda=False)
+        keep(b) and b["backend"] == "torch" for b in backends_available(cuda=True)
     )
     details = {}
     if needs_torch:

@@ -156,8 +156,8 @@ def posterior_moments(posterior, X) -> CandidateMoments:
     parts = []
     for i0 in range(0, qv.n, step):
         i1 = min(qv.n, i0 + step)
-        vb = _sub(vb_all, i0, i1)
-        gb = _sub(gb_all, i0, i1)
+        vb = vb_all.sub(i0, i1)
+        gb = gb_all.sub(i0, i1)
         m = i1 - i0
         flat, P, Q, _ = posterior._cross([vb, gb])  # (..., m + m d), (..., N, ·)
         batch = tuple(flat.shape[:-1])
@@ -189,17 +189,6 @@ def posterior_moments(posterior, X) -> CandidateMoments:
     var = xp.where(var < 0, xp.zeros_like(var), var) * s2
     vgrad = vgrad * s2[..., None]
     return CandidateMoments(mean, var, mgrad, vgrad)
-
-
-def _sub(b, i0, i1):
-    if i0 == 0 and i1 == b.n:
-        return b
-    sub = object.__new__(Block)
-    sub.f = b.f
-    sub.X, sub.U = b.points(i0, i1)
-    sub.order, sub.k, sub.d = b.order, b.k, b.d
-    sub.n = i1 - i0
-    return sub
 
 
 # --------------------------------------------------------------------------

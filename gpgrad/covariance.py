@@ -41,6 +41,17 @@ class Block:
     def size(self):
         return self.n * self.k
 
+    def sub(self, i0, i1):
+        """The block of points ``i0:i1`` (itself when that is all of them)."""
+        if i0 == 0 and i1 == self.n:
+            return self
+        sub = object.__new__(Block)
+        sub.f = self.f
+        sub.X, sub.U = self.points(i0, i1)
+        sub.order, sub.k, sub.d = self.order, self.k, self.d
+        sub.n = i1 - i0
+        return sub
+
     def points(self, i0, i1):
         X = self.X[..., i0:i1, :]
         U = self.U[i0:i1] if self.U.shape[0] == self.n and self.n > 1 else self.U

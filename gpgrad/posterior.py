@@ -155,6 +155,17 @@ class Posterior:
         mean, var, cov = self._moments(qs, "full" if full_cov else "var")
         return Prediction(mean, var, cov)
 
+    def mean(self, *queries):
+        """Posterior mean of ``queries`` without their variances, (..., M) over
+        the concatenated entries as in :meth:`predict`.
+
+        With the iterative and Woodbury solvers this skips the one-solve-per-
+        entry cost of variances and never forms the cross-covariance matrix.
+        """
+        from .linalg.matfree import posterior_mean
+
+        return posterior_mean(self, *queries)
+
     # ------------------------------------------------------------------
     def _queries(self, queries):
         if not queries:
@@ -240,7 +251,7 @@ class Posterior:
         for qb in qblocks:
             step = max(1, QUERY_CHUNK_ELEMENTS // max(1, N * qb.k))
             for i0 in range(0, qb.n, step):
-                sub = _sub_block(qb, i0, min(qb.n, i0 + step))
+                sub = qb.sub(i0, min(qb.n, i0 + step))
                 mean, P, Q, _ = self._cross([sub])
                 prior = point_covariance(self.kernel, sub)  # (..., m, k, k)
                 batch = tuple(mean.shape[:-1])
@@ -401,14 +412,3 @@ class Posterior:
 def _check_flag(full_cov):
     if not isinstance(full_cov, (bool, np.bool_)):
         raise TypeError(f"full_cov must be True or False, got {full_cov!r}")
-
-
-def _sub_block(b, i0, i1):
-    if i0 == 0 and i1 == b.n:
-        return b
-    sub = object.__new__(Block)
-    sub.f = b.f
-    sub.X, sub.U = b.points(i0, i1)
-    sub.order, sub.k, sub.d = b.order, b.k, b.d
-    sub.n = i1 - i0
-    return sub

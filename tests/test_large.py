@@ -348,3 +348,21 @@ def test_memory_guard_refuses_dense_before_allocating(monkeypatch):
 def test_dense_memory_estimate():
     assert select.dense_memory(1000, 8) == int(1.1 * 8e6)
     assert select.available_memory() > 0
+
+
+def test_posterior_mean_method_matches_predict_for_every_solver():
+    import gpgrad as gg
+
+    rng = np.random.default_rng(21)
+    X = rng.uniform(-1, 1, (25, 3))
+    obs = [gg.values(X, np.sin(X).sum(1)), gg.gradients(X, np.cos(X))]
+    Xs = rng.uniform(-1, 1, (4, 3))
+    dense = gg.GP(gg.kernels.Matern52(1.0), noise=1e-4, method="cholesky")
+    want = dense.condition(*obs).predict(gg.gradients(Xs)).mean
+    for method in ("cholesky", gg.CG(tol=1e-11)):
+        post = gg.GP(gg.kernels.Matern52(1.0), noise=1e-4, method=method).condition(
+            *obs
+        )
+        np.testing.assert_allclose(
+            post.mean(gg.gradients(Xs)), want, rtol=1e-8, atol=1e-10
+        )

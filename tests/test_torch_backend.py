@@ -205,14 +205,20 @@ def test_query_with_more_batch_axes_than_the_data():
     rng = np.random.default_rng(8)
     Xb = torch.tensor(rng.uniform(0, 1, (5, 10, 3)))
     yb = Xb.sin().sum(-1)
-    gp = gpgrad.GP(K.Matern52(lengthscale=0.5), noise=1e-6, backend="torch", normalize_y=True)
+    gp = gpgrad.GP(
+        K.Matern52(lengthscale=0.5), noise=1e-6, backend="torch", normalize_y=True
+    )
     post = gp.condition(gpgrad.values(Xb, yb))
     Xs = torch.tensor(rng.uniform(0, 1, (7, 5, 2, 3)))
     full = post.value(Xs, full_cov=True)
     assert full.cov.shape == (7, 5, 2, 2)
     g = post.gradient(Xs)
     assert g.cov.shape == (7, 5, 2, 3, 3)
-    one = gpgrad.GP(K.Matern52(lengthscale=0.5), noise=1e-6, backend="torch", normalize_y=True)
+    one = gpgrad.GP(
+        K.Matern52(lengthscale=0.5), noise=1e-6, backend="torch", normalize_y=True
+    )
     p1 = one.condition(gpgrad.values(Xb[2], yb[2]))
-    assert torch.allclose(full.cov[4, 2], p1.value(Xs[4, 2], full_cov=True).cov, rtol=1e-10)
+    assert torch.allclose(
+        full.cov[4, 2], p1.value(Xs[4, 2], full_cov=True).cov, rtol=1e-10
+    )
     assert torch.allclose(g.cov[4, 2], p1.gradient(Xs[4, 2]).cov, rtol=1e-10)

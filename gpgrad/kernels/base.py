@@ -58,14 +58,13 @@ def positive_param(name: str, value, *, allow_vector: bool = False, kernel: str 
             raise ValueError(
                 f"{kernel} {name} must be positive and finite, got {value!r}"
             )
-        if not allow_vector and value.ndim > 0 and kernel:
-            pass
         return value
     if isinstance(value, (list, tuple)) or isinstance(value, np.ndarray):
         arr = np.asarray(value, dtype=np.float64)
         if arr.ndim > 1 and not allow_vector:
             raise ValueError(
-                f"{kernel} {name} must be a scalar or a 1-D array, got shape {arr.shape}"
+                f"{kernel} {name} must be a scalar or a 1-D array, "
+                f"got shape {arr.shape}"
             )
         if arr.size == 0:
             raise ValueError(f"{kernel} {name} must not be empty")

@@ -74,7 +74,8 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -116,7 +117,7 @@ def machine_info(torch_details=None) -> dict:
     (from a worker process, so that the caller need not import torch).
     """
     info = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -158,16 +158,9 @@ def spec(**kw):
 
 def machine():
     import numpy as np
+    from _machine import cpu_model
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     info = {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),

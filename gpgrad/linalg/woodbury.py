@@ -83,6 +83,37 @@ def woodbury_unsupported_reason(kernel, blocks, noise):
     return None
 
 
+def _inputs(xp, blocks, noise):
+    """All observation points (..., N, D), broadcast to the noise's batch."""
+    like = blocks[0].X
+    X = xp.concat([b.X for b in blocks], axis=-2) if len(blocks) > 1 else like
+    batch = tuple(noise.shape[:-1])
+    if X.ndim - 2 < len(batch):
+        X = xp.broadcast_to(X, batch + tuple(X.shape[-2:]))
+    return X
+
+
+def _centred(xp, Z):
+    """Scaled inputs less their mean (stationary kernels do not see it)."""
+    center = xp.mean(Z, axis=-2, keepdims=True)
+    return Z - center, center
+
+
+def _profile_matrices(xp, kernel, Z, like):
+    """Pairwise differences, the identity, the variance and the N×N matrices
+    ``σ²φ'(S)`` and ``σ²φ''(S)`` of the scaled points ``Z`` (..., N, k)."""
+    N = Z.shape[-2]
+    diff = Z[..., :, None, :] - Z[..., None, :, :]
+    S = 0.5 * xp.sum(diff * diff, axis=-1)
+    eye = xp.eye(N, dtype=S.dtype, device=B.device_of(S))
+    S = S * (1.0 - eye)  # exact zeros on the diagonal
+    var = batch_scalar(xp, kernel.variance, like, 2)
+    prof = kernel.profile(xp, S, 2)
+    P1 = var * prof[1]
+    P2 = var * prof[2] if prof[2] is not None else 0.0 * P1
+    return diff, eye, var, P1, P2
+
+
 class WoodburySolver:
     """``(K + σ²I)⁻¹`` for gradient observations with N ≤ D (``method="woodbury"``).
 
@@ -110,29 +141,16 @@ class WoodburySolver:
         self.kernel = kernel
         self.blocks = blocks
         self.jitter = 0.0
-        X = xp.concat([b.X for b in blocks], axis=-2) if len(blocks) > 1 else like
-        batch = tuple(noise.shape[:-1])
-        if X.ndim - 2 < len(batch):
-            X = xp.broadcast_to(X, batch + tuple(X.shape[-2:]))
+        X = _inputs(xp, blocks, noise)
         self.N, self.D = X.shape[-2], X.shape[-1]
         N, D = self.N, self.D
         ls = kernel._ls(xp, like, 1)  # (*b, 1, D)
         ls = xp.broadcast_to(ls, tuple(ls.shape[:-2]) + (1, D))
         self.ls = ls
-        Z = X / ls
-        self.center = xp.mean(Z, axis=-2, keepdims=True)
-        Z = Z - self.center
+        Z, self.center = _centred(xp, X / ls)
         self.Z = Z
         self.sigma2 = noise[..., :1]  # (…, 1)
-        diff = Z[..., :, None, :] - Z[..., None, :, :]
-        S = 0.5 * xp.sum(diff * diff, axis=-1)
-        eye = xp.eye(N, dtype=S.dtype, device=B.device_of(S))
-        S = S * (1.0 - eye)
-        var = batch_scalar(xp, kernel.variance, like, 2)
-        self.var = var
-        prof = kernel.profile(xp, S, 2)
-        P1 = var * prof[1]
-        P2 = var * prof[2] if prof[2] is not None else 0.0 * P1
+        _, _, self.var, P1, P2 = _profile_matrices(xp, kernel, Z, like)
         self.P2 = P2
         lam, V = B.eigh(-P1)
         self.V = V
@@ -373,43 +391,30 @@ class RotatedGradientSolver(WoodburySolver):
         like = blocks[0].X
         self.xp = xp = B.namespace(like)
         self.kernel, self.blocks = kernel, blocks
-        X = xp.concat([b.X for b in blocks], axis=-2) if len(blocks) > 1 else like
-        batch = tuple(noise.shape[:-1])
-        if X.ndim - 2 < len(batch):
-            X = xp.broadcast_to(X, batch + tuple(X.shape[-2:]))
+        X = _inputs(xp, blocks, noise)
         self.N, self.D = N, D = X.shape[-2], X.shape[-1]
         ls = kernel._ls(xp, like, 1)  # (*b, 1, 1)
         self.ls = xp.broadcast_to(ls, tuple(ls.shape[:-2]) + (1, D))
         self.ell = ls[..., 0, 0]  # (*b,)
-        Z = X / ls
-        self.center = xp.mean(Z, axis=-2, keepdims=True)
-        Z = Z - self.center
+        Z, self.center = _centred(xp, X / ls)
         self.Z = Z
         self.tau = noise[..., 0] * self.ell * self.ell  # (…,)
         Q, _ = xp.linalg.qr(B.matrix_transpose(Z))  # (…, D, m)
         self.Q = Q
         self.m = m = Q.shape[-1]
         Zh = Z @ Q  # (…, N, m)
-        diff = Zh[..., :, None, :] - Zh[..., None, :, :]
-        S = 0.5 * xp.sum(diff * diff, axis=-1)
-        eye = xp.eye(N, dtype=S.dtype, device=B.device_of(S))
-        S = S * (1.0 - eye)
-        var = batch_scalar(xp, kernel.variance, like, 2)
-        self.var = var
-        prof = kernel.profile(xp, S, 2)
-        P1 = var * prof[1]
-        P2 = var * prof[2] if prof[2] is not None else 0.0 * P1
+        diff, eye, self.var, P1, P2 = _profile_matrices(xp, kernel, Zh, like)
         tau = self.tau[..., None, None]
         A = -P1 + tau * eye
         self.LA, jA = cholesky(A, what="the gradient covariance's Kronecker part")
-        em = xp.eye(m, dtype=S.dtype, device=B.device_of(S))
+        em = xp.eye(m, dtype=P1.dtype, device=B.device_of(P1))
         rr = diff[..., :, :, :, None] * diff[..., :, :, None, :]  # (…, a, b, i, j)
         Kq = -(
             P1[..., :, :, None, None] * em + P2[..., :, :, None, None] * rr
         )  # (…, a, b, i, j)
         Kq = xp.reshape(xp.moveaxis(Kq, -3, -2), tuple(Kq.shape[:-4]) + (N * m, N * m))
         Kq = Kq + self.tau[..., None, None] * xp.eye(
-            N * m, dtype=S.dtype, device=B.device_of(S)
+            N * m, dtype=P1.dtype, device=B.device_of(P1)
         )
         self.LQ, jQ = cholesky(Kq, what="the gradient covariance's rotated part")
         self.jitter = max(jA, jQ)

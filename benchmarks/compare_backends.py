@@ -114,7 +114,7 @@ def problem_label(p):
 def backends_available(cuda=None, methods=None):
     """The backends (dicts) to run, detected at run time.
 
-    The matrix-free methods are those of ``gpgrad.linalg.select.METHODS``
+    The matrix-free methods are those of ``gpgrad.solvers.select.METHODS``
     other than ``"auto"`` and ``"cholesky"``.
     """
     if methods is None:
@@ -762,7 +762,7 @@ def select_backends(args):
 
 
 def _matfree_methods():
-    from gpgrad.linalg.select import METHODS
+    from gpgrad.solvers.select import METHODS
 
     return [m for m in METHODS if m not in ("auto", "cholesky")]
 

@@ -58,8 +58,8 @@ def _child(spec):
     sys.path.insert(0, ROOT)
     import gpgrad
     from gpgrad import kernels
-    from gpgrad.linalg.iterative import CG
-    from gpgrad.linalg.matfree import posterior_mean
+    from gpgrad.solvers.iterative import CG
+    from gpgrad.solvers.matfree import posterior_mean
 
     rng = np.random.default_rng(spec["seed"])
     N, D, M = spec["N"], spec["D"], spec["M"]

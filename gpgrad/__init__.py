@@ -24,8 +24,8 @@ from .functionals import (
 )
 from .gp import GP
 from .io import load, save
-from .linalg.iterative import CG
-from .linalg.select import InsufficientMemoryError
+from .solvers.iterative import CG
+from .solvers.select import InsufficientMemoryError
 from .posterior import Posterior, Prediction
 
 __version__ = "0.1.0"

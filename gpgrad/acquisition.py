@@ -36,7 +36,7 @@ import math
 
 from .covariance import Block, _contract_chunk, batch_shape, point_covariance
 from .functionals import gradients, values
-from .linalg import backend as B
+from . import backend as B
 
 __all__ = [
     "CandidateMoments",

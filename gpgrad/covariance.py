@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from .linalg import backend as B
+from . import backend as B
 
 __all__ = ["Block", "as_blocks", "covariance", "point_covariance"]
 

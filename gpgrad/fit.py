@@ -26,7 +26,7 @@ import numpy as np
 
 from .exceptions import GPGradWarning, JitterWarning, NotPositiveDefiniteError
 from .gp import _KINDS, GP
-from .linalg import backend as B
+from . import backend as B
 
 __all__ = ["fit", "FitResult", "FitWarning"]
 

@@ -27,7 +27,7 @@ import numbers
 
 import numpy as np
 
-from .linalg import backend as B
+from . import backend as B
 
 __all__ = [
     "Functional",

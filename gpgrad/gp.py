@@ -22,8 +22,8 @@ from .covariance import _kernel_batch_shape, as_blocks, batch_shape
 from .exceptions import GPGradWarning
 from .functionals import Functional, values
 from .kernels.base import Kernel
-from .linalg import backend as B
-from .linalg.select import METHODS, make_solver
+from . import backend as B
+from .solvers.select import METHODS, make_solver
 
 __all__ = ["GP"]
 
@@ -66,7 +66,7 @@ class GP:
     backend : {"numpy", "torch"}
     device, dtype
         Torch device and dtype (default float64 on CPU); numpy dtype for numpy.
-    method : str or gpgrad.linalg.iterative.CG, default "auto"
+    method : str or gpgrad.solvers.iterative.CG, default "auto"
         How to solve the observations' linear system: ``"cholesky"`` (dense),
         ``"cg"`` (matrix-free preconditioned conjugate gradients, values and
         first derivatives of a single stationary or dot-product kernel; pass
@@ -74,7 +74,7 @@ class GP:
         ``"woodbury"`` (gradient observations at N ≤ D points of a stationary
         kernel) or ``"auto"`` (Woodbury where it applies with N < D, dense
         Cholesky where the matrix fits in memory and has at most
-        ``gpgrad.linalg.select.AUTO_DENSE_MAX_ROWS`` rows, otherwise CG). A
+        ``gpgrad.solvers.select.AUTO_DENSE_MAX_ROWS`` rows, otherwise CG). A
         dense system that would not fit in memory is refused before it is
         allocated. The choice is shown by ``Posterior.method``.
 

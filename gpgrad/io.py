@@ -48,7 +48,7 @@ from .functionals import (
     values,
 )
 from .gp import GP
-from .linalg import backend as B
+from . import backend as B
 from .posterior import Posterior
 
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
@@ -209,7 +209,7 @@ def _method_from_json(spec, path):
     if isinstance(spec, str):
         return spec
     if isinstance(spec, dict) and spec.get("class") == "CG":
-        from .linalg.iterative import CG
+        from .solvers.iterative import CG
 
         return CG(**spec["options"])
     raise ValueError(f"{path}: unknown solver method {spec!r}")

@@ -20,7 +20,7 @@ from .functionals import (
     second_partials,
     values,
 )
-from .linalg import backend as B
+from . import backend as B
 
 __all__ = ["Posterior", "Prediction"]
 
@@ -162,7 +162,7 @@ class Posterior:
         With the iterative and Woodbury solvers this skips the one-solve-per-
         entry cost of variances and never forms the cross-covariance matrix.
         """
-        from .linalg.matfree import posterior_mean
+        from .solvers.matfree import posterior_mean
 
         return posterior_mean(self, *queries)
 

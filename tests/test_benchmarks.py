@@ -74,7 +74,7 @@ def test_quick_json_has_machine_and_one_record_per_cell(quick):
     ):
         assert must in names
     # the matrix-free methods are picked up from the solver registry
-    from gpgrad.linalg.select import METHODS
+    from gpgrad.solvers.select import METHODS
 
     for meth in METHODS:
         if meth not in ("auto", "cholesky"):

@@ -87,7 +87,7 @@ def test_prior_gp_round_trip(tmp_path):
 
 
 def test_configured_solver_round_trip(tmp_path):
-    from gpgrad.linalg.iterative import CG
+    from gpgrad.solvers.iterative import CG
 
     X = np.random.default_rng(5).uniform(size=(6, 2))
     post = gpgrad.GP(

@@ -14,10 +14,10 @@ import torch
 import gpgrad
 from gpgrad import kernels as K
 from gpgrad.covariance import as_blocks, covariance
-from gpgrad.linalg import select
-from gpgrad.linalg.iterative import CG, ConvergenceWarning
-from gpgrad.linalg.matfree import GramOperator, posterior_mean
-from gpgrad.linalg.woodbury import WoodburySolver
+from gpgrad.solvers import select
+from gpgrad.solvers.iterative import CG, ConvergenceWarning
+from gpgrad.solvers.matfree import GramOperator, posterior_mean
+from gpgrad.solvers.woodbury import WoodburySolver
 
 NP = gpgrad.GP(K.RBF()).xp
 

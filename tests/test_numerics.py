@@ -18,7 +18,7 @@ import torch
 import gpgrad
 from gpgrad import kernels as K
 from gpgrad.covariance import as_blocks, covariance
-from gpgrad.linalg.dense import cholesky
+from gpgrad.solvers.dense import cholesky
 
 X8 = np.linspace(-1, 1, 8)[:, None]
 XS = np.linspace(-1.2, 1.2, 13)[:, None]

@@ -39,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised without gpytorch
 from ..covariance import as_blocks, covariance, point_covariance
 from ..functionals import gradients, values
 from ..kernels.base import Kernel as _GPGradKernel
-from ..linalg import backend as B
+from .. import backend as B
 
 __all__ = ["GradKernel"]
 

@@ -41,7 +41,7 @@ from functools import cache
 
 import numpy as np
 
-from ..linalg import backend as B
+from .. import backend as B
 
 __all__ = ["Kernel", "RadialKernel", "InputMap", "positive_param"]
 

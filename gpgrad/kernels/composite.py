@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 
-from ..linalg import backend as B
+from .. import backend as B
 from .base import Kernel, _Ctx, batch_scalar, positive_param
 
 __all__ = ["Scale", "Sum", "Product", "Constant"]

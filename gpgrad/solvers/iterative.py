@@ -3,7 +3,7 @@
 The posterior needs ``(K + Σ)⁻¹ R`` for the weights (one right-hand side) and,
 for predictive variances, for the cross-covariance columns of the queried
 entries. :class:`IterativeSolver` solves these by preconditioned conjugate
-gradients (PCG) with products from :class:`~gpgrad.linalg.matfree.GramOperator`
+gradients (PCG) with products from :class:`~gpgrad.solvers.matfree.GramOperator`
 (O(N²D) each, no N(D+1)-square matrix), stopping when every column's residual
 satisfies ``‖r‖ ≤ tol·‖b‖``.
 
@@ -49,7 +49,7 @@ import warnings
 import numpy as np
 
 from ..exceptions import GPGradWarning
-from . import backend as B
+from .. import backend as B
 from .matfree import GramOperator
 
 __all__ = ["CG", "IterativeSolver", "pcg", "ConvergenceWarning"]
@@ -446,7 +446,7 @@ class IterativeSolver:
                 f"at relative residual {info['relative_residual']:.2e} > tol "
                 f"{self.opts.tol:.0e}; raise max_iter, raise the observation "
                 "noise, or use the 'pivchol' preconditioner with a larger rank "
-                "(gpgrad.linalg.CG(max_iter=..., rank=...))",
+                "(gpgrad.CG(max_iter=..., rank=...))",
                 ConvergenceWarning,
                 stacklevel=5,
             )

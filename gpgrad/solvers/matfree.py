@@ -41,7 +41,7 @@ from ..kernels.base import (
     StationaryMap,
     batch_scalar,
 )
-from . import backend as B
+from .. import backend as B
 
 __all__ = ["GramOperator", "supports", "unsupported_reason", "posterior_mean"]
 

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 
 from ..exceptions import JitterWarning, NotPositiveDefiniteError
-from . import backend as B
+from .. import backend as B
 
 __all__ = ["cholesky", "DenseCholeskySolver", "JITTER_START", "JITTER_MAX"]
 

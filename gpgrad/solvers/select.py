@@ -5,13 +5,13 @@
 ``"cholesky"``
     Dense Cholesky of the full (N_obs × N_obs) matrix: exact, O(N_obs³) time
     and O(N_obs²) memory.
-``"cg"`` (or a :class:`~gpgrad.linalg.iterative.CG` with options)
+``"cg"`` (or a :class:`~gpgrad.solvers.iterative.CG` with options)
     Preconditioned conjugate gradients on the matrix-free Gram product:
     O(N²D) memory-light products, for values and first derivatives of single
     stationary or dot-product kernels.
 ``"woodbury"``
     Gradient observations at N ≤ D points of a stationary kernel:
-    O(N³D + N⁶) (:mod:`gpgrad.linalg.woodbury`).
+    O(N³D + N⁶) (:mod:`gpgrad.solvers.woodbury`).
 ``"auto"``
     Woodbury where it applies and N < D; otherwise dense Cholesky when the
     system has at most :data:`AUTO_DENSE_MAX_ROWS` rows and its matrix fits in
@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 
 from ..covariance import batch_shape, covariance
-from . import backend as B
+from .. import backend as B
 from .dense import DenseCholeskySolver, cholesky
 from .iterative import CG, IterativeSolver
 from .matfree import GramOperator, unsupported_reason

@@ -37,6 +37,7 @@ import zlib
 
 import numpy as np
 
+from . import backend as B
 from . import kernels as _kernels
 from .exceptions import GPGradWarning
 from .functionals import (
@@ -48,7 +49,6 @@ from .functionals import (
     values,
 )
 from .gp import GP
-from . import backend as B
 from .posterior import Posterior
 
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
@@ -65,6 +65,7 @@ _RADIAL = {
     "Matern12": _kernels.Matern12,
     "Matern32": _kernels.Matern32,
     "Matern52": _kernels.Matern52,
+    "Matern72": _kernels.Matern72,
     "RationalQuadratic": _kernels.RationalQuadratic,
     "Periodic": _kernels.Periodic,
     "Linear": _kernels.Linear,

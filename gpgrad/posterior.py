@@ -245,6 +245,15 @@ class Posterior:
             var = B.diagonal(cov)
             var, cov = self._unscale_cov(var, cov)
             return self._unscale_mean(mean, queries), var, cov
+        hook = getattr(self._solver, "moments", None)
+        if hook is not None:
+            # a solver that answers marginals itself (the state-space smoother)
+            mean, var = hook(qblocks, mode)
+            cov = None
+            if mode == "point":
+                cov = var[..., None, None]
+            var, cov = self._unscale_cov(var, cov)
+            return self._unscale_mean(mean, queries), var, cov
         # marginals: chunk over query points to bound memory
         means, vars_, blocks = [], [], []
         N = self.num_observations
@@ -398,6 +407,10 @@ class Posterior:
         """
         xp = self.xp
         N = self.num_observations
+        hook = getattr(self._solver, "log_marginal_likelihood", None)
+        if hook is not None:
+            # a solver with its own (linear-time, differentiable) likelihood
+            return hook(self._r) - N * xp.log(self._scale)
         quad = xp.sum(self._r * self._alpha, axis=-1)
         lml = (
             -0.5 * quad - 0.5 * self._solver.logdet() - 0.5 * N * math.log(2 * math.pi)

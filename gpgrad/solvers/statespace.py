@@ -1,0 +1,523 @@
+"""Exact state-space inference for 1-D Matérn kernels, in linear time.
+
+A Matérn kernel with ν = p + ½ is the covariance of the stationary solution of
+the linear SDE ``(d/dt + λ)^{p+1} f = w``, ``λ = √(2ν)/ℓ`` (Hartikainen &
+Särkkä 2010), whose state is ``(f, f′, …, f⁽ᵖ⁾)``. Sums of such kernels (each
+with its ``Scale``) and a ``Constant`` stack their states. Between two times
+``Δ`` apart the state moves by
+
+.. math::
+
+    A(Δ) = e^{FΔ} = e^{-λΔ} \\sum_{j=0}^{p} \\frac{(NλΔ)^j}{j!},\\qquad
+    Q(Δ) = P_∞ - A P_∞ A^\\top ,
+
+with ``F`` the companion matrix and ``N = F/λ + I`` nilpotent (exact, and exactly
+``I`` and ``0`` at ``Δ = 0``); ``P_∞`` is the stationary covariance, the
+kernel's derivatives at 0. Values, first and second derivatives are rows of
+the state. :mod:`gpgrad.solvers.kalman` filters, smooths and differentiates
+the chain in O(n) over associative scans.
+
+Coordinates: component ``i`` of a block is ``f⁽ⁱ⁾ / λ₀ⁱ`` with ``λ₀`` the
+current numerical value of ``λ``, so the arrays stay near unit scale and the
+observation rows do not depend on the hyperparameters (torch autograd reaches
+``λ`` through ``A`` and ``P_∞``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import backend as B
+from ..kernels.composite import Constant, Scale, Sum
+from ..kernels.stationary import Matern12, Matern32, Matern52, Matern72
+from . import kalman
+
+__all__ = [
+    "StateSpaceSolver",
+    "statespace_solver",
+    "statespace_unsupported_reason",
+    "FULL_COV_MAX_ELEMENTS",
+]
+
+#: p of ν = p + ½ for each supported Matérn kernel
+_MATERN_P = {Matern12: 0, Matern32: 1, Matern52: 2, Matern72: 3}
+#: the profile polynomial c(u) of k = σ² e^{-u} c(u), u = λ|τ|, ascending
+_POLY = {
+    0: (1.0,),
+    1: (1.0, 1.0),
+    2: (1.0, 1.0, 1.0 / 3.0),
+    3: (1.0, 1.0, 2.0 / 5.0, 1.0 / 15.0),
+}
+#: largest (observations × query entries) cross-covariance a joint
+#: ``full_cov`` query may build
+FULL_COV_MAX_ELEMENTS = 20_000_000
+
+
+# --------------------------------------------------------------------------
+# kernels as stochastic differential equations
+
+
+def _unit_pinf(p):
+    """Stationary covariance of ``(f, f′/λ, …, f⁽ᵖ⁾/λᵖ)`` for unit variance."""
+    c = np.array(_POLY[p] + (0.0,) * (p + 1))
+    d0 = []
+    for _ in range(2 * p + 1):
+        d0.append(c[0])
+        dc = np.append(c[1:] * np.arange(1, len(c)), 0.0)
+        c = dc - c
+    P = np.zeros((p + 1, p + 1))
+    for i in range(p + 1):
+        for j in range(p + 1):
+            if (i + j) % 2 == 0:
+                P[i, j] = (-1) ** j * d0[i + j]
+    return P
+
+
+def _nilpotent(p):
+    """``N = F/λ + I`` for the companion matrix ``F`` of ``(d/dt + λ)^{p+1}``."""
+    F = np.zeros((p + 1, p + 1))
+    F[np.arange(p), np.arange(1, p + 1)] = 1.0
+    F[p] = [-math.comb(p + 1, i) for i in range(p + 1)]
+    return F + np.eye(p + 1)
+
+
+class _Part:
+    """One block of the state: a Matérn (``p``) or a constant (``p = None``),
+    with its variance and lengthscale as given (float, array or tensor)."""
+
+    def __init__(self, p, variance, lengthscale=None):
+        self.p = p
+        self.variance = variance
+        self.lengthscale = lengthscale
+
+    @property
+    def size(self):
+        return 1 if self.p is None else self.p + 1
+
+
+def _parts(kernel, scale=1.0):
+    """The kernel as a list of :class:`_Part`, or a reason string."""
+    if isinstance(kernel, Sum):
+        out = []
+        for child in kernel.children:
+            sub = _parts(child, scale)
+            if isinstance(sub, str):
+                return sub
+            out.extend(sub)
+        return out
+    if isinstance(kernel, Scale):
+        return _parts(kernel.children[0], scale * kernel.scale)
+    if isinstance(kernel, Constant):
+        return [_Part(None, scale * kernel.variance)]
+    p = _MATERN_P.get(type(kernel))
+    if p is None:
+        return (
+            f"{type(kernel).__name__} has no exact state-space form (supported: "
+            "Matern12/32/52/72, their Scale, sums of them and Constant)"
+        )
+    ls = kernel.lengthscale
+    if not isinstance(ls, float) and int(np.prod(tuple(ls.shape)[-1:])) != 1:
+        return "the state-space solver takes one lengthscale (1-D inputs)"
+    return [_Part(p, scale * kernel.variance, ls)]
+
+
+def statespace_unsupported_reason(kernel, blocks):
+    """Why the state-space solver cannot take this problem (None if it can)."""
+    if blocks[0].d != 1:
+        return f"the state-space solver needs 1-D inputs, got {blocks[0].d} columns"
+    parts = _parts(kernel)
+    if isinstance(parts, str):
+        return parts
+    if all(p.p is None for p in parts):
+        return "the state-space solver needs at least one Matérn part"
+    return None
+
+
+def _member(value, b, batch, trailing=0):
+    """Batch member ``b`` of a hyperparameter (scalar or (*batch, [1]))."""
+    if isinstance(value, (int, float)):
+        return value
+    shape = tuple(value.shape)
+    core = shape[len(shape) - trailing :] if trailing else ()
+    lead = shape[: len(shape) - trailing] if trailing else shape
+    if not lead:
+        v = value
+    else:
+        full = tuple(batch) + core
+        v = value.expand(full) if B.is_tensor(value) else np.broadcast_to(value, full)
+        v = v[b] if b != () else v
+    if trailing:
+        v = v.reshape(()) if B.is_tensor(v) else np.reshape(v, ())
+    return v
+
+
+class _Model:
+    """Transitions of one problem's state: numbers (numpy) or, for autograd,
+    torch tensors of the hyperparameters."""
+
+    def __init__(self, parts, torch_like=None):
+        self.parts = parts
+        self.torch = torch_like is not None
+        self.sizes = [p.size for p in parts]
+        self.D = sum(self.sizes)
+        self.lam0 = []
+        for part in parts:
+            if part.p is None:
+                self.lam0.append(None)
+            else:
+                lam = math.sqrt(2 * part.p + 1) / _num(part.lengthscale)
+                self.lam0.append(lam)
+
+    def rows(self, order, coef):
+        """Observation rows (n, D) for entries of derivative ``order`` (n,)
+        with coefficients ``coef`` (n,)."""
+        n = len(order)
+        H = np.zeros((n, self.D))
+        off = 0
+        for part, lam0 in zip(self.parts, self.lam0):
+            if part.p is None:
+                H[:, off] = np.where(order == 0, coef, 0.0)
+            else:
+                for o in range(min(part.p, 2) + 1):
+                    H[:, off + o] = np.where(order == o, coef * lam0**o, 0.0)
+            off += part.size
+        return H
+
+    def transitions(self, dt):
+        """``A(Δ)`` and ``Q(Δ)`` (T, D, D) and ``P_∞`` (D, D) for steps ``dt``
+        (T,): numpy arrays, or tensors carrying the hyperparameters' graph."""
+        if self.torch:
+            import torch
+
+            xp = torch
+            dt = torch.as_tensor(dt, dtype=torch.float64)
+            T = dt.shape[0]
+            A = torch.zeros((T, self.D, self.D), dtype=torch.float64)
+            Pinf = torch.zeros((self.D, self.D), dtype=torch.float64)
+        else:
+            xp = np
+            T = dt.shape[0]
+            A = np.zeros((T, self.D, self.D))
+            Pinf = np.zeros((self.D, self.D))
+        off = 0
+        for part, lam0 in zip(self.parts, self.lam0):
+            sl = slice(off, off + part.size)
+            var = _as64(part.variance, self.torch)
+            if part.p is None:
+                A[:, sl, sl] = 1.0
+                Pinf[sl, sl] = var
+            else:
+                p = part.p
+                lam = math.sqrt(2 * p + 1) / _as64(part.lengthscale, self.torch)
+                tau = lam * dt
+                Nm = _nilpotent(p)
+                Ablk = 0.0
+                Nj = np.eye(p + 1)
+                for j in range(p + 1):
+                    Ablk = Ablk + (tau**j / math.factorial(j))[:, None, None] * _c(
+                        Nj, self.torch
+                    )
+                    Nj = Nj @ Nm
+                Ablk = xp.exp(-tau)[:, None, None] * Ablk
+                Pu = _c(_unit_pinf(p), self.torch)
+                if self.torch:
+                    # numerically 1; carries d/dλ of the f⁽ⁱ⁾/λ₀ⁱ coordinates
+                    rho = lam / lam.detach()
+                    s = rho ** torch.arange(p + 1, dtype=torch.float64)
+                    Ablk = s[:, None] * Ablk / s[None, :]
+                    Pu = s[:, None] * Pu * s[None, :]
+                A[:, sl, sl] = Ablk
+                Pinf[sl, sl] = var * Pu
+            off += part.size
+        At = A.transpose(-1, -2) if self.torch else np.swapaxes(A, -1, -2)
+        Q = Pinf - A @ Pinf @ At
+        Q = 0.5 * (Q + (Q.transpose(-1, -2) if self.torch else np.swapaxes(Q, -1, -2)))
+        return A, Q, Pinf
+
+
+def _num(v):
+    if B.is_tensor(v):
+        return float(v.detach().reshape(-1)[0])
+    return float(np.reshape(v, -1)[0])
+
+
+def _as64(v, torch_mode):
+    if torch_mode:
+        import torch
+
+        if B.is_tensor(v):
+            return v.to(torch.float64).reshape(())
+        return torch.as_tensor(float(np.reshape(v, -1)[0]), dtype=torch.float64)
+    return _num(v)
+
+
+def _c(M, torch_mode):
+    if torch_mode:
+        import torch
+
+        return torch.as_tensor(M, dtype=torch.float64)
+    return M
+
+
+def _np(a):
+    return np.asarray(B.to_numpy(a), dtype=np.float64)
+
+
+# --------------------------------------------------------------------------
+# one conditioned series
+
+
+def _entries(blocks, b):
+    """Times, derivative orders and coefficients of every observation entry,
+    in the observations' flat order, for batch member ``b``."""
+    ts, orders, coefs = [], [], []
+    for blk in blocks:
+        X = _np(blk.X)
+        if X.ndim > 2:
+            X = np.broadcast_to(X, tuple(_bshape(blk)) + X.shape[-2:])
+            X = X[b] if b != () else X
+        X = np.reshape(X, X.shape[-2:])
+        ts.append(X[:, 0])
+        orders.append(np.full(blk.n, blk.order))
+        U = _np(blk.U)  # (nU, k=1, order, 1)
+        w = np.prod(U[:, 0, :, 0], axis=-1) if blk.order else np.ones(U.shape[0])
+        coefs.append(np.broadcast_to(w, (blk.n,)))
+    return np.concatenate(ts), np.concatenate(orders), np.concatenate(coefs)
+
+
+def _bshape(blk):
+    return tuple(blk.X.shape[:-2])
+
+
+class _Series:
+    """One problem: the sorted chain, its filter/adjoint pass, and queries."""
+
+    def __init__(self, model, numeric, t, order, coef, noise):
+        self.model = model
+        self.numeric = numeric
+        perm = np.argsort(t, kind="stable")
+        self.perm = perm
+        self.t = t[perm]
+        self.H = model.rows(order[perm], coef[perm])
+        self.R = noise[perm]
+        dt = np.diff(self.t, prepend=self.t[0])
+        self.dt = dt
+        A, Q, Pinf = model.transitions(dt)
+        self.A_graph, self.Q_graph, self.P0_graph = A, Q, Pinf
+        self.A, self.Q, self.P0 = _np(A), _np(Q), _np(Pinf)
+        if not (np.all(np.isfinite(self.A)) and np.all(np.isfinite(self.Q))):
+            raise np.linalg.LinAlgError(
+                "the state-space transitions are not finite; check the "
+                "lengthscales and the input times"
+            )
+        self.res = None
+
+    def run(self, r):
+        """Filter and adjoint for residuals ``r`` (flat order); ``S⁻¹ r``."""
+        self.res = kalman.kalman(
+            self.A, self.Q, self.P0, self.H, r[self.perm], self.R
+        )
+        alpha = np.empty_like(r)
+        alpha[self.perm] = self.res.alpha
+        return alpha
+
+    def solve(self, Rhs):
+        """``S⁻¹ Rhs`` for (N, k) right-hand sides (gains from :meth:`run`)."""
+        out = np.empty_like(Rhs)
+        out[self.perm] = kalman.linear_solve(self.res, Rhs[self.perm])
+        return out
+
+    def logdet(self):
+        return float(np.sum(np.log(self.res.S)))
+
+    def states(self, tq):
+        """Smoothed state mean (m, D) and covariance (m, D, D) at times tq."""
+        res = self.res
+        T = len(self.t)
+        k = np.searchsorted(self.t, tq, side="right") - 1
+        before = k < 0
+        kc = np.clip(k, 0, T - 1)
+        A1, Q1, Pinf = self.numeric.transitions(np.where(before, 0.0, tq - self.t[kc]))
+        mp = (A1 @ res.m[kc][:, :, None])[:, :, 0]
+        Pp = A1 @ res.P[kc] @ np.swapaxes(A1, -1, -2) + Q1
+        mp[before] = 0.0
+        Pp[before] = Pinf
+        nxt = np.clip(k + 1, 0, T - 1)
+        has_next = k + 1 < T
+        A2 = self.numeric.transitions(np.where(has_next, self.t[nxt] - tq, 0.0))[0]
+        A2t = np.swapaxes(A2, -1, -2)
+        lam = (A2t @ res.lam[nxt][:, :, None])[:, :, 0]
+        Lam = A2t @ res.Lam[nxt] @ A2
+        lam[~has_next] = 0.0
+        Lam[~has_next] = 0.0
+        ms = mp + (Pp @ lam[:, :, None])[:, :, 0]
+        Ps = Pp - Pp @ Lam @ Pp
+        return ms, 0.5 * (Ps + np.swapaxes(Ps, -1, -2))
+
+    def lml_tensor(self, r_t, R_t):
+        """The log marginal likelihood as a tensor with the exact O(n)
+        gradient attached (:class:`_KalmanLML`)."""
+        return _KalmanLML.apply(
+            self.A_graph, self.Q_graph, self.P0_graph, r_t, R_t, self
+        )
+
+
+def _lml_function():
+    import torch
+
+    class KalmanLML(torch.autograd.Function):
+        """``ℓ(A, Q, P_0, r, R)`` with the adjoint gradient of
+        :func:`gpgrad.solvers.kalman.gradients`."""
+
+        @staticmethod
+        def forward(ctx, A, Q, P0, r, R, series):
+            ctx.series = series
+            return torch.as_tensor(series.res.loglik, dtype=torch.float64)
+
+        @staticmethod
+        def backward(ctx, g):
+            s = ctx.series
+            gA, gQ, gP0, gy, gR = kalman.gradients(s.res, s.P0)
+            gr = np.empty_like(gy)
+            gr[s.perm] = gy
+            gRf = np.empty_like(gR)
+            gRf[s.perm] = gR
+
+            def t(a):
+                return g * torch.as_tensor(a, dtype=torch.float64)
+
+            return t(gA), t(gQ), t(gP0), t(gr), t(gRf), None
+
+    return KalmanLML
+
+
+class _Lazy:
+    fn = None
+
+    def apply(self, *args):
+        if _Lazy.fn is None:
+            _Lazy.fn = _lml_function()
+        return _Lazy.fn.apply(*args)
+
+
+_KalmanLML = _Lazy()
+
+
+# --------------------------------------------------------------------------
+# the solver
+
+
+class StateSpaceSolver:
+    """Kalman filter and smoother over the sorted inputs: exact GP inference
+    for 1-D Matérn kernels (and sums with a constant) in O(n).
+
+    The solver interface of :class:`gpgrad.Posterior` (``solve``,
+    ``logdet``), the likelihood with its exact adjoint gradient
+    (``log_marginal_likelihood``), and marginal predictions answered by the
+    smoother at the query times (``moments``). Batches are looped.
+    """
+
+    method = "statespace"
+    jitter = 0.0
+
+    def __init__(self, kernel, blocks, noise):
+        self.kernel = kernel
+        self.blocks = blocks
+        self.noise = noise
+        self.xp = B.namespace(noise)
+        self.batch = tuple(noise.shape[:-1])
+        parts = _parts(kernel)
+        self.torch = B.is_tensor(noise)
+        noise_np = np.broadcast_to(_np(noise), self.batch + (noise.shape[-1],))
+        self.series = {}
+        for b in np.ndindex(*self.batch) if self.batch else [()]:
+            bparts = [
+                _Part(
+                    p.p,
+                    _member(p.variance, b, self.batch),
+                    None
+                    if p.lengthscale is None
+                    else _member(p.lengthscale, b, self.batch, trailing=1),
+                )
+                for p in parts
+            ]
+            model = _Model(bparts, torch_like=True if self.torch else None)
+            numeric = model if not self.torch else _Model(bparts)
+            t, order, coef = _entries(blocks, b)
+            self.series[b] = _Series(model, numeric, t, order, coef, noise_np[b])
+        self.like = noise
+
+    def _out(self, arr):
+        return B.to_namespace(
+            arr, self.xp, dtype=self.like.dtype, device=B.device_of(self.like)
+        )
+
+    def _members(self):
+        return list(self.series.items())
+
+    def solve(self, R):
+        """``(K + Σ)⁻¹ R`` for R (..., N, k)."""
+        Rn = _np(R)
+        Rn = np.broadcast_to(Rn, self.batch + Rn.shape[-2:])
+        out = np.empty(Rn.shape)
+        for b, s in self._members():
+            if s.res is None:
+                # the first solve (the residuals) runs the filter and adjoint
+                out[b][..., 0] = s.run(np.ascontiguousarray(Rn[b][:, 0]))
+                if Rn.shape[-1] > 1:
+                    out[b] = s.solve(np.ascontiguousarray(Rn[b]))
+            else:
+                out[b] = s.solve(np.ascontiguousarray(Rn[b]))
+        return self._out(out)
+
+    def logdet(self):
+        vals = np.array([s.logdet() for _, s in self._members()])
+        return self._out(vals.reshape(self.batch))
+
+    def log_marginal_likelihood(self, r):
+        """``log p(r)`` for the residuals given to the first solve, (...,);
+        on torch, differentiable in the hyperparameters, the residuals and
+        the noise by the adjoint pass."""
+        if not self.torch:
+            vals = np.array([s.res.loglik for _, s in self._members()])
+            return vals.reshape(self.batch) if self.batch else float(vals[0])
+        import torch
+
+        out = []
+        noise = self.noise.expand(self.batch + (self.noise.shape[-1],))
+        r = r.expand(self.batch + (r.shape[-1],))
+        for b, s in self._members():
+            lml = s.lml_tensor(r[b].to(torch.float64), noise[b].to(torch.float64))
+            out.append(lml)
+        vals = torch.stack(out).reshape(self.batch)
+        return vals.to(device=self.like.device, dtype=self.like.dtype)
+
+    def moments(self, qblocks, mode):
+        """Flat mean (..., M), var (..., M) and per-point blocks (..., m, 1, 1)
+        of the queries, from the smoothed state at the query times."""
+        means, vars_ = [], []
+        for b, s in self._members():
+            t, order, coef = _entries(qblocks, b)
+            ms, Ps = s.states(t)
+            Hq = s.numeric.rows(order, coef)
+            means.append(np.einsum("md,md->m", Hq, ms))
+            vars_.append(np.einsum("md,mde,me->m", Hq, Ps, Hq))
+        shape = self.batch + (means[0].shape[-1],)
+        mean = self._out(np.reshape(np.stack(means), shape))
+        var = self._out(np.reshape(np.stack(vars_), shape))
+        return mean, var
+
+
+    def cross_mean(self, qblocks, alpha):
+        """Posterior mean of the queries (..., M) from the smoother."""
+        return self.moments(qblocks, "var")[0]
+
+
+def statespace_solver(gp, blocks, noise):
+    """A :class:`StateSpaceSolver`, or ValueError naming why it cannot be."""
+    reason = statespace_unsupported_reason(gp.kernel, blocks)
+    if reason is not None:
+        raise ValueError(f"method='statespace' cannot be used here: {reason}")
+    return StateSpaceSolver(gp.kernel, blocks, noise)

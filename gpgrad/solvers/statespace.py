@@ -154,111 +154,99 @@ def _member(value, b, batch, trailing=0):
 
 
 class _Model:
-    """Transitions of one problem's state: numbers (numpy) or, for autograd,
-    torch tensors of the hyperparameters."""
+    """Transitions of one problem's state (numpy, float64), and the chain rule
+    from the gradients in ``A``, ``Q``, ``P_∞`` to each part's ``λ`` and
+    variance."""
 
-    def __init__(self, parts, torch_like=None):
+    def __init__(self, parts):
         self.parts = parts
-        self.torch = torch_like is not None
         self.sizes = [p.size for p in parts]
         self.D = sum(self.sizes)
-        self.lam0 = []
+        self.lam0, self.var0 = [], []
         for part in parts:
+            self.var0.append(_num(part.variance))
             if part.p is None:
                 self.lam0.append(None)
             else:
-                lam = math.sqrt(2 * part.p + 1) / _num(part.lengthscale)
-                self.lam0.append(lam)
+                self.lam0.append(math.sqrt(2 * part.p + 1) / _num(part.lengthscale))
+
+    def _slices(self):
+        off = 0
+        for part, lam, var in zip(self.parts, self.lam0, self.var0):
+            yield part, lam, var, slice(off, off + part.size)
+            off += part.size
 
     def rows(self, order, coef):
         """Observation rows (n, D) for entries of derivative ``order`` (n,)
         with coefficients ``coef`` (n,)."""
-        n = len(order)
-        H = np.zeros((n, self.D))
-        off = 0
-        for part, lam0 in zip(self.parts, self.lam0):
+        H = np.zeros((len(order), self.D))
+        for part, lam, _, sl in self._slices():
             if part.p is None:
-                H[:, off] = np.where(order == 0, coef, 0.0)
+                H[:, sl.start] = np.where(order == 0, coef, 0.0)
             else:
                 for o in range(min(part.p, 2) + 1):
-                    H[:, off + o] = np.where(order == o, coef * lam0**o, 0.0)
-            off += part.size
+                    H[:, sl.start + o] = np.where(order == o, coef * lam**o, 0.0)
         return H
 
-    def transitions(self, dt):
-        """``A(Δ)`` and ``Q(Δ)`` (T, D, D) and ``P_∞`` (D, D) for steps ``dt``
-        (T,): numpy arrays, or tensors carrying the hyperparameters' graph."""
-        if self.torch:
-            import torch
+    @staticmethod
+    def _unit_transition(p, tau):
+        """``e^{F̃τ}`` (T, p+1, p+1) in the f⁽ⁱ⁾/λⁱ coordinates."""
+        Nm = _nilpotent(p)
+        out = np.zeros((tau.shape[0], p + 1, p + 1))
+        Nj = np.eye(p + 1)
+        for j in range(p + 1):
+            out += (tau**j / math.factorial(j))[:, None, None] * Nj
+            Nj = Nj @ Nm
+        return np.exp(-tau)[:, None, None] * out
 
-            xp = torch
-            dt = torch.as_tensor(dt, dtype=torch.float64)
-            T = dt.shape[0]
-            A = torch.zeros((T, self.D, self.D), dtype=torch.float64)
-            Pinf = torch.zeros((self.D, self.D), dtype=torch.float64)
-        else:
-            xp = np
-            T = dt.shape[0]
-            A = np.zeros((T, self.D, self.D))
-            Pinf = np.zeros((self.D, self.D))
-        off = 0
-        for part, lam0 in zip(self.parts, self.lam0):
-            sl = slice(off, off + part.size)
-            var = _as64(part.variance, self.torch)
+    def transitions(self, dt):
+        """``A(Δ)``, ``Q(Δ)`` (T, D, D) and ``P_∞`` (D, D) for steps ``dt``."""
+        T = dt.shape[0]
+        A = np.zeros((T, self.D, self.D))
+        Pinf = np.zeros((self.D, self.D))
+        for part, lam, var, sl in self._slices():
             if part.p is None:
                 A[:, sl, sl] = 1.0
                 Pinf[sl, sl] = var
             else:
-                p = part.p
-                lam = math.sqrt(2 * p + 1) / _as64(part.lengthscale, self.torch)
-                tau = lam * dt
-                Nm = _nilpotent(p)
-                Ablk = 0.0
-                Nj = np.eye(p + 1)
-                for j in range(p + 1):
-                    Ablk = Ablk + (tau**j / math.factorial(j))[:, None, None] * _c(
-                        Nj, self.torch
-                    )
-                    Nj = Nj @ Nm
-                Ablk = xp.exp(-tau)[:, None, None] * Ablk
-                Pu = _c(_unit_pinf(p), self.torch)
-                if self.torch:
-                    # numerically 1; carries d/dλ of the f⁽ⁱ⁾/λ₀ⁱ coordinates
-                    rho = lam / lam.detach()
-                    s = rho ** torch.arange(p + 1, dtype=torch.float64)
-                    Ablk = s[:, None] * Ablk / s[None, :]
-                    Pu = s[:, None] * Pu * s[None, :]
-                A[:, sl, sl] = Ablk
-                Pinf[sl, sl] = var * Pu
-            off += part.size
-        At = A.transpose(-1, -2) if self.torch else np.swapaxes(A, -1, -2)
-        Q = Pinf - A @ Pinf @ At
-        Q = 0.5 * (Q + (Q.transpose(-1, -2) if self.torch else np.swapaxes(Q, -1, -2)))
-        return A, Q, Pinf
+                A[:, sl, sl] = self._unit_transition(part.p, lam * dt)
+                Pinf[sl, sl] = var * _unit_pinf(part.p)
+        Q = Pinf - A @ Pinf @ np.swapaxes(A, -1, -2)
+        return A, 0.5 * (Q + np.swapaxes(Q, -1, -2)), Pinf
+
+    def chain(self, dt, A, Pinf, gA, gQ, gP0):
+        """``(∂ℓ/∂λ, ∂ℓ/∂σ²)`` per part (``None`` for a constant's λ) from
+        the gradients in every ``A_k``, ``Q_k`` and ``P_0 = P_∞``.
+
+        With ``Q = P_∞ − A P_∞ Aᵀ``, ``∂A/∂λ = Δ F̃A + [E, A]/λ`` and
+        ``∂P_∞/∂λ = σ²(E P̃ + P̃ E)/λ`` in the f⁽ⁱ⁾/λ₀ⁱ coordinates
+        (``E = diag(0, 1, …, p)``).
+        """
+        out = []
+        for part, lam, var, sl in self._slices():
+            a = A[:, sl, sl]
+            gq = gQ[:, sl, sl]
+            pinf = Pinf[sl, sl]
+            gA_tot = gA[:, sl, sl] - 2.0 * gq @ a @ pinf
+            gP = gP0[sl, sl] + gq.sum(0) - np.einsum("kji,kjl,klm->im", a, gq, a)
+            if part.p is None:
+                out.append((None, float(gP[0, 0])))
+                continue
+            Pu = _unit_pinf(part.p)
+            E = np.diag(np.arange(part.p + 1.0))
+            Ft = _nilpotent(part.p) - np.eye(part.p + 1)
+            dA_tau = Ft @ a  # dA/dτ
+            g_lam = float(np.einsum("kij,kij,k->", gA_tot, dA_tau, dt))
+            g_lam += float(np.einsum("kij,kij->", gA_tot, E @ a - a @ E)) / lam
+            g_lam += var * float(np.sum(gP * (E @ Pu + Pu @ E))) / lam
+            out.append((g_lam, float(np.sum(gP * Pu))))
+        return out
 
 
 def _num(v):
     if B.is_tensor(v):
         return float(v.detach().reshape(-1)[0])
     return float(np.reshape(v, -1)[0])
-
-
-def _as64(v, torch_mode):
-    if torch_mode:
-        import torch
-
-        if B.is_tensor(v):
-            return v.to(torch.float64).reshape(())
-        return torch.as_tensor(float(np.reshape(v, -1)[0]), dtype=torch.float64)
-    return _num(v)
-
-
-def _c(M, torch_mode):
-    if torch_mode:
-        import torch
-
-        return torch.as_tensor(M, dtype=torch.float64)
-    return M
 
 
 def _np(a):
@@ -294,9 +282,8 @@ def _bshape(blk):
 class _Series:
     """One problem: the sorted chain, its filter/adjoint pass, and queries."""
 
-    def __init__(self, model, numeric, t, order, coef, noise):
+    def __init__(self, model, t, order, coef, noise):
         self.model = model
-        self.numeric = numeric
         perm = np.argsort(t, kind="stable")
         self.perm = perm
         self.t = t[perm]
@@ -304,9 +291,7 @@ class _Series:
         self.R = noise[perm]
         dt = np.diff(self.t, prepend=self.t[0])
         self.dt = dt
-        A, Q, Pinf = model.transitions(dt)
-        self.A_graph, self.Q_graph, self.P0_graph = A, Q, Pinf
-        self.A, self.Q, self.P0 = _np(A), _np(Q), _np(Pinf)
+        self.A, self.Q, self.P0 = model.transitions(dt)
         if not (np.all(np.isfinite(self.A)) and np.all(np.isfinite(self.Q))):
             raise np.linalg.LinAlgError(
                 "the state-space transitions are not finite; check the "
@@ -339,14 +324,14 @@ class _Series:
         k = np.searchsorted(self.t, tq, side="right") - 1
         before = k < 0
         kc = np.clip(k, 0, T - 1)
-        A1, Q1, Pinf = self.numeric.transitions(np.where(before, 0.0, tq - self.t[kc]))
+        A1, Q1, Pinf = self.model.transitions(np.where(before, 0.0, tq - self.t[kc]))
         mp = (A1 @ res.m[kc][:, :, None])[:, :, 0]
         Pp = A1 @ res.P[kc] @ np.swapaxes(A1, -1, -2) + Q1
         mp[before] = 0.0
         Pp[before] = Pinf
         nxt = np.clip(k + 1, 0, T - 1)
         has_next = k + 1 < T
-        A2 = self.numeric.transitions(np.where(has_next, self.t[nxt] - tq, 0.0))[0]
+        A2 = self.model.transitions(np.where(has_next, self.t[nxt] - tq, 0.0))[0]
         A2t = np.swapaxes(A2, -1, -2)
         lam = (A2t @ res.lam[nxt][:, :, None])[:, :, 0]
         Lam = A2t @ res.Lam[nxt] @ A2
@@ -356,23 +341,27 @@ class _Series:
         Ps = Pp - Pp @ Lam @ Pp
         return ms, 0.5 * (Ps + np.swapaxes(Ps, -1, -2))
 
-    def lml_tensor(self, r_t, R_t):
-        """The log marginal likelihood as a tensor with the exact O(n)
-        gradient attached (:class:`_KalmanLML`)."""
-        return _KalmanLML.apply(
-            self.A_graph, self.Q_graph, self.P0_graph, r_t, R_t, self
-        )
+    def lml_tensor(self, theta, r_t, R_t):
+        """The log marginal likelihood as a tensor, with the exact O(n)
+        gradient in ``theta`` (each Matérn part's λ, then every part's
+        variance), the residuals and the noise (:class:`_KalmanLML`)."""
+        return _KalmanLML.apply(theta, r_t, R_t, self)
+
+    def grad_theta(self, gA, gQ, gP0):
+        g = self.model.chain(self.dt, self.A, self.P0, gA, gQ, gP0)
+        lam = [gl for gl, _ in g if gl is not None]
+        return np.array(lam + [gv for _, gv in g])
 
 
 def _lml_function():
     import torch
 
     class KalmanLML(torch.autograd.Function):
-        """``ℓ(A, Q, P_0, r, R)`` with the adjoint gradient of
+        """``ℓ(θ, r, R)`` with the adjoint gradient of
         :func:`gpgrad.solvers.kalman.gradients`."""
 
         @staticmethod
-        def forward(ctx, A, Q, P0, r, R, series):
+        def forward(ctx, theta, r, R, series):
             ctx.series = series
             return torch.as_tensor(series.res.loglik, dtype=torch.float64)
 
@@ -380,6 +369,7 @@ def _lml_function():
         def backward(ctx, g):
             s = ctx.series
             gA, gQ, gP0, gy, gR = kalman.gradients(s.res, s.P0)
+            gt = s.grad_theta(gA, gQ, gP0)
             gr = np.empty_like(gy)
             gr[s.perm] = gy
             gRf = np.empty_like(gR)
@@ -388,7 +378,7 @@ def _lml_function():
             def t(a):
                 return g * torch.as_tensor(a, dtype=torch.float64)
 
-            return t(gA), t(gQ), t(gP0), t(gr), t(gRf), None
+            return t(gt), t(gr), t(gRf), None
 
     return KalmanLML
 
@@ -432,6 +422,7 @@ class StateSpaceSolver:
         self.torch = B.is_tensor(noise)
         noise_np = np.broadcast_to(_np(noise), self.batch + (noise.shape[-1],))
         self.series = {}
+        self.parts = {}
         for b in np.ndindex(*self.batch) if self.batch else [()]:
             bparts = [
                 _Part(
@@ -443,10 +434,9 @@ class StateSpaceSolver:
                 )
                 for p in parts
             ]
-            model = _Model(bparts, torch_like=True if self.torch else None)
-            numeric = model if not self.torch else _Model(bparts)
             t, order, coef = _entries(blocks, b)
-            self.series[b] = _Series(model, numeric, t, order, coef, noise_np[b])
+            self.series[b] = _Series(_Model(bparts), t, order, coef, noise_np[b])
+            self.parts[b] = bparts
         self.like = noise
 
     def _out(self, arr):
@@ -489,7 +479,10 @@ class StateSpaceSolver:
         noise = self.noise.expand(self.batch + (self.noise.shape[-1],))
         r = r.expand(self.batch + (r.shape[-1],))
         for b, s in self._members():
-            lml = s.lml_tensor(r[b].to(torch.float64), noise[b].to(torch.float64))
+            theta = _theta(self.parts[b])
+            lml = s.lml_tensor(
+                theta, r[b].to(torch.float64), noise[b].to(torch.float64)
+            )
             out.append(lml)
         vals = torch.stack(out).reshape(self.batch)
         return vals.to(device=self.like.device, dtype=self.like.dtype)
@@ -501,7 +494,7 @@ class StateSpaceSolver:
         for b, s in self._members():
             t, order, coef = _entries(qblocks, b)
             ms, Ps = s.states(t)
-            Hq = s.numeric.rows(order, coef)
+            Hq = s.model.rows(order, coef)
             means.append(np.einsum("md,md->m", Hq, ms))
             vars_.append(np.einsum("md,mde,me->m", Hq, Ps, Hq))
         shape = self.batch + (means[0].shape[-1],)
@@ -510,9 +503,36 @@ class StateSpaceSolver:
         return mean, var
 
 
+    def quad_factors(self, Ks):
+        """``(Ks, S⁻¹Ks)``: the joint (``full_cov``) path, O(N) per column."""
+        n_el = int(np.prod(tuple(Ks.shape)))
+        if n_el > FULL_COV_MAX_ELEMENTS:
+            raise ValueError(
+                f"a joint covariance over these queries needs a {Ks.shape[-2]} × "
+                f"{Ks.shape[-1]} cross-covariance with the observations, above the "
+                f"state-space solver's limit of {FULL_COV_MAX_ELEMENTS} entries "
+                "(gpgrad.solvers.statespace.FULL_COV_MAX_ELEMENTS); ask for "
+                "marginals (full_cov=False) or fewer query points"
+            )
+        return Ks, self.solve(Ks)
+
     def cross_mean(self, qblocks, alpha):
         """Posterior mean of the queries (..., M) from the smoother."""
         return self.moments(qblocks, "var")[0]
+
+
+def _theta(parts):
+    """Each Matérn part's λ = √(2p+1)/ℓ, then every part's variance, as one
+    float64 tensor carrying the hyperparameters' autograd graph."""
+    import torch
+
+    def t(v):
+        if B.is_tensor(v):
+            return v.to(torch.float64).reshape(())
+        return torch.as_tensor(float(np.reshape(v, -1)[0]), dtype=torch.float64)
+
+    lam = [math.sqrt(2 * p.p + 1) / t(p.lengthscale) for p in parts if p.p is not None]
+    return torch.stack(lam + [t(p.variance) for p in parts])
 
 
 def statespace_solver(gp, blocks, noise):

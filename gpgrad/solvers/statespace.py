@@ -301,9 +301,7 @@ class _Series:
 
     def run(self, r):
         """Filter and adjoint for residuals ``r`` (flat order); ``S⁻¹ r``."""
-        self.res = kalman.kalman(
-            self.A, self.Q, self.P0, self.H, r[self.perm], self.R
-        )
+        self.res = kalman.kalman(self.A, self.Q, self.P0, self.H, r[self.perm], self.R)
         alpha = np.empty_like(r)
         alpha[self.perm] = self.res.alpha
         return alpha
@@ -501,7 +499,6 @@ class StateSpaceSolver:
         mean = self._out(np.reshape(np.stack(means), shape))
         var = self._out(np.reshape(np.stack(vars_), shape))
         return mean, var
-
 
     def quad_factors(self, Ks):
         """``(Ks, S⁻¹Ks)``: the joint (``full_cov``) path, O(N) per column."""

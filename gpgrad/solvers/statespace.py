@@ -33,6 +33,7 @@ from .. import backend as B
 from ..kernels.composite import Constant, Scale, Sum
 from ..kernels.stationary import Matern12, Matern32, Matern52, Matern72
 from . import kalman
+from .base import Solver
 
 __all__ = [
     "StateSpaceSolver",
@@ -397,7 +398,7 @@ _KalmanLML = _Lazy()
 # the solver
 
 
-class StateSpaceSolver:
+class StateSpaceSolver(Solver):
     """Kalman filter and smoother over the sorted inputs: exact GP inference
     for 1-D Matérn kernels (and sums with a constant) in O(n).
 
@@ -411,10 +412,7 @@ class StateSpaceSolver:
     jitter = 0.0
 
     def __init__(self, kernel, blocks, noise):
-        self.kernel = kernel
-        self.blocks = blocks
-        self.noise = noise
-        self.xp = B.namespace(noise)
+        super().__init__(kernel, blocks, noise)
         self.batch = tuple(noise.shape[:-1])
         parts = _parts(kernel)
         self.torch = B.is_tensor(noise)
@@ -485,9 +483,68 @@ class StateSpaceSolver:
         vals = torch.stack(out).reshape(self.batch)
         return vals.to(device=self.like.device, dtype=self.like.dtype)
 
-    def moments(self, qblocks, mode):
-        """Flat mean (..., M), var (..., M) and per-point blocks (..., m, 1, 1)
-        of the queries, from the smoothed state at the query times."""
+    def moments(self, qblocks, alpha, mode):
+        """Flat mean (..., M), var (..., M) and, for ``mode="point"``, the
+        per-point blocks (..., m, 1, 1) of the queries, from the smoothed state
+        at the query times; ``"full"`` goes through O(N)-per-column solves."""
+        if mode == "full":
+            n_q = sum(qb.size for qb in qblocks)
+            if n_q * self.num_rows > FULL_COV_MAX_ELEMENTS:
+                raise ValueError(
+                    f"a joint covariance over {n_q} query entries needs their "
+                    f"cross-covariance with the {self.num_rows} observations, "
+                    "above the state-space solver's limit of "
+                    f"{FULL_COV_MAX_ELEMENTS} entries (gpgrad.solvers.statespace."
+                    "FULL_COV_MAX_ELEMENTS); ask for marginals (full_cov=False) or "
+                    "fewer query points"
+                )
+            # K_QX A⁻¹ K_XQ through O(N)-per-column solves
+            return super().moments(qblocks, alpha, mode)
+        mean, var = self._marginals(qblocks)
+        return mean, var, (var[..., None, None] if mode == "point" else None)
+
+    def mean(self, qblocks, alpha):
+        """Posterior mean of the queries (..., M) from the smoother."""
+        return self._marginals(qblocks)[0]
+
+    def _marginals(self, qblocks):
+        means, vars_ = [], []
+        for b, s in self._members():
+            t, order, coef = _entries(qblocks, b)
+            ms, Ps = s.states(t)
+            Hq = s.model.rows(order, coef)
+            means.append(np.einsum("md,md->m", Hq, ms))
+            vars_.append(np.einsum("md,mde,me->m", Hq, Ps, Hq))
+        shape = self.batch + (means[0].shape[-1],)
+        mean = self._out(np.reshape(np.stack(means), shape))
+        var = self._out(np.reshape(np.stack(vars_), shape))
+        return mean, var
+
+    def moments(self, qblocks, alpha, mode):
+        """Flat mean (..., M), var (..., M) and, for ``mode="point"``, the
+        per-point blocks (..., m, 1, 1) of the queries, from the smoothed state
+        at the query times; ``"full"`` goes through O(N)-per-column solves."""
+        if mode == "full":
+            n_q = sum(qb.size for qb in qblocks)
+            if n_q * self.num_rows > FULL_COV_MAX_ELEMENTS:
+                raise ValueError(
+                    f"a joint covariance over {n_q} query entries needs their "
+                    f"cross-covariance with the {self.num_rows} observations, "
+                    "above the state-space solver's limit of "
+                    f"{FULL_COV_MAX_ELEMENTS} entries (gpgrad.solvers.statespace."
+                    "FULL_COV_MAX_ELEMENTS); ask for marginals (full_cov=False) or "
+                    "fewer query points"
+                )
+            # K_QX A⁻¹ K_XQ through O(N)-per-column solves
+            return super().moments(qblocks, alpha, mode)
+        mean, var = self._marginals(qblocks)
+        return mean, var, (var[..., None, None] if mode == "point" else None)
+
+    def mean(self, qblocks, alpha):
+        """Posterior mean of the queries (..., M) from the smoother."""
+        return self._marginals(qblocks)[0]
+
+    def _marginals(self, qblocks):
         means, vars_ = [], []
         for b, s in self._members():
             t, order, coef = _entries(qblocks, b)
@@ -512,10 +569,6 @@ class StateSpaceSolver:
                 "marginals (full_cov=False) or fewer query points"
             )
         return Ks, self.solve(Ks)
-
-    def cross_mean(self, qblocks, alpha):
-        """Posterior mean of the queries (..., M) from the smoother."""
-        return self.moments(qblocks, "var")[0]
 
 
 def _theta(parts):

@@ -249,7 +249,7 @@ def test_joint_covariance_limit_is_named(monkeypatch):
     )
     monkeypatch.setattr(statespace, "FULL_COV_MAX_ELEMENTS", 100)
     with pytest.raises(ValueError, match="FULL_COV_MAX_ELEMENTS"):
-        post.value(np.linspace(0, 1, 10)[:, None], full_cov=True).cov
+        _ = post.value(np.linspace(0, 1, 10)[:, None], full_cov=True).cov
     assert post.value(np.linspace(0, 1, 10)[:, None]).var.shape == (10,)
 
 

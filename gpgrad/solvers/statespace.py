@@ -520,56 +520,6 @@ class StateSpaceSolver(Solver):
         var = self._out(np.reshape(np.stack(vars_), shape))
         return mean, var
 
-    def moments(self, qblocks, alpha, mode):
-        """Flat mean (..., M), var (..., M) and, for ``mode="point"``, the
-        per-point blocks (..., m, 1, 1) of the queries, from the smoothed state
-        at the query times; ``"full"`` goes through O(N)-per-column solves."""
-        if mode == "full":
-            n_q = sum(qb.size for qb in qblocks)
-            if n_q * self.num_rows > FULL_COV_MAX_ELEMENTS:
-                raise ValueError(
-                    f"a joint covariance over {n_q} query entries needs their "
-                    f"cross-covariance with the {self.num_rows} observations, "
-                    "above the state-space solver's limit of "
-                    f"{FULL_COV_MAX_ELEMENTS} entries (gpgrad.solvers.statespace."
-                    "FULL_COV_MAX_ELEMENTS); ask for marginals (full_cov=False) or "
-                    "fewer query points"
-                )
-            # K_QX A⁻¹ K_XQ through O(N)-per-column solves
-            return super().moments(qblocks, alpha, mode)
-        mean, var = self._marginals(qblocks)
-        return mean, var, (var[..., None, None] if mode == "point" else None)
-
-    def mean(self, qblocks, alpha):
-        """Posterior mean of the queries (..., M) from the smoother."""
-        return self._marginals(qblocks)[0]
-
-    def _marginals(self, qblocks):
-        means, vars_ = [], []
-        for b, s in self._members():
-            t, order, coef = _entries(qblocks, b)
-            ms, Ps = s.states(t)
-            Hq = s.model.rows(order, coef)
-            means.append(np.einsum("md,md->m", Hq, ms))
-            vars_.append(np.einsum("md,mde,me->m", Hq, Ps, Hq))
-        shape = self.batch + (means[0].shape[-1],)
-        mean = self._out(np.reshape(np.stack(means), shape))
-        var = self._out(np.reshape(np.stack(vars_), shape))
-        return mean, var
-
-    def quad_factors(self, Ks):
-        """``(Ks, S⁻¹Ks)``: the joint (``full_cov``) path, O(N) per column."""
-        n_el = int(np.prod(tuple(Ks.shape)))
-        if n_el > FULL_COV_MAX_ELEMENTS:
-            raise ValueError(
-                f"a joint covariance over these queries needs a {Ks.shape[-2]} × "
-                f"{Ks.shape[-1]} cross-covariance with the observations, above the "
-                f"state-space solver's limit of {FULL_COV_MAX_ELEMENTS} entries "
-                "(gpgrad.solvers.statespace.FULL_COV_MAX_ELEMENTS); ask for "
-                "marginals (full_cov=False) or fewer query points"
-            )
-        return Ks, self.solve(Ks)
-
 
 def _theta(parts):
     """Each Matérn part's λ = √(2p+1)/ℓ, then every part's variance, as one

@@ -261,6 +261,7 @@ def kalman(A, Q, P0, h, y, R, mask=None):
     """
     T, D = h.shape
     res = KalmanResult()
+    res.regular = False
     m, P = _filter(A, Q, P0, h, y, R)
     mp = np.zeros((T, D))
     Pp = np.empty((T, D, D))
@@ -342,3 +343,183 @@ def linear_solve(res, r):
         lam_hat[:-1] = _t(res.A[1:]) @ lam[1:]
     out = v / res.S[:, None] - np.einsum("td,tdk->tk", res.K, lam_hat)
     return np.where(res.mask[:, None], out, 0.0)
+
+
+# --------------------------------------------------------------------------
+# regular series: steady state
+
+
+def const_recurrence(M, z0, c, block=32):
+    """``z_{j+1} = M z_j + c_j`` for j = 0 … J−1: returns z_1 … z_J (J, D, k).
+
+    A constant-coefficient recursion in blocks of ``block`` steps: inside a
+    block the response is one matrix product with the block-Toeplitz matrix
+    of the powers ``M^i`` (BLAS), the block starts follow the same recursion
+    with ``M^block`` (recursively), so the Python loop is over
+    ``J / block^depth`` steps only. Powers of a stable ``M`` cannot grow.
+    """
+    J, D, k = c.shape
+    if J <= block:
+        out = np.empty_like(c)
+        z = z0
+        for j in range(J):
+            z = M @ z + c[j]
+            out[j] = z
+        return out
+    L = block
+    nb = -(-J // L)
+    cp = np.zeros((nb * L, D, k))
+    cp[:J] = c
+    powers = [np.eye(D)]
+    for _ in range(L):
+        powers.append(M @ powers[-1])
+    W = np.zeros((L * D, L * D))
+    for j in range(L):
+        for i in range(j + 1):
+            W[j * D : (j + 1) * D, i * D : (i + 1) * D] = powers[j - i]
+    # zero-state response inside every block: (L·D, L·D) @ (L·D, nb·k)
+    cb = cp.reshape(nb, L * D, k).transpose(1, 0, 2).reshape(L * D, nb * k)
+    zs = (W @ cb).reshape(L, D, nb, k)
+    # block starts: s_{b+1} = M^L s_b + zs[L−1, :, b]
+    ends = np.ascontiguousarray(zs[L - 1].transpose(1, 0, 2))  # (nb, D, k)
+    starts = np.empty((nb, D, k))
+    starts[0] = z0
+    if nb > 1:
+        starts[1:] = const_recurrence(powers[L], z0, ends[:-1], block)
+    # free response M^{j+1} s_b
+    Pw = np.stack(powers[1:])  # (L, D, D)
+    free = np.einsum("jde,bek->jdbk", Pw, starts)
+    out = (zs + free).transpose(2, 0, 1, 3).reshape(nb * L, D, k)
+    return out[:J]
+
+
+def _converged(new, old, tol):
+    return np.max(np.abs(new - old)) <= tol * max(np.max(np.abs(new)), 1e-300)
+
+
+def kalman_regular(A, Q, P0, h, y, R, tol=1e-15, max_transient=20000):
+    """:func:`kalman` for a regular series: one step ``A[1]``, ``Q[1]``, one
+    observation row ``h[0]`` and noise ``R[0]`` at every step.
+
+    The covariance recursions (filter forwards, adjoint backwards) are run
+    step by step only until they reach their fixed point to ``tol`` relative
+    (the Riccati recursion converges geometrically); from there every gain is
+    constant and the mean recursions are constant-coefficient linear
+    recursions, solved blockwise by :func:`const_recurrence`. Returns None
+    when the covariances have not converged within ``max_transient`` steps
+    (use :func:`kalman`).
+    """
+    T, D = h.shape
+    A1, Q1, h1, R1 = A[1], Q[1], h[0], float(R[0])
+    I = np.eye(D)
+    # forward covariance transient
+    Pp_l, P_l, S_l, K_l = [], [], [], []
+    Pp = P0
+    kc = None
+    for k in range(min(T, max_transient)):
+        if k > 0:
+            Pp = _sym(A1 @ P_l[-1] @ A1.T + Q1)
+        Ph = Pp @ h1
+        S = float(h1 @ Ph) + R1
+        if not S > 0:
+            raise np.linalg.LinAlgError("an innovation variance is not positive")
+        K = Ph / S
+        IKh = I - np.outer(K, h1)
+        P = _sym(IKh @ Pp @ IKh.T + np.outer(K, K) * R1)
+        Pp_l.append(Pp)
+        P_l.append(P)
+        S_l.append(S)
+        K_l.append(K)
+        if k >= 2 and _converged(P, P_l[-2], tol) and _converged(Pp, Pp_l[-2], tol):
+            kc = k
+            break
+    if kc is None:
+        if len(P_l) < T:
+            return None
+        kc = T - 1
+    n_tr = kc + 1
+    Pp = np.empty((T, D, D))
+    P = np.empty((T, D, D))
+    S = np.empty(T)
+    K = np.empty((T, D))
+    Pp[:n_tr], P[:n_tr], S[:n_tr], K[:n_tr] = Pp_l, P_l, S_l, K_l
+    Pp[n_tr:], P[n_tr:], S[n_tr:], K[n_tr:] = Pp_l[-1], P_l[-1], S_l[-1], K_l[-1]
+    B = np.zeros((T, D, D))
+    B[:-1] = A1 @ (I - K[:-1, :, None] * h1[None, None, :])
+    # forward means: mp_{k+1} = B_k mp_k + A K_k y_k
+    mp = np.zeros((T, D))
+    g = (A1 @ K[:, :, None])[:, :, 0] * y[:, None]
+    z = np.zeros(D)
+    stop = min(n_tr, T - 1)
+    for k in range(stop):
+        z = B[k] @ z + g[k]
+        mp[k + 1] = z
+    if T - 1 > stop:
+        mp[stop + 1 :] = const_recurrence(
+            B[stop], mp[stop][:, None], g[stop : T - 1, :, None]
+        )[:, :, 0]
+    v = y - mp @ h1
+    m = mp + K * v[:, None]
+    # backward adjoint: λ_k = B_kᵀ λ_{k+1} + h v_k/S_k, Λ_k = B_kᵀ Λ_{k+1} B_k + hhᵀ/S_k
+    c = h1[None, :] * (v / S)[:, None]
+    C = np.outer(h1, h1)[None] / S[:, None, None]
+    lam = np.empty((T, D))
+    Lam = np.empty((T, D, D))
+    lam[T - 1], Lam[T - 1] = c[T - 1], C[T - 1]
+    k = T - 2
+    # Λ's transient at the end, step by step until it converges
+    while k >= n_tr:
+        Lam[k] = _sym(B[k].T @ Lam[k + 1] @ B[k] + C[k])
+        if _converged(Lam[k], Lam[k + 1], tol):
+            Lam[n_tr:k] = Lam[k]
+            break
+        k -= 1
+    for j in range(min(n_tr, T - 1) - 1, -1, -1):
+        Lam[j] = _sym(B[j].T @ Lam[j + 1] @ B[j] + C[j])
+    # λ: constant coefficients on [n_tr, T−2], step by step before
+    if T - 2 >= n_tr:
+        cr = c[n_tr : T - 1][::-1, :, None]
+        lam[n_tr : T - 1] = const_recurrence(B[n_tr].T, lam[T - 1][:, None], cr)[
+            ::-1, :, 0
+        ]
+    for j in range(min(n_tr, T - 1) - 1, -1, -1):
+        lam[j] = B[j].T @ lam[j + 1] + c[j]
+    res = KalmanResult()
+    res.regular = True
+    mask = np.ones(T, dtype=bool)
+    res.loglik = float(
+        -0.5 * np.sum(v * v / S + np.log(S)) - 0.5 * T * math.log(2 * math.pi)
+    )
+    hs = np.broadcast_to(h1, (T, D))
+    res.m, res.P, res.mp, res.Pp = m, P, mp, Pp
+    res.S, res.K, res.v, res.B = S, K, v, B
+    res.lam, res.Lam = lam, Lam
+    res.A, res.Q, res.h, res.mask = A, Q, hs, mask
+    lam_hat = np.zeros((T, D))
+    Lam_hat = np.zeros((T, D, D))
+    lam_hat[:-1] = lam[1:] @ A1
+    Lam_hat[:-1] = A1.T @ Lam[1:] @ A1
+    res.alpha = v / S - np.einsum("td,td->t", K, lam_hat)
+    res.Sinv_diag = 1.0 / S + np.einsum("td,tde,te->t", K, Lam_hat, K)
+    return res
+
+
+def gradient_sums(res, P0):
+    """For a regular series (one ``A``, ``Q`` for every step ≥ 1): ``Σ_k ∂ℓ/∂A_k``
+    and ``Σ_k ∂ℓ/∂Q_k`` over k ≥ 1, ``∂ℓ/∂P_0``, ``∂ℓ/∂y`` and ``∂ℓ/∂R``, with
+    matrix products over the series done as single (D, T) × (T, D) products.
+
+    ``Σ_k G_k A P_{k−1}`` with ``G_k = λ_kλ_kᵀ − Λ_k`` splits into
+    ``Σ λ_k (λ_kᵀ A P_{k−1})`` and ``Σ Λ_k A P_{k−1}``.
+    """
+    lam, Lam = res.lam, res.Lam
+    A1 = res.A[1]
+    T = lam.shape[0]
+    AP = A1 @ res.P[:-1]  # (T−1, D, D): transient plus a constant
+    w = np.einsum("td,tde->te", lam[1:], AP)  # λ_kᵀ A P_{k−1}
+    sum_gA = lam[1:].T @ w - np.einsum("tde,tef->df", Lam[1:], AP)
+    sum_gA += lam[1:].T @ res.m[:-1]
+    sum_gQ = 0.5 * (lam[1:].T @ lam[1:] - Lam[1:].sum(0))
+    gP0 = 0.5 * (np.outer(lam[0], lam[0]) - Lam[0])
+    del T
+    return sum_gA, sum_gQ, gP0, -res.alpha, 0.5 * (res.alpha**2 - res.Sinv_diag)

@@ -51,6 +51,12 @@ _POLY = {
     2: (1.0, 1.0, 1.0 / 3.0),
     3: (1.0, 1.0, 2.0 / 5.0, 1.0 / 15.0),
 }
+#: series at least this long on a regular grid take the steady-state path
+#: (:func:`gpgrad.solvers.kalman.kalman_regular`)
+REGULAR_MIN_STEPS = 256
+#: steps equal to this relative tolerance count as one step (a grid
+#: ``t₀ + kΔ`` written in floating point); the grid is then snapped to it
+REGULAR_STEP_RTOL = 1e-9
 #: largest (observations × query entries) cross-covariance a joint
 #: ``full_cov`` query may build
 FULL_COV_MAX_ELEMENTS = 20_000_000
@@ -215,6 +221,13 @@ class _Model:
         Q = Pinf - A @ Pinf @ np.swapaxes(A, -1, -2)
         return A, 0.5 * (Q + np.swapaxes(Q, -1, -2)), Pinf
 
+    def chain_regular(self, step, A1, Pinf, sum_gA, sum_gQ, gP0):
+        """:meth:`chain` for a regular series from the sums over steps of the
+        gradients in ``A`` and ``Q`` (every step has the same ``A``)."""
+        return self.chain(
+            np.array([step]), A1[None], Pinf, sum_gA[None], sum_gQ[None], gP0
+        )
+
     def chain(self, dt, A, Pinf, gA, gQ, gP0):
         """``(∂ℓ/∂λ, ∂ℓ/∂σ²)`` per part (``None`` for a constant's λ) from
         the gradients in every ``A_k``, ``Q_k`` and ``P_0 = P_∞``.
@@ -291,8 +304,22 @@ class _Series:
         self.H = model.rows(order[perm], coef[perm])
         self.R = noise[perm]
         dt = np.diff(self.t, prepend=self.t[0])
+        self.regular = self._is_regular(dt)
+        if self.regular:
+            # a grid written as t₀ + kΔ in floating point: one exact step
+            step = (self.t[-1] - self.t[0]) / (len(self.t) - 1)
+            self.t = self.t[0] + step * np.arange(len(self.t))
+            dt = np.full(len(self.t), step)
+            dt[0] = 0.0
         self.dt = dt
-        self.A, self.Q, self.P0 = model.transitions(dt)
+        if self.regular:
+            # one step everywhere: one transition, broadcast (no T-sized copies)
+            A2, Q2, self.P0 = model.transitions(dt[:2])
+            shape = (len(dt),) + A2.shape[1:]
+            self.A = np.broadcast_to(A2[1], shape)
+            self.Q = np.broadcast_to(Q2[1], shape)
+        else:
+            self.A, self.Q, self.P0 = model.transitions(dt)
         if not (np.all(np.isfinite(self.A)) and np.all(np.isfinite(self.Q))):
             raise np.linalg.LinAlgError(
                 "the state-space transitions are not finite; check the "
@@ -302,10 +329,27 @@ class _Series:
 
     def run(self, r):
         """Filter and adjoint for residuals ``r`` (flat order); ``S⁻¹ r``."""
-        self.res = kalman.kalman(self.A, self.Q, self.P0, self.H, r[self.perm], self.R)
+        y = r[self.perm]
+        self.res = None
+        if self.regular:
+            self.res = kalman.kalman_regular(self.A, self.Q, self.P0, self.H, y, self.R)
+        if self.res is None:
+            self.res = kalman.kalman(self.A, self.Q, self.P0, self.H, y, self.R)
         alpha = np.empty_like(r)
         alpha[self.perm] = self.res.alpha
         return alpha
+
+    def _is_regular(self, dt):
+        """One step (equal to ``REGULAR_STEP_RTOL``), one kind of observation
+        and one noise throughout: the steady-state path applies."""
+        T = len(dt)
+        if T < REGULAR_MIN_STEPS:
+            return False
+        d = dt[1:]
+        mean = (self.t[-1] - self.t[0]) / (T - 1)
+        if not (mean > 0 and np.all(np.abs(d - mean) <= REGULAR_STEP_RTOL * mean)):
+            return False
+        return bool(np.all(self.H == self.H[0]) and np.all(self.R == self.R[0]))
 
     def solve(self, Rhs):
         """``S⁻¹ Rhs`` for (N, k) right-hand sides (gains from :meth:`run`)."""
@@ -346,10 +390,16 @@ class _Series:
         variance), the residuals and the noise (:class:`_KalmanLML`)."""
         return _KalmanLML.apply(theta, r_t, R_t, self)
 
-    def grad_theta(self, gA, gQ, gP0):
-        g = self.model.chain(self.dt, self.A, self.P0, gA, gQ, gP0)
+    def grad_theta(self):
+        """∂ℓ/∂θ (θ as in :func:`_theta`), ∂ℓ/∂y and ∂ℓ/∂R in sorted order."""
+        if self.regular and self.res.regular:
+            sgA, sgQ, gP0, gy, gR = kalman.gradient_sums(self.res, self.P0)
+            g = self.model.chain_regular(self.dt[1], self.A[1], self.P0, sgA, sgQ, gP0)
+        else:
+            gA, gQ, gP0, gy, gR = kalman.gradients(self.res, self.P0)
+            g = self.model.chain(self.dt, self.A, self.P0, gA, gQ, gP0)
         lam = [gl for gl, _ in g if gl is not None]
-        return np.array(lam + [gv for _, gv in g])
+        return np.array(lam + [gv for _, gv in g]), gy, gR
 
 
 def _lml_function():
@@ -367,8 +417,7 @@ def _lml_function():
         @staticmethod
         def backward(ctx, g):
             s = ctx.series
-            gA, gQ, gP0, gy, gR = kalman.gradients(s.res, s.P0)
-            gt = s.grad_theta(gA, gQ, gP0)
+            gt, gy, gR = s.grad_theta()
             gr = np.empty_like(gy)
             gr[s.perm] = gy
             gRf = np.empty_like(gR)

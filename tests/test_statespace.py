@@ -153,6 +153,41 @@ def test_likelihood_gradient_matches_central_differences():
         assert abs(fd - float(g[i])) <= 1e-5 * max(1.0, abs(fd))
 
 
+@pytest.mark.parametrize("name", ["Matern32", "Matern72", "Sum"])
+def test_regular_grid_steady_state_path_matches_dense(name, monkeypatch):
+    # one step, one kind of observation, one noise: the steady-state path
+    from gpgrad.solvers import kalman
+
+    def refuse(*a, **k):
+        raise AssertionError("the scan path ran on a regular series")
+
+    kernel = _kernels()[name]
+    t = 0.3 + 0.02 * np.arange(300)
+    y = np.sin(3 * t) + 0.1 * np.random.default_rng(1).normal(size=t.size)
+    dense = gpgrad.GP(kernel, noise=0.01, method="cholesky").condition(t[:, None], y)
+    monkeypatch.setattr(kalman, "kalman", refuse)
+    ss = gpgrad.GP(kernel, noise=0.01, method="statespace").condition(t[:, None], y)
+    assert ss.solver.series[()].res.regular
+    Xq = np.array([[0.0], [0.31], [3.333], [6.28], [7.5]])
+    for kind in ("value", "gradient"):
+        a, b = getattr(dense, kind)(Xq), getattr(ss, kind)(Xq)
+        assert _rel(b.mean, a.mean) <= RTOL
+        assert _rel(b.var, a.var) <= RTOL
+    out = []
+    for method in ("cholesky", "statespace"):
+        th = torch.tensor([0.6, 1.3, 0.01], dtype=torch.float64, requires_grad=True)
+        k = {
+            "Matern32": K.Matern32(th[0], th[1]),
+            "Matern72": K.Matern72(th[0], th[1]),
+            "Sum": K.Matern52(th[0], th[1]) + K.Constant(0.3),
+        }[name]
+        gp = gpgrad.GP(k, noise=th[2], method=method, backend="torch")
+        lml = gp.log_marginal_likelihood(t[:, None], y)
+        out.append((float(lml.detach()), torch.autograd.grad(lml, th)[0].numpy()))
+    assert abs(out[0][0] - out[1][0]) <= RTOL * abs(out[0][0])
+    assert _rel(out[1][1], out[0][1]) <= RTOL
+
+
 def test_torch_backend_and_batched_equals_looped():
     rng = np.random.default_rng(3)
     t = np.stack([_series(50, rng) for _ in range(3)])

@@ -444,8 +444,11 @@ def kalman_regular(A, Q, P0, h, y, R, tol=1e-15, max_transient=20000):
     K = np.empty((T, D))
     Pp[:n_tr], P[:n_tr], S[:n_tr], K[:n_tr] = Pp_l, P_l, S_l, K_l
     Pp[n_tr:], P[n_tr:], S[n_tr:], K[n_tr:] = Pp_l[-1], P_l[-1], S_l[-1], K_l[-1]
-    B = np.zeros((T, D, D))
-    B[:-1] = A1 @ (I - K[:-1, :, None] * h1[None, None, :])
+    B = np.empty((T, D, D))
+    nb = min(n_tr, T - 1)
+    B[:nb] = A1 @ (I - K[:nb, :, None] * h1[None, None, :])
+    B[nb:] = A1 @ (I - np.outer(K[-1], h1))
+    B[-1] = 0.0
     # forward means: mp_{k+1} = B_k mp_k + A K_k y_k
     mp = np.zeros((T, D))
     g = (A1 @ K[:, :, None])[:, :, 0] * y[:, None]
@@ -462,20 +465,20 @@ def kalman_regular(A, Q, P0, h, y, R, tol=1e-15, max_transient=20000):
     m = mp + K * v[:, None]
     # backward adjoint: λ_k = B_kᵀ λ_{k+1} + h v_k/S_k, Λ_k = B_kᵀ Λ_{k+1} B_k + hhᵀ/S_k
     c = h1[None, :] * (v / S)[:, None]
-    C = np.outer(h1, h1)[None] / S[:, None, None]
+    hh = np.outer(h1, h1)
     lam = np.empty((T, D))
     Lam = np.empty((T, D, D))
-    lam[T - 1], Lam[T - 1] = c[T - 1], C[T - 1]
+    lam[T - 1], Lam[T - 1] = c[T - 1], hh / S[T - 1]
     k = T - 2
     # Λ's transient at the end, step by step until it converges
     while k >= n_tr:
-        Lam[k] = _sym(B[k].T @ Lam[k + 1] @ B[k] + C[k])
+        Lam[k] = _sym(B[k].T @ Lam[k + 1] @ B[k] + hh / S[k])
         if _converged(Lam[k], Lam[k + 1], tol):
             Lam[n_tr:k] = Lam[k]
             break
         k -= 1
     for j in range(min(n_tr, T - 1) - 1, -1, -1):
-        Lam[j] = _sym(B[j].T @ Lam[j + 1] @ B[j] + C[j])
+        Lam[j] = _sym(B[j].T @ Lam[j + 1] @ B[j] + hh / S[j])
     # λ: constant coefficients on [n_tr, T−2], step by step before
     if T - 2 >= n_tr:
         cr = c[n_tr : T - 1][::-1, :, None]
@@ -496,11 +499,11 @@ def kalman_regular(A, Q, P0, h, y, R, tol=1e-15, max_transient=20000):
     res.lam, res.Lam = lam, Lam
     res.A, res.Q, res.h, res.mask = A, Q, hs, mask
     lam_hat = np.zeros((T, D))
-    Lam_hat = np.zeros((T, D, D))
     lam_hat[:-1] = lam[1:] @ A1
-    Lam_hat[:-1] = A1.T @ Lam[1:] @ A1
     res.alpha = v / S - np.einsum("td,td->t", K, lam_hat)
-    res.Sinv_diag = 1.0 / S + np.einsum("td,tde,te->t", K, Lam_hat, K)
+    u = K[:-1] @ A1.T  # A K_k
+    res.Sinv_diag = 1.0 / S
+    res.Sinv_diag[:-1] += np.einsum("td,tde,te->t", u, Lam[1:], u)
     return res
 
 

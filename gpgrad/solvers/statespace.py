@@ -221,39 +221,50 @@ class _Model:
         Q = Pinf - A @ Pinf @ np.swapaxes(A, -1, -2)
         return A, 0.5 * (Q + np.swapaxes(Q, -1, -2)), Pinf
 
-    def chain_regular(self, step, A1, Pinf, sum_gA, sum_gQ, gP0):
+    def chain_regular(self, step, A1, Q1, Pinf, sum_gA, sum_gQ, gP0):
         """:meth:`chain` for a regular series from the sums over steps of the
-        gradients in ``A`` and ``Q`` (every step has the same ``A``)."""
+        gradients in ``A`` and ``Q`` (every step has the same ``A``, ``Q``)."""
         return self.chain(
-            np.array([step]), A1[None], Pinf, sum_gA[None], sum_gQ[None], gP0
+            np.array([step]), A1[None], Q1[None], Pinf, sum_gA[None], sum_gQ[None], gP0
         )
 
-    def chain(self, dt, A, Pinf, gA, gQ, gP0):
+    def chain(self, dt, A, Q, Pinf, gA, gQ, gP0):
         """``(∂ℓ/∂λ, ∂ℓ/∂σ²)`` per part (``None`` for a constant's λ) from
         the gradients in every ``A_k``, ``Q_k`` and ``P_0 = P_∞``.
 
-        With ``Q = P_∞ − A P_∞ Aᵀ``, ``∂A/∂λ = Δ F̃A + [E, A]/λ`` and
-        ``∂P_∞/∂λ = σ²(E P̃ + P̃ E)/λ`` in the f⁽ⁱ⁾/λ₀ⁱ coordinates
-        (``E = diag(0, 1, …, p)``).
+        In the f⁽ⁱ⁾/λ₀ⁱ coordinates (``E = diag(0, 1, …, p)``, ``F̃`` the
+        unit-rate feedback matrix, ``W = −(F̃P_∞ + P_∞F̃ᵀ)`` the diffusion):
+
+        .. math::
+
+            ∂A/∂λ = Δ F̃A + [E, A]/λ,\\quad
+            ∂Q/∂λ = Δ A W A^\top + (EQ + QE)/λ,\\quad
+            ∂P_∞/∂λ = (EP_∞ + P_∞E)/λ,
+
+        and ``Q``, ``P_∞`` are proportional to σ². Written this way (never as
+        the difference ``∂P_∞ − ∂(AP_∞Aᵀ)``) no term cancels at small steps.
         """
         out = []
         for part, lam, var, sl in self._slices():
-            a = A[:, sl, sl]
-            gq = gQ[:, sl, sl]
-            pinf = Pinf[sl, sl]
-            gA_tot = gA[:, sl, sl] - 2.0 * gq @ a @ pinf
-            gP = gP0[sl, sl] + gq.sum(0) - np.einsum("kji,kjl,klm->im", a, gq, a)
+            a, q = A[:, sl, sl], Q[:, sl, sl]
+            ga, gq = gA[:, sl, sl], gQ[:, sl, sl]
+            gp, pinf = gP0[sl, sl], Pinf[sl, sl]
+            g_var = (
+                float(np.einsum("kij,kij->", gq, q)) + float(np.sum(gp * pinf))
+            ) / var
             if part.p is None:
-                out.append((None, float(gP[0, 0])))
+                out.append((None, g_var))
                 continue
-            Pu = _unit_pinf(part.p)
             E = np.diag(np.arange(part.p + 1.0))
             Ft = _nilpotent(part.p) - np.eye(part.p + 1)
-            dA_tau = Ft @ a  # dA/dτ
-            g_lam = float(np.einsum("kij,kij,k->", gA_tot, dA_tau, dt))
-            g_lam += float(np.einsum("kij,kij->", gA_tot, E @ a - a @ E)) / lam
-            g_lam += var * float(np.sum(gP * (E @ Pu + Pu @ E))) / lam
-            out.append((g_lam, float(np.sum(gP * Pu))))
+            W = -(Ft @ pinf + pinf @ Ft.T)
+            g_lam = float(np.einsum("kij,kij,k->", ga, Ft @ a, dt))
+            g_lam += float(np.einsum("kij,kij->", ga, E @ a - a @ E)) / lam
+            aWa = a @ W @ np.swapaxes(a, -1, -2)
+            g_lam += float(np.einsum("kij,kij,k->", gq, aWa, dt))
+            g_lam += float(np.einsum("kij,kij->", gq, E @ q + q @ E)) / lam
+            g_lam += float(np.sum(gp * (E @ pinf + pinf @ E))) / lam
+            out.append((g_lam, g_var))
         return out
 
 
@@ -394,10 +405,12 @@ class _Series:
         """∂ℓ/∂θ (θ as in :func:`_theta`), ∂ℓ/∂y and ∂ℓ/∂R in sorted order."""
         if self.regular and self.res.regular:
             sgA, sgQ, gP0, gy, gR = kalman.gradient_sums(self.res, self.P0)
-            g = self.model.chain_regular(self.dt[1], self.A[1], self.P0, sgA, sgQ, gP0)
+            g = self.model.chain_regular(
+                self.dt[1], self.A[1], self.Q[1], self.P0, sgA, sgQ, gP0
+            )
         else:
             gA, gQ, gP0, gy, gR = kalman.gradients(self.res, self.P0)
-            g = self.model.chain(self.dt, self.A, self.P0, gA, gQ, gP0)
+            g = self.model.chain(self.dt, self.A, self.Q, self.P0, gA, gQ, gP0)
         lam = [gl for gl, _ in g if gl is not None]
         return np.array(lam + [gv for _, gv in g]), gy, gR
 

@@ -139,3 +139,28 @@ def test_a_dead_rank_ends_the_others_with_an_error(tmp_path):
     assert procs[0].returncode == 7, logs[0]
     assert "another rank has died or did not answer" in logs[0]
     assert time.monotonic() - start < 200
+
+
+def test_gradients_through_devices_match_and_processes_refuse():
+    rng = np.random.default_rng(0)
+    X = torch.tensor(rng.uniform(0, 1, (20, 2)))
+    y, G = X.sin().sum(-1), X.cos()
+
+    def lml_grad():
+        ls = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+        gp = gpgrad.GP(
+            K.Matern52(ls), noise=1e-2, method=gpgrad.CG(tol=1e-12), backend="torch"
+        )
+        obs = (gpgrad.values(X, y), gpgrad.gradients(X[:10], G[:10]))
+        gp.log_marginal_likelihood(*obs).backward()
+        return ls.grad
+
+    want = lml_grad()
+    gd.init(devices=["cpu", "cpu"])
+    got = lml_grad()
+    assert float(abs(got - want)) <= 1e-9 * float(abs(want))
+    from gpgrad.solvers.partitioned import _all_gather
+
+    t = torch.zeros(3, 1, dtype=torch.float64, requires_grad=True) * 2.0
+    with pytest.raises(ValueError, match="partitioned across processes are not"):
+        _all_gather(gd.Partition(rank=0, world_size=2), t, 3, 3)

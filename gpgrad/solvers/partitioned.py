@@ -250,14 +250,19 @@ def _all_gather(part: Partition, local, n_local, pad_to):
         )
         t = torch.cat([t, pad], dim=-2)
     t = t.contiguous()
+    if t.requires_grad and torch.is_grad_enabled():
+        # each rank holds the graph of its own rows only, so a parameter's
+        # gradient would need an all-reduce over ranks that autograd cannot
+        # place; refuse rather than return a partial gradient
+        raise ValueError(
+            "gradients through a Gram product partitioned across processes are "
+            "not supported: fit hyperparameters on one process (or on several "
+            "devices of one process, gpgrad.distributed.init(devices=[...])) and "
+            "condition the partitioned GP on the fitted values"
+        )
     try:
-        if t.requires_grad and torch.is_grad_enabled():
-            from torch.distributed.nn.functional import all_gather
-
-            parts = list(all_gather(t, group=part.group))
-        else:
-            parts = [torch.empty_like(t) for _ in range(part.world_size)]
-            dist.all_gather(parts, t, group=part.group)
+        parts = [torch.empty_like(t) for _ in range(part.world_size)]
+        dist.all_gather(parts, t, group=part.group)
     except Exception as exc:  # gloo/NCCL raise RuntimeError or DistBackendError
         raise DistributedError(
             f"rank {part.rank} of {part.world_size}: gathering the Gram product's "
@@ -267,3 +272,4 @@ def _all_gather(part: Partition, local, n_local, pad_to):
     if is_np:
         return [p.numpy() for p in parts]
     return parts
+

@@ -10,7 +10,9 @@
 """
 
 from . import acquisition as acquisition
+from . import auto as auto
 from . import kernels
+from .auto import AveragedPosterior, fit_auto
 from .exceptions import GPGradWarning, JitterWarning, NotPositiveDefiniteError
 from .fit import fit as fit
 from .functionals import (
@@ -24,9 +26,9 @@ from .functionals import (
 )
 from .gp import GP
 from .io import load, save
+from .posterior import Posterior, Prediction
 from .solvers.iterative import CG
 from .solvers.select import InsufficientMemoryError
-from .posterior import Posterior, Prediction
 
 __version__ = "0.1.0"
 
@@ -48,6 +50,9 @@ __all__ = [
     "save",
     "load",
     "fit",
+    "fit_auto",
+    "AveragedPosterior",
+    "auto",
     "acquisition",
     "CG",
     "InsufficientMemoryError",

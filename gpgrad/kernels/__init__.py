@@ -13,6 +13,7 @@ kernel                 form                        mean-square differentiable
 ``Linear``             ``σ² xᵀPx'``                any order
 ``Polynomial``         ``σ² (xᵀPx' + c)^p``        any order
 ``Constant``           ``σ²``                      any order
+``Warped``             ``k(u(x), u(x'))``          as ``k``, at most twice
 =====================  ==========================  ==========================
 
 with ``s = ½ (x − x')ᵀ P (x − x')`` and ``P = diag(ℓ⁻²)``. Kernels combine with
@@ -24,6 +25,7 @@ from .composite import Constant, Product, Scale, Sum
 from .dot_product import Linear, Polynomial
 from .periodic import Periodic
 from .stationary import RBF, Matern12, Matern32, Matern52, RationalQuadratic
+from .warping import Warped
 
 __all__ = [
     "Kernel",
@@ -40,4 +42,5 @@ __all__ = [
     "Scale",
     "Sum",
     "Product",
+    "Warped",
 ]

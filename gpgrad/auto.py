@@ -510,8 +510,8 @@ def fit_auto(
     method : str
         The solver, as ``GP(method=...)``.
     restarts : int, default 2
-        Starts for members within ``prune / 3`` nats of the best; the others
-        keep their single search start.
+        Starts for the two best members when they are within ``prune / 3``
+        nats of the best; the others keep their single search start.
     seed : int
     ard : bool, optional
         Per-dimension lengthscales (default: when the inputs have more than one
@@ -671,8 +671,8 @@ def fit_auto(
 
     members = []
     logN = math.log(N)
-    for c, res, s in keep:
-        if not subsampled and restarts > 1 and s >= best_s - prune / 3:
+    for rank, (c, res, s) in enumerate(keep):
+        if not subsampled and restarts > 1 and rank < 2 and s >= best_s - prune / 3:
             # a close contender: worth more starts
             res2 = _fit_one(c, obs, restarts=restarts, **kw)
             if res2.log_marginal_likelihood >= res.log_marginal_likelihood:

@@ -205,7 +205,7 @@ def detect_period(x, y, *, min_cycles: float = 3.0, min_share: float = 0.5):
     if f_hi <= f_lo:
         return None
     freqs = np.linspace(f_lo, f_hi, 400)
-    power = lombscargle(x, r, 2 * np.pi * freqs, precenter=True)
+    power = lombscargle(x, r - r.mean(), 2 * np.pi * freqs)
     best = int(np.argmax(power))
     # power of the unnormalized periodogram: amplitude² N / 4 for a sinusoid
     share = 2.0 * power[best] / (n * var)

@@ -104,9 +104,9 @@ FUNCTIONS = [
     ("|x − 0.45|^1.5", "non-smooth", lambda x: _pow15(x)[0],
      lambda x: _pow15(x)[1]),
 ]  # fmt: skip
-NOISE = [0.001, 0.01, 0.05, 0.2]
+NOISE = [0.001, 0.02, 0.2]
 SIZES = [100]
-REPLICATES = 2
+REPLICATES = 1
 
 NO_TRUTH = [
     "gpgrad",
@@ -187,8 +187,8 @@ def _pynumdiff():
 #: minutes per data set
 def _spaces(pnd, quick):
     sp = {
-        pnd.rtsdiff: {"forwardbackward": {True}, "order": {1, 2, 3},
-                      "log_qr_ratio": [-3.0, 3.0, 9.0, 15.0]},
+        pnd.rtsdiff: {"forwardbackward": {False}, "order": {2, 3},
+                      "log_qr_ratio": [1.0, 7.0, 13.0]},
         pnd.splinediff: {"degree": {3, 5}, "s": [0.5, 1.0, 1.5]},
         pnd.savgoldiff: {"degree": [2, 3, 5], "window_size": [11, 31, 51],
                          "smoothing_win": [3, 11, 31]},

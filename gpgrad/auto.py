@@ -36,8 +36,8 @@ The search is staged so that it stays interactive: the base families are fitted
 once each on at most ``search_points`` observations (an evenly spread
 subset); refinements (an input warping, a linear trend, a periodic part when
 the data look periodic) are tried on the best bases only; members whose
-evidence trails the best by more than ``prune`` nats are dropped; only members
-close to the best get ``restarts`` starts. Long series are then conditioned
+evidence trails the best by more than ``prune`` nats are dropped; only the
+best member gets ``restarts`` starts. Long series are then conditioned
 on all the data at the searched hyperparameters. Each fit goes through
 ``GP(method=...)``, so when a linear-time state-space solver for 1-D Matérn
 kernels is picked by ``method="auto"``, long series use it without a change
@@ -502,23 +502,23 @@ def fit_auto(
         axes.
     candidates : list of Kernel or Candidate, or dict name -> Kernel, optional
         The kernels to try. Default: Matérn 3/2, 5/2 (7/2 when the package has
-        it), RBF and rational quadratic, then for the two best of them a
+        it), RBF and rational quadratic, then for the best of them a
         Kumaraswamy input warping, a linear trend and, for periodic 1-D data,
-        a periodic part (``refine``).
+        a periodic part, and the warping of the runner-up (``refine``).
     backend : {"numpy", "torch"}
         The members' backend (results are tensors with ``"torch"``).
     method : str
         The solver, as ``GP(method=...)``.
     restarts : int, default 2
-        Starts for the two best members when they are within ``prune / 3``
-        nats of the best; the others keep their single search start.
+        Starts for the best member (refitted on all data); the others keep
+        their single search start.
     seed : int
     ard : bool, optional
         Per-dimension lengthscales (default: when the inputs have more than one
         column).
     refine : bool, default True
-        Try the refinements of the two best base families (default candidates
-        only).
+        Try the refinements of the best base family and the warping of the
+        runner-up (default candidates only).
     periodic : bool or float, optional
         ``None`` detects a dominant period in 1-D value data
         (:func:`detect_period`); ``False`` never adds a periodic part; a
@@ -656,8 +656,10 @@ def fit_auto(
             ranked = sorted(
                 (v for v in tried.values() if v[1] is not None), key=lambda v: -v[2]
             )
-            for c, _, _ in ranked[:2]:
-                run(refinements(c, Xall, period=period))
+            # every refinement of the best base, the warping of the runner-up
+            for i, (c, _, _) in enumerate(ranked[:2]):
+                extra = refinements(c, Xall, period=period)
+                run(extra if i == 0 else [e for e in extra if e.name[:2] == "W("])
 
     ok = [(c, r, s) for c, r, s in tried.values() if r is not None]
     if not ok:
@@ -671,9 +673,9 @@ def fit_auto(
 
     members = []
     logN = math.log(N)
-    for rank, (c, res, s) in enumerate(keep):
-        if not subsampled and restarts > 1 and rank < 2 and s >= best_s - prune / 3:
-            # a close contender: worth more starts
+    for rank, (c, res, _) in enumerate(keep):
+        if not subsampled and restarts > 1 and rank == 0:
+            # the leader: worth more starts
             res2 = _fit_one(c, obs, restarts=restarts, **kw)
             if res2.log_marginal_likelihood >= res.log_marginal_likelihood:
                 res = res2

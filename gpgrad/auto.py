@@ -370,20 +370,36 @@ def mixture(preds, weights, *, full_cov=False) -> Prediction:
         ``mean = Σ w_k m_k``, ``var = Σ w_k v_k + Σ w_k (m_k − mean)²`` and,
         with ``full_cov``, ``cov = Σ w_k [C_k + (m_k − mean)(m_k − mean)ᵀ]``.
     """
-    xp = B.namespace(preds[0].mean)
-    w = [float(v) for v in weights]
-    mean = sum(wk * p.mean for wk, p in zip(w, preds))
-    var = sum(wk * (p.var + (p.mean - mean) ** 2) for wk, p in zip(w, preds))
-    cov = None
-    if full_cov:
-        shape = tuple(mean.shape)
-        size = int(np.prod(shape)) if shape else 1
-        cov = 0.0
-        for wk, p in zip(w, preds):
-            dm = xp.reshape(p.mean - mean, (size,))
-            outer = xp.reshape(dm[:, None] * dm[None, :], shape + shape)
-            cov = cov + wk * (p.cov + outer)
-    return Prediction(mean, var, cov)
+    return Prediction(source=_MixtureSource(preds, weights, full_cov))
+
+
+class _MixtureSource:
+    """Lazy moments of a mixture: reading ``mean`` reads only the members'
+    means (no member pays for its variances)."""
+
+    def __init__(self, preds, weights, full_cov):
+        self.preds = preds
+        self.w = [float(v) for v in weights]
+        self.full_cov = full_cov
+
+    def mean(self):
+        return sum(wk * p.mean for wk, p in zip(self.w, self.preds))
+
+    def moments(self):
+        preds, w = self.preds, self.w
+        xp = B.namespace(preds[0].mean)
+        mean = self.mean()
+        var = sum(wk * (p.var + (p.mean - mean) ** 2) for wk, p in zip(w, preds))
+        cov = None
+        if self.full_cov:
+            shape = tuple(mean.shape)
+            size = int(np.prod(shape)) if shape else 1
+            cov = 0.0
+            for wk, p in zip(w, preds):
+                dm = xp.reshape(p.mean - mean, (size,))
+                outer = xp.reshape(dm[:, None] * dm[None, :], shape + shape)
+                cov = cov + wk * (p.cov + outer)
+        return mean, var, cov
 
 
 # --------------------------------------------------------------------------

@@ -180,3 +180,16 @@ def test_validation_errors():
         estimate([0.0, np.nan, 1.0, 2.0], [1.0, 1.0, 2.0, 3.0])
     with pytest.raises(TypeError, match="t must be a 1-D array of numbers"):
         estimate("abc", y)
+
+
+def test_mixture_mean_does_not_read_member_variances():
+    class Source:
+        def mean(self):
+            return np.array([1.0])
+
+        def moments(self):
+            raise AssertionError("variances were computed")
+
+    p = Prediction(source=Source())
+    got = mixture([p, Prediction(np.array([3.0]), np.array([1.0]))], [0.5, 0.5])
+    np.testing.assert_allclose(got.mean, [2.0])

@@ -199,3 +199,11 @@ def test_warped_validation():
     with pytest.raises(ValueError, match="X has 3 columns but the Warped"):
         k(np.zeros((2, 3)))
     assert math.isinf(K.RBF().order) and k.order == 2
+
+
+def test_saving_a_warped_model_is_refused(tmp_path):
+    post = gpgrad.GP(K.Warped(K.RBF()), noise=1e-4).condition(
+        np.array([[0.2], [0.7]]), np.array([1.0, 2.0])
+    )
+    with pytest.raises(TypeError, match="cannot save a kernel of class"):
+        gpgrad.save(post, tmp_path / "m.gpgrad")

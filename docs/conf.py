@@ -13,8 +13,9 @@ ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))  # this checkout's gpgrad, not an installed one
 sys.path.insert(0, str(DOCS / "_ext"))
 
-import gpgrad  # noqa: E402
 import gpgrad_docs  # noqa: E402
+
+import gpgrad  # noqa: E402
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 gpgrad_docs.write_api_pages()

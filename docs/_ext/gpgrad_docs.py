@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import re
 import shutil
@@ -151,10 +152,14 @@ def write_gallery_sources() -> None:
         text = src.read_text(encoding="utf-8")
         m = re.match(r'(\s*(?:#.*\n)*\s*[rRuU]?""")([^\n]+)\n', text)
         if m:
-            title = m.group(2).strip()
+            title = m.group(2).strip().rstrip(".")
             text = (
-                text[: m.start(2)] + title + "\n" + "=" * len(title) + "\n"
-                + text[m.end():]
+                text[: m.start(2)]
+                + title
+                + "\n"
+                + "=" * len(title)
+                + "\n"
+                + text[m.end() :]
             )
         files[src.name] = text
     for name, text in files.items():
@@ -177,7 +182,9 @@ def reset_argv(gallery_conf, script_vars):
     args = ["--quick"] if "--quick" in text else []
     if '"--out"' in text:
         GALLERY_OUT.mkdir(parents=True, exist_ok=True)
-        args += ["--out", str(GALLERY_OUT / f"{src.stem}.png")]
+        # relative to the example's folder, where sphinx-gallery runs it
+        out = os.path.relpath(GALLERY_OUT / f"{src.stem}.png", src.parent)
+        args += ["--out", out]
     return args
 
 

@@ -57,6 +57,27 @@ def _top_level_names():
     return {id(getattr(gpgrad, n)): n for n in gpgrad.__all__}
 
 
+def _split_names(modname):
+    """A module's ``__all__`` as (names documented on its page, (name,
+    top-level name) pairs re-exported by ``gpgrad``, submodules)."""
+    mod = _module(modname)
+    top = _top_level_names() if modname != "gpgrad" else {}
+    own, linked, modules = [], [], []
+    for name in mod.__all__:
+        obj = getattr(mod, name)
+        if type(obj).__name__ == "module":
+            modules.append(obj.__name__)
+        elif id(obj) in top:
+            linked.append((name, top[id(obj)]))
+        else:
+            own.append(name)
+    return own, linked, modules
+
+
+def _own_names(modname):
+    return _split_names(modname)[0]
+
+
 def _title(text):
     return f"{text}\n{'=' * len(text)}\n"
 
@@ -69,16 +90,7 @@ def api_page(modname: str) -> str:
     parent, _, last = modname.rpartition(".")
     # gpgrad.fit is also the name of a function: index only the function
     shadowed = parent and getattr(_module(parent), last, None) is not mod
-    top = _top_level_names() if modname != "gpgrad" else {}
-    own, linked, modules = [], [], []
-    for name in mod.__all__:
-        obj = getattr(mod, name)
-        if type(obj).__name__ == "module":
-            modules.append(obj.__name__)
-        elif id(obj) in top:
-            linked.append((name, top[id(obj)]))
-        else:
-            own.append(name)
+    own, linked, modules = _split_names(modname)
     lines = [f".. _api-{modname}:", "", _title(f"``{modname}``")]
     lines += [f".. automodule:: {modname}", "   :no-members:"]
     if shadowed:
@@ -121,6 +133,11 @@ def write_api_pages(outdir: Path | None = None) -> list[str]:
             path.write_text(text, encoding="utf-8")
     for old in outdir.glob("gpgrad*.rst"):
         if old.name not in pages:
+            old.unlink()
+    # autosummary never deletes the page of a name that left __all__
+    stubs = {f"{m}.{n}.rst" for m in mods for n in _own_names(m)}
+    for old in (outdir / "generated").glob("*.rst"):
+        if old.name not in stubs:
             old.unlink()
     return mods
 

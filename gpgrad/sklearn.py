@@ -82,9 +82,9 @@ class GradientGPRegressor(RegressorMixin, BaseEstimator):
     Parameters
     ----------
     kernel : gpgrad.kernels.Kernel, optional
-        The prior covariance; its structure is kept and its hyperparameters
-        are the starting point of nothing (the fit starts from the data) unless
-        listed in ``fixed``. Default ``gpgrad.kernels.RBF()``.
+        The prior covariance (default ``gpgrad.kernels.RBF()``). The fit keeps
+        its structure and starts from the data, so its hyperparameter values
+        matter only for those listed in ``fixed`` or with ``optimizer=None``.
     noise : "fit" or float, default "fit"
         Noise variance of the values: fitted, or fixed at this value.
     gradient_noise : "fit" or float, default "fit"

@@ -449,12 +449,15 @@ def _split(model):
 def _affine(transformer, X, Z):
     """``A`` (d, k), ``b`` (k,) with ``transformer(x) = x A + b``, checked on X."""
     d = X.shape[1]
-    basis = transformer.transform(np.vstack([np.zeros(d), np.eye(d)]))
+    basis = transformer.transform(
+        _like_fit(transformer, np.vstack([np.zeros(d), np.eye(d)]))
+    )
     basis = np.asarray(basis, dtype=np.float64)
     b = basis[0]
     A = basis[1:] - b
     probe = np.vstack([X[:8], 0.5 * X[:8] + 0.25])
-    got = np.vstack([Z[:8], np.asarray(transformer.transform(probe[len(Z[:8]) :]))])
+    more = transformer.transform(_like_fit(transformer, probe[len(Z[:8]) :]))
+    got = np.vstack([Z[:8], np.asarray(more)])
     want = probe @ A + b
     scale = np.max(np.abs(got)) + np.max(np.abs(want)) + 1e-300
     err = float(np.max(np.abs(got - want)))
@@ -465,6 +468,17 @@ def _affine(transformer, X, Z):
             f"chain rule; got a map that deviates from affine by {err:.3g}"
         )
     return A, b
+
+
+def _like_fit(transformer, arr):
+    """``arr`` as a DataFrame with the column names the transformer was
+    fitted with (so that scikit-learn does not warn about missing names)."""
+    names = getattr(transformer, "feature_names_in_", None)
+    if names is None:
+        return arr
+    import pandas as pd
+
+    return pd.DataFrame(arr, columns=names)
 
 
 def _gradients_to_inputs(A, dy):
@@ -536,7 +550,7 @@ def _transformed(model, X):
     if transformer is None:
         return None, est, X, None
     Xa = check_array(X, dtype=np.float64)
-    Z = np.asarray(transformer.transform(Xa), dtype=np.float64)
+    Z = np.asarray(transformer.transform(X), dtype=np.float64)
     A, _ = _affine(transformer, Xa, Z)
     return transformer, est, Z, A
 

@@ -191,6 +191,19 @@ def test_pipeline_rotation_equals_gp_on_raw_inputs():
         fit_with_gradients(pipe, X, y, dy)
 
 
+def test_pipeline_with_dataframe_inputs():
+    pd = pytest.importorskip("pandas")
+    X, y = _data(12)
+    df = pd.DataFrame(X, columns=["t", "u"])
+    kw = dict(optimizer=None, noise=1e-4)
+    pipe = make_pipeline(StandardScaler(), GradientGPRegressor(**kw)).fit(df, y)
+    ref = make_pipeline(StandardScaler(), GradientGPRegressor(**kw)).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning about feature names
+        g = predict_gradient(pipe, df.iloc[:3])
+    np.testing.assert_allclose(g, predict_gradient(ref, X[:3]))
+
+
 def test_pipeline_errors():
     X, y = _data(10)
     poly = make_pipeline(

@@ -18,7 +18,7 @@ import gpgrad_docs  # noqa: E402
 import gpgrad  # noqa: E402
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-gpgrad_docs.write_api_pages()
+API_MODULES = gpgrad_docs.write_api_pages()
 gpgrad_docs.write_gallery_sources()
 
 project = "gpgrad"
@@ -44,7 +44,9 @@ templates_path = ["_templates"]
 myst_enable_extensions = ["dollarmath", "colon_fence"]
 myst_heading_anchors = 3
 
-autosummary_generate = True
+# the API pages by name: with True, autosummary scans only the pages the
+# previous build knew, and a new module's page would miss its stubs
+autosummary_generate = [f"api/{m}.rst" for m in API_MODULES]
 autosummary_imported_members = True
 autodoc_default_options = {"members": True, "inherited-members": False}
 autodoc_typehints = "none"

@@ -76,7 +76,8 @@ def _md_pages():
 @pytest.mark.parametrize("page", _md_pages(), ids=lambda p: p.name)
 def test_docs_python_examples_run(page, tmp_path, monkeypatch):
     # ```python blocks run in order in one namespace per page (as a reader
-    # would); ```py blocks are shown only (large, or need a GPU or a file)
+    # would); ```py blocks are shown only (large, or need a GPU, several
+    # processes or a file): a page's author chooses by the fence
     pytest.importorskip("sklearn")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPLBACKEND", "Agg")

@@ -10,7 +10,7 @@ kernel                 form                        mean-square differentiable
 ``Matern32``           Matérn ν = 3/2              once (gradients)
 ``Matern12``           ``σ² exp(−√(2s))``          never (values only)
 ``RationalQuadratic``  ``σ² (1 + s/α)^(−α)``       any order
-``Periodic``           ``σ² exp(−Σ 2sin²(πδ/p)/ℓ²)``  any order
+``Periodic``           ``σ² exp(−2Σsin²(…)/ℓ²)``   any order
 ``Linear``             ``σ² xᵀPx'``                any order
 ``Polynomial``         ``σ² (xᵀPx' + c)^p``        any order
 ``Constant``           ``σ²``                      any order

@@ -10,10 +10,11 @@ kernel                 form                        mean-square differentiable
 ``Matern32``           Matérn ν = 3/2              once (gradients)
 ``Matern12``           ``σ² exp(−√(2s))``          never (values only)
 ``RationalQuadratic``  ``σ² (1 + s/α)^(−α)``       any order
-``Periodic``           ``σ² exp(−Σ 2sin²(πδ/p)/ℓ²)``  any order
+``Periodic``           ``σ² exp(−2Σsin²(…)/ℓ²)``   any order
 ``Linear``             ``σ² xᵀPx'``                any order
 ``Polynomial``         ``σ² (xᵀPx' + c)^p``        any order
 ``Constant``           ``σ²``                      any order
+``Warped``             ``k(u(x), u(x'))``          as ``k``, at most twice
 =====================  ==========================  ==========================
 
 with ``s = ½ (x − x')ᵀ P (x − x')`` and ``P = diag(ℓ⁻²)``. Kernels combine with
@@ -32,6 +33,7 @@ from .stationary import (
     Matern72,
     RationalQuadratic,
 )
+from .warping import Warped
 
 __all__ = [
     "Kernel",
@@ -49,4 +51,5 @@ __all__ = [
     "Scale",
     "Sum",
     "Product",
+    "Warped",
 ]

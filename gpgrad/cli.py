@@ -425,9 +425,9 @@ def _cg_cost(rows, n_obs, d, state):
 
 
 def _statespace_cost(rows, n_obs, d, state):
-    # a Kalman filter and smoother: a few state-sized arrays per row, kept
-    # for the backward pass
-    memory = 64 * 8 * rows * state * state
+    # a Kalman filter and smoother: about a dozen state-sized matrices per
+    # row, kept for the backward pass (to be calibrated against the solver)
+    memory = 12 * 8 * rows * state * state
     seconds = 2e-6 * rows * state**3
     return memory, seconds
 
@@ -555,9 +555,9 @@ class Plan:
 
     def describe(self):
         return (
-            f"{self.rows:,} rows, {self.kernel}, "
+            f"{self.rows:,} rows ({self.kernel}, "
             f"{_METHOD_NAMES.get(self.method, self.method)}, {self.restarts} "
-            f"start{'s' if self.restarts > 1 else ''}"
+            f"start{'s' if self.restarts > 1 else ''})"
         )
 
 
@@ -624,7 +624,7 @@ def plan_fit(kernel, X, observations, restarts, path="the data"):
         way += " or use --kernel matern32 or matern52, which fit one input column in "
         way += "linear time"
     raise CLIError(
-        f"{path!r} has {rows:,} rows: fitting them ({plan.describe()}) needs about "
+        f"{path!r}: fitting {plan.describe()} needs about "
         f"{_fmt_bytes(cost.memory)} of memory but {_fmt_bytes(avail)} is "
         f"available; {way}"
     )
@@ -1082,9 +1082,9 @@ def _run_fit(plan, observations, *, restarts, seed, quiet, path):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CLIError(
-            f"ran out of memory fitting {path!r} ({plan.describe()}; estimated "
-            f"{_fmt_bytes(plan.cost.memory)}, {_fmt_bytes(plan.available)} was "
-            f"available): {first}; fit fewer rows"
+            f"ran out of memory fitting {path!r}, {plan.describe()}: {first} "
+            f"(estimated need {_fmt_bytes(plan.cost.memory)}, available "
+            f"{_fmt_bytes(plan.available)}); fit fewer rows"
         ) from None
     progress.done()
     return model
@@ -1117,8 +1117,8 @@ def _estimate_cmd(a, out):
         outputs.add("--out", a.out)
         if a.plot is not None:
             _pyplot()
-            _plot_format(a.plot)
             outputs.add("--plot", a.plot)
+            _plot_format(a.plot)
         data = Table(a.data, "data file", delim)
         points = None if a.at is None else Table(a.at, "points file", delim)
         X = data.numbers(names)

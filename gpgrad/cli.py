@@ -245,6 +245,7 @@ class Table:
     def __init__(self, path, what="data file", delimiter=","):
         self.path, self.what, self.delimiter = path, what, delimiter
         self._rows = None  # the slow path's rows: (line number, cells)
+        self._fast_cols = None  # the fast path's columns by index
         self._text = {}  # column name -> list of str
         try:
             with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -280,17 +281,20 @@ class Table:
                     break
         raise CLIError(msg)
 
-    def numbers(self, names, missing_ok=False):
+    def numbers(self, names, missing_ok=False, *, also=()):
         """The named columns as floats, (rows, len(names)).
 
         Empty cells are NaN where ``missing_ok``, an error otherwise; a cell
-        that is not a finite number is an error naming its line.
+        that is not a finite number is an error naming its line. Columns named
+        in ``also`` are parsed in the same pass, for later calls.
         """
         idx = [self.index(n) for n in names]
         if self._rows is None:
-            fast = self._fast(idx)
-            if fast is not None:
-                return fast
+            if self._fast_cols is None:
+                want = sorted(set(idx) | {self.index(n) for n in also})
+                self._fast_cols = self._fast(want) or {}
+            if all(j in self._fast_cols for j in idx):
+                return np.column_stack([self._fast_cols[j] for j in idx])
             self._rows = self._read_rows()
         return self._slow(idx, names, missing_ok)
 
@@ -299,10 +303,20 @@ class Table:
         idx = [self.index(n) for n in names]
         if self._rows is None:
             self._rows = self._read_rows()
-        cols = [[cells[j].strip() for _, cells in self._rows] for j in idx]
-        check = np.array(cols, dtype=float).T if cols[0] else np.empty((0, len(idx)))
+        cols = [
+            [cells[j].strip() if j < len(cells) else "" for _, cells in self._rows]
+            for j in idx
+        ]
+        try:
+            check = np.array(cols, dtype=float).T.reshape(-1, len(idx))
+        except ValueError:
+            check = None
         # the fast parser may differ from Python's float() in the last bit
-        if check.shape != values.shape or not np.allclose(check, values, 1e-12, 0):
+        if (
+            check is None
+            or check.shape != values.shape
+            or not np.allclose(check, values, 1e-12, 0)
+        ):
             raise CLIError(
                 f"{self.what} {self.path!r} changed while gpgrad was reading it; "
                 "run again"
@@ -310,7 +324,8 @@ class Table:
         return cols
 
     def _fast(self, idx):
-        """pandas' C parser when every cell is a finite number, else None."""
+        """``{column index: floats}`` by pandas' C parser when every cell of
+        the columns ``idx`` (sorted) is a finite number, else None."""
         try:
             import pandas as pd
         except ImportError:  # pragma: no cover - pandas is optional
@@ -326,12 +341,12 @@ class Table:
                 skip_blank_lines=True,
                 engine="c",
             )
-            a = df.to_numpy(dtype=float)[:, np.argsort(np.argsort(idx))]
+            a = df.to_numpy(dtype=float)
         except Exception:  # any doubt: the exact slow path decides
             return None
-        if a.ndim != 2 or not np.all(np.isfinite(a)):
+        if a.shape[1] != len(idx) or not np.all(np.isfinite(a)):
             return None
-        return a
+        return dict(zip(idx, a.T))
 
     def _read_rows(self):
         try:
@@ -525,8 +540,10 @@ def _fmt_bytes(n):
 def _fmt_time(s):
     if s < 60:
         return f"{s:.0f} s"
-    if s < 3600:
+    if s < 600:
         return f"{s // 60:.0f} min {s % 60:.0f} s"
+    if s < 3600:
+        return f"{s / 60:.0f} min"
     if s < 86400 * 2:
         return f"{s / 3600:.1f} h"
     return f"{s / 86400:.0f} days"
@@ -617,7 +634,7 @@ def plan_fit(kernel, X, observations, restarts, path="the data"):
             method, mid, restarts, kernel, d=d, n_obs=int(mid * per_row)
         ).memory
         lo, hi = (mid, hi) if need <= MEMORY_FRACTION * avail else (lo, mid)
-    way = f"fit at most about {lo:,} rows (e.g. every {math.ceil(rows / lo)}th row)"
+    way = f"fit at most about {lo:,} rows (e.g. one row in {math.ceil(rows / lo)})"
     from .solvers.select import METHODS
 
     if not ss and "statespace" in METHODS and d == 1:
@@ -781,6 +798,7 @@ class Progress:
             f"fitting {self.plan.describe()}: needs about {_fmt_bytes(c.memory)} "
             f"of {_fmt_bytes(self.plan.available)} available, roughly "
             f"{_fmt_time(c.seconds)}"
+            + ("; Ctrl-C stops it and writes nothing" if c.seconds > 600 else "")
         )
 
     def __call__(self, start, evaluation, lml):
@@ -1121,7 +1139,7 @@ def _estimate_cmd(a, out):
             _plot_format(a.plot)
         data = Table(a.data, "data file", delim)
         points = None if a.at is None else Table(a.at, "points file", delim)
-        X = data.numbers(names)
+        X = data.numbers(names, also=[a.y, *(a.dy or [])])
         y = data.numbers([a.y])[:, 0]
         G = None if a.dy is None else data.numbers(a.dy, missing_ok=True)
         _check_inputs(X, names, a.data)

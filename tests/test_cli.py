@@ -425,7 +425,9 @@ def test_a_fit_too_big_for_memory_is_refused_fast(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(cli, "available_memory", lambda: 12_000_000_000)
     data = _column_file(tmp_path / "big.csv", 20_000)
     out = tmp_path / "o.csv"
-    args = ["estimate", data, "--x", "t", "--y", "y", "--out", str(out)]
+    # rbf: no linear-time state-space form, so the fit is a dense one
+    args = ["estimate", data, "--x", "t", "--y", "y", "--kernel", "rbf"]
+    args += ["--out", str(out)]
     line = _refused(capsys, args, "20,000 rows")
     assert "needs about" in line and "11.2 GiB is available" in line
     assert "fit at most about" in line
@@ -434,23 +436,32 @@ def test_a_fit_too_big_for_memory_is_refused_fast(tmp_path, capsys, monkeypatch)
 
 @pytest.mark.slow
 def test_a_million_rows_end_within_ten_seconds(tmp_path):
+    """Refused, or fitted, or (a long linear-time fit) announced with its
+    estimate and stopped cleanly by Ctrl-C: never killed, never silent."""
+    import signal
     import time
 
     data = _column_file(tmp_path / "big.csv", 1_000_000)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     t0 = time.perf_counter()
-    r = subprocess.run(
+    p = subprocess.Popen(
         [sys.executable, "-m", "gpgrad", "estimate", data, "--x", "t", "--y", "y",
          "--out", str(tmp_path / "o.csv")],
-        capture_output=True, text=True, env=env, timeout=60,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
+    first = p.stderr.readline()  # a refusal or the fit's first progress line
     elapsed = time.perf_counter() - t0
+    if p.poll() is None and first.startswith("gpgrad: fitting 1,000,000 rows"):
+        p.send_signal(signal.SIGINT)
+    _, rest = p.communicate(timeout=60)
     assert elapsed < 10, elapsed
-    if r.returncode == 2:  # until a linear-time solver fits it
-        assert r.stderr.count("\n") == 1 and "1,000,000 rows" in r.stderr
-        assert "of memory but" in r.stderr
+    if p.returncode == 2:
+        assert rest == "" and "1,000,000 rows" in first and "of memory but" in first
+    elif p.returncode == 130:
+        assert rest.strip().endswith("interrupted; no output was written")
+        assert sorted(os.listdir(tmp_path)) == ["big.csv"]
     else:
-        assert r.returncode == 0, r.stderr
+        assert p.returncode == 0, first + rest
 
 
 def test_cost_table_scales_by_method():
@@ -535,9 +546,8 @@ def test_progress_on_stderr_and_quiet(tmp_path, capsys, monkeypatch):
     args += ["--out", str(tmp_path / "o.csv")]
     assert main(args, out=io.StringIO()) == 0
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith(
-        "gpgrad: fitting 8 rows (matern52, dense Cholesky, 2 starts)"
-    )
+    assert err[0].startswith("gpgrad: fitting 8 rows (matern52, ")
+    assert "2 starts)" in err[0]
     assert "available, roughly" in err[0]
     step = [e for e in err if "log marginal likelihood" in e]
     assert step and "start 2/2" in step[-1] and "log marginal likelihood" in step[-1]

@@ -387,7 +387,7 @@ class Table:
         return out
 
 
-def read_table(path, what="data file", delimiter=","):
+def read_table(path: str, what: str = "data file", delimiter: str = ",") -> Table:
     """Open a CSV file for :class:`Table`'s column reads, or :class:`CLIError`."""
     return Table(path, what, delimiter)
 
@@ -424,9 +424,10 @@ _FLOPS = 1e10
 
 
 def _dense_cost(rows, n_obs, d, state):
-    # autograd keeps about twenty N_obs² float64 arrays (kernel, its inputs,
-    # the factor and their gradients): 1.0 GiB measured at 2,000 rows
-    memory = 20 * 8 * n_obs**2
+    # autograd keeps up to ~28 N_obs² float64 arrays (kernel, its inputs, the
+    # factor and their gradients): 895-981 MiB measured at 2,000 rows, 1.15 GiB at
+    # 3,000 (benchmarks/cli_sizing.py)
+    memory = 28 * 8 * n_obs**2
     seconds = (1.5 * n_obs**3 + 200.0 * (d + 1) * n_obs**2) / _FLOPS
     return memory, seconds
 
@@ -582,7 +583,7 @@ def _statespace_applies(kernel, X, observations):
     """Whether the state-space solver exists and accepts this problem."""
     from .solvers.select import METHODS
 
-    if "statespace" not in METHODS or X.shape[1] != 1:
+    if "statespace" not in METHODS or X.shape[1] != 1 or kernel not in KERNELS:
         return False
     import gpgrad
 
@@ -603,7 +604,9 @@ def _head(obs, m):
     return getattr(gpgrad, kind)(*[a[:m] for a in args])
 
 
-def plan_fit(kernel, X, observations, restarts, path="the data"):
+def plan_fit(
+    kernel: str, X: np.ndarray, observations: list, restarts: int, path: str = "data"
+) -> Plan:
     """Choose the solver and check the fit's size before any work.
 
     Returns
@@ -637,7 +640,7 @@ def plan_fit(kernel, X, observations, restarts, path="the data"):
     way = f"fit at most about {lo:,} rows (e.g. one row in {math.ceil(rows / lo)})"
     from .solvers.select import METHODS
 
-    if not ss and "statespace" in METHODS and d == 1:
+    if not ss and "statespace" in METHODS and d == 1 and kernel not in _STATE:
         way += " or use --kernel matern32 or matern52, which fit one input column in "
         way += "linear time"
     raise CLIError(
@@ -685,15 +688,23 @@ class Fitted:
 
 
 def fit_model(
-    kernel, observations, *, d, restarts=3, seed=0, method="auto", progress=False
+    kernel: str,
+    observations: list,
+    *,
+    d: int,
+    restarts: int = 3,
+    seed: int = 0,
+    method: str = "auto",
+    progress=False,
 ) -> Fitted:
     """Fit the model named by ``--kernel`` to the observations.
 
     Parameters
     ----------
     kernel : str
-        A key of :data:`KERNELS`. Other models (an average over kernels)
-        plug in here: anything returning a :class:`Fitted`.
+        A key of :data:`KERNELS`. A model that is not one kernel (an average
+        over kernels, ``--kernel auto``) is one more branch here returning a
+        :class:`Fitted`, plus its name in the parser's ``--kernel`` choices.
     observations : list of (str, tuple)
         From :func:`_observations`.
     d : int
@@ -725,7 +736,9 @@ def fit_model(
     return Fitted(res.posterior, res.summary(), notes, k.order)
 
 
-def predict_table(model, P, names, *, hessian=False, text=None):
+def predict_table(
+    model: Fitted, P: np.ndarray, names: list, *, hessian: bool = False, text=None
+) -> dict:
     """Output columns at points ``P`` (m, d), predicted in chunks.
 
     ``text`` (list of d lists of str) replaces the input columns by their
@@ -1093,8 +1106,9 @@ def _run_fit(plan, observations, *, restarts, seed, quiet, path):
             method=plan.method,
             progress=progress,
         )
-    except NotPositiveDefiniteError as e:
-        raise CLIError(f"the fit failed: {e}") from None
+    except (NotPositiveDefiniteError, ValueError) as e:
+        # the library's own refusals name what was expected and what was given
+        raise CLIError(f"the fit failed: {str(e).splitlines()[0]}") from None
     except (MemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):
             raise
@@ -1148,8 +1162,7 @@ def _estimate_cmd(a, out):
             at = points.numbers(names)
             if at.shape[0] == 0:
                 raise CLIError(f"points file {a.at!r} has no data rows")
-        model_check = _make_kernel(a.kernel)
-        if a.hessian and model_check.order < 2:
+        if a.hessian and a.kernel in KERNELS and _make_kernel(a.kernel).order < 2:
             raise CLIError(
                 f"--hessian needs a twice differentiable kernel; {a.kernel} is only "
                 "once: use --kernel matern52, rbf or rq"

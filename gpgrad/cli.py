@@ -26,6 +26,7 @@ Guarantees:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -1091,9 +1092,27 @@ def _check_inputs(X, names, path):
             )
 
 
-def _run_fit(plan, observations, *, restarts, seed, quiet, path):
-    """The fit, with allocation failures reported as memory."""
-    from .exceptions import NotPositiveDefiniteError, is_out_of_memory
+@contextlib.contextmanager
+def _memory_errors(plan, path):
+    """Report an allocation failure inside as memory, on one line."""
+    from .exceptions import is_out_of_memory
+
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CLIError(
+            f"ran out of memory fitting {path!r}, {plan.describe()}: {first} "
+            f"(estimated need {_fmt_bytes(plan.cost.memory)}, available "
+            f"{_fmt_bytes(plan.available)}); fit fewer rows"
+        ) from None
+
+
+def _run_fit(plan, observations, *, restarts, seed, quiet):
+    """The fit, with progress lines on stderr."""
+    from .exceptions import NotPositiveDefiniteError
 
     progress = Progress(plan, quiet=quiet)
     try:
@@ -1109,15 +1128,6 @@ def _run_fit(plan, observations, *, restarts, seed, quiet, path):
     except (NotPositiveDefiniteError, ValueError) as e:
         # the library's own refusals name what was expected and what was given
         raise CLIError(f"the fit failed: {str(e).splitlines()[0]}") from None
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CLIError(
-            f"ran out of memory fitting {path!r}, {plan.describe()}: {first} "
-            f"(estimated need {_fmt_bytes(plan.cost.memory)}, available "
-            f"{_fmt_bytes(plan.available)}); fit fewer rows"
-        ) from None
     progress.done()
     return model
 
@@ -1169,17 +1179,19 @@ def _estimate_cmd(a, out):
             )
         observations = _observations(X, y, G)
         plan = plan_fit(a.kernel, X, observations, a.restarts, a.data)
-        model = _run_fit(
-            plan, observations, restarts=a.restarts, seed=a.seed, quiet=a.quiet,
-            path=a.data,
-        )  # fmt: skip
         source, P = (data, X) if at is None else (points, at)
-        table = predict_table(
-            model, P, names, hessian=a.hessian, text=source.text(names, P)
-        )
+        with _memory_errors(plan, a.data):
+            model = _run_fit(
+                plan, observations, restarts=a.restarts, seed=a.seed, quiet=a.quiet
+            )
+            table = predict_table(
+                model, P, names, hessian=a.hessian, text=source.text(names, P)
+            )
+            grid = None
+            if a.plot is not None and len(names) == 1:
+                grid = _grid_table(model, X, at, names)
         write_table(outputs, a.out, table)
         if a.plot is not None:
-            grid = _grid_table(model, X, at, names) if len(names) == 1 else None
             plot(
                 outputs, a.plot, X, y, names, table, ylabel=a.y, G=G, grid=grid,
                 at=at,
@@ -1224,9 +1236,8 @@ def _demo_cmd(a, out):
         y = data.numbers(["signal"])[:, 0]
         observations = _observations(X, y)
         plan = plan_fit("matern52", X, observations, 3, DEMO_FILE)
-        model = _run_fit(
-            plan, observations, restarts=3, seed=0, quiet=a.quiet, path=DEMO_FILE
-        )
+        with _memory_errors(plan, DEMO_FILE):
+            model = _run_fit(plan, observations, restarts=3, seed=0, quiet=a.quiet)
         grid = np.linspace(X.min(), X.max(), 201)[:, None]
         table = predict_table(model, grid, ["time"])
         t = grid[:, 0]

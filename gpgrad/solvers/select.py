@@ -29,10 +29,12 @@ from __future__ import annotations
 import math
 
 from .. import backend as B
+from .. import distributed
 from ..covariance import batch_shape
 from .dense import DenseCholeskySolver
 from .iterative import CG, IterativeSolver
 from .matfree import GramOperator, unsupported_reason
+from .partitioned import PartitionedOperator
 from .woodbury import woodbury_solver, woodbury_unsupported_reason
 
 __all__ = [
@@ -163,7 +165,11 @@ def _iterative(gp, blocks, noise, options):
         raise ValueError(
             f"method='cg' cannot be used here: {reason}; use method='cholesky'"
         )
-    return IterativeSolver(GramOperator(gp.kernel, blocks, noise), options)
+    op = GramOperator(gp.kernel, blocks, noise)
+    part = distributed.current()
+    if part is not None:
+        op = PartitionedOperator(op, part)
+    return IterativeSolver(op, options)
 
 
 def _guard(need, like, n_obs, gp, blocks, noise):

@@ -49,7 +49,9 @@ import warnings
 import numpy as np
 
 from .. import backend as B
+from ..covariance import covariance
 from ..exceptions import GPGradWarning
+from .base import Solver
 from .matfree import GramOperator
 from .precondition import (
     Identity,
@@ -267,13 +269,11 @@ def auto_preconditioner(op, sample=256, seed=0):
     return None if B.to_float(xp.min(corr)) > SMOOTH_CORRELATION else "jacobi"
 
 
-class IterativeSolver:
+class IterativeSolver(Solver):
     """``(K + Σ)⁻¹`` by preconditioned conjugate gradients (``method="cg"``).
 
-    Implements the solver interface of :class:`gpgrad.Posterior` (``solve``,
-    ``quad_factors``, ``logdet``) and its optional hooks ``cross`` and
-    ``cross_mean`` (posterior means at query points from the weights,
-    matrix-free in O(N M D)).
+    A :class:`~gpgrad.solvers.base.Solver` whose ``cross_mean`` (posterior
+    means at query points from the weights) is matrix-free, O(N M D).
 
     In torch, ``solve`` is differentiable: the returned ``x`` equals the CG
     solution and its gradient is that of the exact ``(K + Σ)⁻¹ R`` (one more
@@ -283,9 +283,9 @@ class IterativeSolver:
     method = "cg"
 
     def __init__(self, op: GramOperator, options: CG | None = None):
+        super().__init__(op.kernel, op.blocks, op.noise)
         self.op = op
         self.opts = options or CG()
-        self.xp = op.xp
         self.N = op.N
         # CG converges in at most N steps in exact arithmetic; the cap only
         # stops a stagnating run (round-off), it is not a time budget
@@ -546,14 +546,12 @@ class IterativeSolver:
         """``K_{QL} α`` (…, M) matrix-free."""
         return self.op.cross_matmul(qblocks, alpha[..., None])[..., 0]
 
-    def cross(self, kernel, blocks, qblocks, alpha, joint=False):
-        """Mean (…, M) and quadratic-form factors for the posterior."""
-        from ..covariance import covariance
-
+    def cross(self, qblocks, alpha, joint=False):
+        """Mean (…, M) matrix-free and quadratic-form factors for the posterior."""
         mean = self.cross_mean(qblocks, alpha)
-        Ks = covariance(kernel, blocks, qblocks)
+        Ks = covariance(self.kernel, self.blocks, qblocks)
         P, Q = self.quad_factors(Ks)
-        return mean, P, Q, Ks
+        return mean, P, Q
 
     def logdet(self):
         """Preconditioned stochastic Lanczos quadrature estimate of

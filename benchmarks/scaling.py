@@ -299,7 +299,7 @@ def part_crossover(args):
     """Dense Cholesky against CG, condition + gradient mean at 100 points,
     values and gradients observed, ℓ = 0.5√D; the automatic choice beside."""
     rows = []
-    grid = {50: [40, 80, 160, 240], 10: [200, 400, 800, 1100]}
+    grid = {50: [40, 80, 160], 10: [200, 400, 800]}
     if args.quick:
         grid = {50: [20, 40], 10: [50, 100]}
     for D, Ns in grid.items():

@@ -392,7 +392,7 @@ def test_cg_default_path_converges_on_a_smooth_kernel():
     assert solver.preconditioner is None
     r = post._r[:, None]
     res = np.linalg.norm(r - solver.op.matmul(post._alpha[:, None]))
-    assert res / np.linalg.norm(r) <= CG().tol
+    assert res / np.linalg.norm(r) <= solver.tol == 1e-8
     ref = gpgrad.GP(kernel, noise=1e-4, method="cholesky").condition(*obs)
     assert _rel(post.gradient(Xs).mean, ref.gradient(Xs).mean) < 1e-6
 
@@ -508,3 +508,16 @@ def test_cg_variances_at_n300_d20_match_dense():
     g, gr = post.gradient(Xs), ref.gradient(Xs)
     assert _rel(g.mean, gr.mean) < 1e-6
     assert np.max(np.abs(g.var - gr.var) / gr.var) < 1e-2
+
+
+def test_memory_guard_refuses_matrix_free_before_allocating(monkeypatch):
+    X, _ = _problem(N=10)
+    obs = [gpgrad.values(X, _f(X)), gpgrad.gradients(X, _g(X))]
+    monkeypatch.setattr(select, "available_memory", lambda like=None: 1000)
+    monkeypatch.setattr(select, "MATFREE_GUARD_MIN_BYTES", 0)
+    # values and gradients at the same 10 points: one 10×10 set of profiles
+    assert select.matfree_memory(10, 8) == 3520 > 1000
+    with pytest.raises(
+        select.InsufficientMemoryError, match="profile matrices for 10 points need"
+    ):
+        gpgrad.GP(K.RBF(), noise=1e-3, method="cg").condition(*obs)

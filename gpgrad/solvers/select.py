@@ -42,6 +42,7 @@ __all__ = [
     "available_memory",
     "dense_memory",
     "AUTO_DENSE_MAX_ROWS",
+    "matfree_memory",
 ]
 
 
@@ -60,6 +61,9 @@ METHODS = _Methods(("auto", "cholesky", "cg", "woodbury"))
 #: ``"auto"`` uses dense Cholesky up to this many rows (when it fits in memory):
 #: beyond it a dense factorization takes minutes on a few CPU cores
 AUTO_DENSE_MAX_ROWS = 12_000
+
+#: the matrix-free solver's memory is checked only above this many bytes
+MATFREE_GUARD_MIN_BYTES = 1 << 26
 
 #: fraction of the available memory a dense matrix may take under ``"auto"``
 AUTO_MEMORY_FRACTION = 0.5
@@ -163,7 +167,33 @@ def _iterative(gp, blocks, noise, options):
         raise ValueError(
             f"method='cg' cannot be used here: {reason}; use method='cholesky'"
         )
-    return IterativeSolver(GramOperator(gp.kernel, blocks, noise), options)
+    like = blocks[0].X
+    op = GramOperator(gp.kernel, blocks, noise)  # allocates no N×N array yet
+    n_pts = sum(int(g.X.shape[-2]) for g in op.groups)
+    batch = math.prod(batch_shape(gp.kernel, blocks)) or 1
+    need = matfree_memory(n_pts, _itemsize(like), batch)
+    avail = available_memory(like) if need > MATFREE_GUARD_MIN_BYTES else need
+    if need > avail:
+        raise InsufficientMemoryError(
+            f"the matrix-free solver's profile matrices for {n_pts} points need "
+            f"{_fmt(need)} but only {_fmt(avail)} is available"
+            + (" on the CUDA device" if _on_cuda(like) else "")
+            + "; use fewer points or a smaller batch"
+        )
+    return IterativeSolver(op, options)
+
+
+def matfree_memory(n_points: int, itemsize: int, batch: int = 1) -> int:
+    """Bytes the matrix-free CG solver needs: three N×N profile matrices plus
+    one N×N temporary of the product, N the number of distinct points.
+
+    .. math:: \\text{bytes} ≈ 4.4 · \\text{batch} · N^2 · \\text{itemsize}
+    """
+    return int(4.4 * batch * n_points * n_points * itemsize)
+
+
+def _on_cuda(like):
+    return B.is_tensor(like) and like.device.type == "cuda"
 
 
 def _guard(need, like, n_obs, gp, blocks, noise):

@@ -649,37 +649,54 @@ def block_galerkin(matmul, Ks, *, tol=1e-8, max_dim=None):
     max_dim = N if max_dim is None else min(max_dim, N)
     knorm = xp.sqrt(xp.sum(Ks * Ks, axis=-2))
     knorm = xp.where(knorm > 0, knorm, xp.ones_like(knorm))
-    Qs, AQs = [], []
-    products = 0
-    steps = 0
-    block = Ks
+    tr = B.matrix_transpose
+    Qall = _orthonormal_block(xp, Ks, None)
+    T = QK = F = None
+    products = steps = 0
     worst = float("inf")
-    F = None
-    while True:
-        Qall = xp.concat(Qs, axis=-1) if Qs else None
-        Qn = _orthonormal_block(xp, block, Qall)
-        if Qn is None:
-            break
+    while Qall is not None:
+        k = Qall.shape[-1]
+        Qn = Qall[..., :, k - _last_width(T, k) :] if T is not None else Qall
         AQn = matmul(Qn)
         products += int(Qn.shape[-1])
         steps += 1
-        Qs.append(Qn)
-        AQs.append(AQn)
-        Qall = xp.concat(Qs, axis=-1)
-        AQall = xp.concat(AQs, axis=-1)
-        T = B.matrix_transpose(Qall) @ AQall
-        T = 0.5 * (T + B.matrix_transpose(T))
+        # T = QᵀAQ and QᵀKs grow by the new block's rows and columns only
+        QtAQn = tr(Qall) @ AQn  # (…, k, s)
+        if T is None:
+            T = 0.5 * (QtAQn + tr(QtAQn))
+            QK = tr(Qall) @ Ks
+        else:
+            k0 = T.shape[-1]
+            new = QtAQn[..., :k0, :]
+            corner = QtAQn[..., k0:, :]
+            corner = 0.5 * (corner + tr(corner))
+            T = xp.concat(
+                [xp.concat([T, new], axis=-1), xp.concat([tr(new), corner], axis=-1)],
+                axis=-2,
+            )
+            QK = xp.concat([QK, tr(Qn) @ Ks], axis=-2)
         LT = xp.linalg.cholesky(T)
-        F = B.solve_tril(LT, B.matrix_transpose(Qall) @ Ks)
+        F = B.solve_tril(LT, QK)
         C = B.solve_triu_t(LT, F)
-        R = Ks - AQall @ C
+        # the residual Ks − AQC lies outside span(Q): only the newest block
+        # reaches out of it, through W = (I − QQᵀ)AQₙ
+        W = AQn - Qall @ QtAQn
+        W = W - Qall @ (tr(Qall) @ W)
+        R = W @ C[..., k - Qn.shape[-1] :, :]
         rel = xp.sqrt(xp.sum(R * R, axis=-2)) / knorm
         worst = B.to_float(xp.max(rel))
-        if worst <= tol or Qall.shape[-1] >= max_dim:
+        if worst <= tol or k >= max_dim:
             break
-        # the next block: A times the newest directions, made orthogonal to all
-        block = AQn
+        Qnext = _orthonormal_block(xp, W, Qall)
+        if Qnext is None:
+            break
+        Qall = xp.concat([Qall, Qnext], axis=-1)
     return F, {"steps": steps, "products": products, "relative_residual": worst}
+
+
+def _last_width(T, k):
+    """Width of the newest block: the basis columns not yet in ``T``."""
+    return k - T.shape[-1]
 
 
 def _orthonormal_block(xp, V, Qall):

@@ -534,3 +534,18 @@ def test_auto_follows_the_measured_crossover():
     obs = [gpgrad.values(X), gpgrad.gradients(X)]
     blocks = as_blocks(obs, NP, np.float64, None)
     assert select._distinct_points(blocks) == 80
+
+
+def test_cg_float32_torch_uses_a_reachable_tolerance():
+    obs, Xs = _smooth_problem(N=15, D=4)
+    kernel = K.Matern52(lengthscale=1.0)
+    ref = gpgrad.GP(kernel, noise=1e-3, method="cholesky").condition(*obs)
+    gp = gpgrad.GP(
+        kernel, noise=1e-3, backend="torch", dtype=torch.float32, method="cg"
+    )
+    post = gp.condition(*obs)
+    assert post._solver.tol == 1e-5
+    assert post._solver.info["relative_residual"] <= 1e-5
+    mean = post.gradient(Xs).mean
+    assert mean.dtype == torch.float32
+    assert _rel(mean, ref.gradient(Xs).mean) < 1e-3

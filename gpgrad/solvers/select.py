@@ -170,9 +170,9 @@ def make_solver(gp, blocks, noise):
 #: log marginal likelihood) and takes seconds there
 AUTO_CG_MIN_ROWS = 2_000
 
-#: pessimistic CG iteration count of the cost model (Matérn 5/2 and RBF at
-#: ℓ = 0.5√D need 80–1,500 to 1e-8)
-AUTO_CG_ITERATIONS = 1_500
+#: pessimistic CG iteration count of the cost model (Matérn 5/2 at ℓ = 0.5√D
+#: needed 81–2,338 to 1e-8 in the crossover measurement)
+AUTO_CG_ITERATIONS = 2_500
 
 #: CG flops cost this many times a dense Cholesky flop (measured: ~0.55 against
 #: 1–1.8 GFLOP/s effective on the shared 2-core machine)
@@ -186,12 +186,13 @@ def cg_cheaper(n_rows: int, n_points: int, d: int) -> bool:
     :data:`AUTO_CG_FLOP_PENALTY`, and there are at least
     :data:`AUTO_CG_MIN_ROWS` rows.
 
-    .. math:: N_{rows}^3/3 > 3 · 1500 · 8 N^2 D
+    .. math:: N_{rows}^3/3 > 3 · 2500 · 8 N^2 D
 
     Measured crossover (Matérn 5/2, ℓ = 0.5√D, values and gradients, condition
     plus the gradient mean at 100 points): in D = 50 CG is 7.7× faster at
     2,040 rows and 39× at 8,160; in D = 10 dense is faster at 2,200 and 4,400
-    rows and about even at 8,800 (the model's switch: ~8,900 rows).
+    rows and 1.7× faster at 8,800 (2,338 CG iterations): the model switches at
+    about 3,500 rows in D = 50 and beyond the dense limit in D = 10.
     """
     if n_rows < AUTO_CG_MIN_ROWS:
         return False

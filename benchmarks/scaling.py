@@ -50,8 +50,13 @@ ROOT = os.path.dirname(HERE)
 
 
 def _child(spec):
-    """Run one configuration; print a JSON line with seconds and peak RSS."""
+    """Run one configuration; print a JSON line with seconds and peak RSS.
+
+    ``method="default"`` is the plain API: ``GP(kernel, noise=...)`` with no
+    method, so the automatic choice (and its defaults) decide.
+    """
     import resource
+    import warnings
 
     import numpy as np
 
@@ -59,12 +64,11 @@ def _child(spec):
     import gpgrad
     from gpgrad import kernels
     from gpgrad.solvers.iterative import CG
-    from gpgrad.solvers.matfree import posterior_mean
 
     rng = np.random.default_rng(spec["seed"])
     N, D, M = spec["N"], spec["D"], spec["M"]
-    X = rng.uniform(-1, 1, (N, D))
-    Xs = rng.uniform(-1, 1, (M, D))
+    X = rng.uniform(0, 1, (N, D))
+    Xs = rng.uniform(0, 1, (M, D))
     ls = spec["ls_factor"] * np.sqrt(D)
     kern = {"rbf": kernels.RBF, "matern52": kernels.Matern52}[spec["kernel"]]
     kernel = kern(lengthscale=ls)
@@ -79,34 +83,55 @@ def _child(spec):
     if spec["values"]:
         obs.insert(0, gpgrad.values(X, f(X)))
     method = spec["method"]
+    kw = {}
     if method == "cg":
-        method = CG(tol=spec["tol"], preconditioner=spec["precond"])
-    gp = gpgrad.GP(kernel, noise=spec["noise"], method=method)
+        method = CG(
+            tol=spec["tol"],
+            preconditioner=spec["precond"],
+            variance=spec.get("variance", "exact"),
+        )
+    if method != "default":
+        kw["method"] = method
+    if spec.get("backend"):
+        kw["backend"] = spec["backend"]
+    gp = gpgrad.GP(kernel, noise=spec["noise"], **kw)
     # warm-up on a tiny problem of the same kind: lazy imports and the BLAS
     # and LAPACK first-call costs are not part of the figure
     Xw = X[:3, :]
     warm = [gpgrad.gradients(Xw, g(Xw))]
     if spec["values"]:
         warm.insert(0, gpgrad.values(Xw, f(Xw)))
-    posterior_mean(gp.condition(*warm), gpgrad.gradients(Xs[:1]))
-    gp.condition(*warm).gradient(Xs[:1])
-    t0 = time.perf_counter()
-    post = gp.condition(*obs)
-    t1 = time.perf_counter()
-    out = {"method": post.method, "condition_s": t1 - t0}
-    if spec["query"] == "mean":
-        mean = posterior_mean(post, gpgrad.gradients(Xs))
-    else:
+    _ = gp.condition(*warm).gradient(Xs[:1]).std
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        post = gp.condition(*obs)
+        t1 = time.perf_counter()
         pred = post.gradient(Xs)
-        mean = pred.mean
-        out["var_max"] = float(np.max(pred.var))
-    t2 = time.perf_counter()
-    out["query_s"] = t2 - t1
-    out["total_s"] = t2 - t0
-    out["mean"] = np.asarray(mean).reshape(-1).tolist() if spec.get("keep") else None
-    info = getattr(post._solver, "info", None)
-    if info:
-        out["iterations"] = info["iterations"]
+        mean = np.asarray(pred.mean)
+        t2 = time.perf_counter()
+        out = {"method": post.method, "condition_s": t1 - t0, "query_s": t2 - t1}
+        solver = post._solver
+        stats = dict(getattr(solver, "stats", {}) or {})
+        if stats:
+            out["iterations"] = stats["iterations"]
+            out["solves_for_mean"] = stats["solves"]
+            out["preconditioner"] = str(solver.preconditioner)
+            # the relative residual of the weights, recomputed independently
+            op = solver.op
+            r = post._r[..., None]
+            res = r - op.matmul(post._alpha[..., None])
+            out["relative_residual"] = float(
+                np.linalg.norm(np.asarray(res)) / np.linalg.norm(np.asarray(r))
+            )
+        if spec["query"] == "meanstd":
+            t3 = time.perf_counter()
+            std = np.asarray(pred.std)
+            out["std_s"] = time.perf_counter() - t3
+            out["std"] = std.reshape(-1).tolist() if spec.get("keep") else None
+    out["warnings"] = sorted({type(w.message).__name__ for w in caught})
+    out["total_s"] = out["condition_s"] + out["query_s"]
+    out["mean"] = mean.reshape(-1).tolist() if spec.get("keep") else None
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps(out))
 
@@ -126,8 +151,9 @@ def run(spec, repeats):
             return {"error": msg[0]}
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     out = dict(results[0])
-    for key in ("condition_s", "query_s", "total_s"):
-        out[key] = statistics.median(r[key] for r in results)
+    for key in ("condition_s", "query_s", "total_s", "std_s"):
+        if key in out:
+            out[key] = statistics.median(r[key] for r in results)
     out["peak_rss_gb"] = max(r["peak_rss_gb"] for r in results)
     out["repeats"] = repeats
     return out
@@ -140,9 +166,9 @@ def spec(**kw):
         M=100,
         kernel="rbf",
         values=True,
-        method="cg",
+        method="default",
         tol=1e-8,
-        precond=None,
+        precond="auto",
         noise=1e-4,
         ls_factor=0.5,
         seed=0,
@@ -192,45 +218,100 @@ def machine():
 
 
 def part_large(args):
+    """N = 2,000, D = 50: the plain API, numpy (default) and torch backends."""
     rows = []
-    for kernel in ("rbf", "matern52"):
-        s = spec(N=args.large_n, D=50, M=100, kernel=kernel, tol=args.tol)
-        r = run(s, args.repeats_large)
-        rows.append({"kernel": kernel, **s, **r})
-        print(_fmt_row(f"large {kernel} N={s['N']} D=50", r), flush=True)
+    for backend in args.backends.split(","):
+        for kernel in ("rbf", "matern52"):
+            s = spec(N=args.large_n, D=50, M=100, kernel=kernel, backend=backend)
+            r = run(s, args.repeats_large)
+            rows.append({"kernel": kernel, **s, **r})
+            print(_fmt_row(f"large {backend} {kernel} N={s['N']} D=50", r), flush=True)
+    return rows
+
+
+def part_huge(args):
+    """N = 5,000 and 10,000 in D = 100, Matérn 5/2, the plain API."""
+    rows = []
+    for N in (5000, 10000):
+        s = spec(N=N, D=100, M=100, kernel="matern52")
+        r = run(s, 1)
+        rows.append({**s, **r})
+        print(_fmt_row(f"huge matern52 N={N} D=100", r), flush=True)
     return rows
 
 
 def part_agree(args):
+    """N = 300, D = 20: the plain API's CG path (``method="cg"``, defaults)
+    and the opt-in Lanczos variances against dense Cholesky."""
+    import numpy as np
+
     rows = []
     for kernel in ("rbf", "matern52"):
-        base = dict(N=300 if not args.quick else 60, D=20, M=100, kernel=kernel)
-        dense = run(spec(method="cholesky", keep=True, **base), 1)
-        cg = run(spec(method="cg", tol=args.tol, keep=True, **base), 1)
-        if "error" in dense or "error" in cg:
-            rows.append(
-                {"kernel": kernel, "error": dense.get("error", cg.get("error"))}
-            )
-            continue
-        import numpy as np
-
-        a, b = np.asarray(cg["mean"]), np.asarray(dense["mean"])
-        rel = float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-        row = {
-            "kernel": kernel,
-            **base,
-            "rel_err": rel,
-            "cg_s": cg["total_s"],
-            "dense_s": dense["total_s"],
-            "iterations": cg.get("iterations"),
-        }
-        rows.append(row)
-        print(
-            f"agree {kernel} N={base['N']} D=20: relative error {rel:.2e} "
-            f"(cg {cg['total_s']:.2f} s, {cg.get('iterations')} iterations; "
-            f"dense {dense['total_s']:.2f} s)",
-            flush=True,
+        base = dict(
+            N=300 if not args.quick else 60,
+            D=20,
+            M=20,
+            kernel=kernel,
+            query="meanstd",
+            keep=True,
         )
+        dense = run(spec(method="cholesky", **base), 1)
+        for label, extra in (
+            ("cg", dict(method="cg")),
+            ("cg-lanczos", dict(method="cg", variance="lanczos")),
+        ):
+            cg = run(spec(**extra, **base), 1)
+            if "error" in dense or "error" in cg:
+                rows.append(
+                    {"kernel": kernel, "error": dense.get("error", cg.get("error"))}
+                )
+                continue
+            a, b = np.asarray(cg["mean"]), np.asarray(dense["mean"])
+            rel = float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+            sa, sb = np.asarray(cg["std"]), np.asarray(dense["std"])
+            vrel = float(np.max(np.abs(sa**2 - sb**2) / sb**2))
+            row = {
+                "kernel": kernel,
+                "variant": label,
+                **base,
+                "mean_rel_err": rel,
+                "var_max_rel_err": vrel,
+                "cg_s": cg["total_s"],
+                "cg_std_s": cg["std_s"],
+                "dense_s": dense["total_s"],
+                "dense_std_s": dense["std_s"],
+                "iterations": cg.get("iterations"),
+                "preconditioner": cg.get("preconditioner"),
+                "warnings": cg.get("warnings"),
+            }
+            rows.append(row)
+            print(
+                f"agree {label} {kernel} N={base['N']} D=20: mean error {rel:.1e}, "
+                f"variance error {vrel:.1e} (max relative); cg {cg['total_s']:.1f} "
+                f"s + std {cg['std_s']:.1f} s, {cg.get('iterations')} iterations; "
+                f"dense {dense['total_s']:.1f} s + std {dense['std_s']:.1f} s",
+                flush=True,
+            )
+    return rows
+
+
+def part_crossover(args):
+    """Dense Cholesky against CG, condition + gradient mean at 100 points,
+    values and gradients observed, ℓ = 0.5√D; the automatic choice beside."""
+    rows = []
+    grid = {50: [40, 80, 160], 10: [200, 400, 800]}
+    if args.quick:
+        grid = {50: [20, 40], 10: [50, 100]}
+    for D, Ns in grid.items():
+        for N in Ns:
+            for method in ("cholesky", "cg", "default"):
+                s = spec(N=N, D=D, M=100, kernel="matern52", method=method)
+                r = run(s, 1)
+                rows.append({**s, **r})
+                print(
+                    _fmt_row(f"crossover N={N} D={D} rows={N * (D + 1)} {method}", r),
+                    flush=True,
+                )
     return rows
 
 
@@ -243,7 +324,6 @@ def part_wide(args):
             M=1,
             kernel=kernel,
             values=False,
-            method="auto",
             query="meanvar",
             noise=1e-6,
         )
@@ -321,6 +401,13 @@ def _fmt_row(name, r):
     if "error" in r:
         return f"{name}: error: {r['error']}"
     it = f", {r['iterations']} CG iterations" if r.get("iterations") else ""
+    if "relative_residual" in r:
+        it += (
+            f" (preconditioner {r['preconditioner']}, relative residual "
+            f"{r['relative_residual']:.1e}, {r['solves_for_mean']} solve(s))"
+        )
+    if r.get("warnings"):
+        it += f", warnings: {', '.join(r['warnings'])}"
     return (
         f"{name}: {r['method']}, condition {r['condition_s']:.2f} s + query "
         f"{r['query_s']:.2f} s = {r['total_s']:.2f} s (median of "
@@ -330,12 +417,17 @@ def _fmt_row(name, r):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["large", "agree", "wide", "growth"])
+    ap.add_argument(
+        "--only", choices=["large", "huge", "agree", "wide", "crossover", "growth"]
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--repeats-large", type=int, default=1)
     ap.add_argument("--tol", type=float, default=1e-8, help="CG tolerance")
     ap.add_argument("--large-n", type=int, default=2000)
+    ap.add_argument(
+        "--backends", default="numpy,torch", help="backends of the large part"
+    )
     ap.add_argument(
         "--growth-kernel",
         default="matern52",
@@ -355,7 +447,10 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     info = machine()
     print("machine:", json.dumps(info), flush=True)
-    parts = [args.only] if args.only else ["agree", "wide", "large", "growth"]
+    # "huge" (N = 10,000, D = 100) runs only when asked for
+    parts = (
+        [args.only] if args.only else ["agree", "wide", "crossover", "large", "growth"]
+    )
     results = {"machine": info}
     for part in parts:
         results[part] = globals()[f"part_{part}"](args)

@@ -366,3 +366,186 @@ def test_posterior_mean_method_matches_predict_for_every_solver():
         np.testing.assert_allclose(
             post.mean(gg.gradients(Xs)), want, rtol=1e-8, atol=1e-10
         )
+
+
+# -- large-problem defaults: preconditioner choice, convergence, variances -----
+
+
+def _smooth_problem(N=30, D=8, seed=1):
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(0, 1, (N, D))
+    obs = [gpgrad.values(X, _f(X) / D), gpgrad.gradients(X, _g(X) / D)]
+    return obs, rng.uniform(0, 1, (5, D))
+
+
+def test_cg_default_path_converges_on_a_smooth_kernel():
+    import warnings
+
+    obs, Xs = _smooth_problem(N=20, D=6)
+    D = Xs.shape[1]
+    kernel = K.RBF(lengthscale=0.5 * np.sqrt(D))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        post = gpgrad.GP(kernel, noise=1e-4, method="cg").condition(*obs)
+    solver = post._solver
+    # strongly correlated points: plain CG (Jacobi needs more iterations here)
+    assert solver.preconditioner is None
+    r = post._r[:, None]
+    res = np.linalg.norm(r - solver.op.matmul(post._alpha[:, None]))
+    assert res / np.linalg.norm(r) <= solver.tol == 1e-8
+    ref = gpgrad.GP(kernel, noise=1e-4, method="cholesky").condition(*obs)
+    assert _rel(post.gradient(Xs).mean, ref.gradient(Xs).mean) < 1e-6
+
+
+def test_auto_preconditioner_follows_the_correlation():
+    from gpgrad.solvers.iterative import auto_preconditioner
+
+    obs, _ = _smooth_problem(N=40, D=5)
+    blocks = as_blocks(obs, NP, np.float64, None)
+    smooth = GramOperator(K.Matern52(lengthscale=0.5 * np.sqrt(5)), blocks, None)
+    rough = GramOperator(K.Matern52(lengthscale=0.05), blocks, None)
+    assert auto_preconditioner(smooth) is None
+    assert auto_preconditioner(rough) == "jacobi"
+    assert auto_preconditioner(GramOperator(K.Linear(), blocks, None)) == "jacobi"
+
+
+def test_cg_mean_does_no_variance_solves():
+    obs, Xs = _smooth_problem(N=20, D=4)
+    post = gpgrad.GP(K.Matern52(lengthscale=1.0), noise=1e-4, method="cg")
+    post = post.condition(*obs)
+    stats = post._solver.stats
+    assert stats["solves"] == 1 and stats["columns"] == 1  # the weights only
+    pred = post.gradient(Xs)
+    mean = pred.mean
+    assert stats["solves"] == 1 and stats["columns"] == 1
+    assert "block_steps" not in stats
+    ref = gpgrad.GP(K.Matern52(lengthscale=1.0), noise=1e-4, method="cholesky")
+    ref = ref.condition(*obs).gradient(Xs)
+    assert _rel(mean, ref.mean) < 1e-6
+    # reading the variances now pays for them: one shared block Krylov space
+    assert _rel(pred.var, ref.var) < 1e-6
+    assert stats["block_steps"] >= 1 and stats["columns"] > 1
+
+
+def test_block_galerkin_converges_and_bounds_from_below():
+    from gpgrad.solvers.iterative import block_galerkin
+
+    rng = np.random.default_rng(3)
+    G = rng.normal(size=(60, 60))
+    A = G @ G.T / 60 + 1e-2 * np.eye(60)
+    Ks = rng.normal(size=(60, 7))
+    exact = np.sum(Ks * np.linalg.solve(A, Ks), axis=0)
+    F, info = block_galerkin(lambda V: A @ V, Ks, tol=1e-10)
+    assert info["relative_residual"] <= 1e-10
+    np.testing.assert_allclose(np.sum(F * F, axis=0), exact, rtol=1e-8)
+    # a basis cut short: a lower bound, strictly below somewhere
+    F2, info2 = block_galerkin(lambda V: A @ V, Ks, tol=1e-10, max_dim=14)
+    approx = np.sum(F2 * F2, axis=0)
+    assert info2["steps"] == 2
+    assert np.all(approx <= exact * (1 + 1e-12)) and np.any(approx < 0.999 * exact)
+
+
+def test_lanczos_variances_are_bounded_and_conservative():
+    obs, Xs = _smooth_problem(N=30, D=5, seed=2)
+    kernel = K.Matern52(lengthscale=0.8)
+    gp = gpgrad.GP(kernel, noise=1e-3, method=CG(variance="lanczos", variance_rank=30))
+    post = gp.condition(*obs)
+    ref = gpgrad.GP(kernel, noise=1e-3, method="cholesky").condition(*obs)
+    g, gr = post.gradient(Xs), ref.gradient(Xs)
+    # never below the exact variance, and within the certified error bound
+    assert np.all(g.var >= gr.var * (1 - 1e-9))
+    blocks = as_blocks([gpgrad.gradients(Xs)], NP, np.float64, None)
+    Ks = covariance(kernel, post._solver.blocks, blocks)
+    q, bound = post._solver.variance_bounds(Ks)
+    exact_q = np.sum(Ks * ref._solver.solve(Ks), axis=0)
+    assert np.all(q <= exact_q * (1 + 1e-9) + 1e-12)
+    assert np.all(exact_q <= q + bound * (1 + 1e-9) + 1e-12)
+    assert np.any(q < 0.99 * exact_q)  # rank 30 of 180: an approximation
+    # a full-rank cache is exact
+    full = gpgrad.GP(
+        kernel, noise=1e-3, method=CG(variance="lanczos", variance_rank=280)
+    )
+    assert _rel(full.condition(*obs).gradient(Xs).var, gr.var) < 1e-6
+
+
+def test_point_pivoted_cholesky_reproduces_its_columns():
+    from gpgrad.solvers.precondition import point_pivoted_cholesky
+
+    obs, _ = _smooth_problem(N=12, D=3)
+    blocks = as_blocks(obs, NP, np.float64, None)
+    kernel = K.RBF(lengthscale=0.9)
+    op = GramOperator(kernel, blocks, None)
+    Kd = covariance(kernel, blocks)
+    L = point_pivoted_cholesky(kernel, op.groups, op.blocks, op.diagonal(), max_rank=16)
+    assert L.shape == (48, 16)
+    E = Kd - L @ L.T
+    # the chosen points' entries (4 per point) are reproduced exactly
+    done = np.abs(np.diag(E)) < 1e-10 * np.max(np.diag(Kd))
+    assert done.sum() == 16
+    assert np.max(np.abs(E[done])) < 1e-10
+    full = point_pivoted_cholesky(
+        kernel, op.groups, op.blocks, op.diagonal(), max_rank=48
+    )
+    assert np.max(np.abs(Kd - full @ full.T)) < 1e-8 * np.max(np.diag(Kd))
+
+
+def test_cg_variance_options_are_validated():
+    with pytest.raises(ValueError, match="CG variance must be one of"):
+        CG(variance="sampled")
+    with pytest.raises(ValueError, match="CG variance_rank must be a positive integer"):
+        CG(variance_rank=0)
+
+
+@pytest.mark.slow
+def test_cg_variances_at_n300_d20_match_dense():
+    rng = np.random.default_rng(0)
+    N, D = 300, 20
+    X, Xs = rng.uniform(0, 1, (N, D)), rng.uniform(0, 1, (10, D))
+    obs = [gpgrad.values(X, _f(X) / D), gpgrad.gradients(X, _g(X) / D)]
+    kernel = K.Matern52(lengthscale=0.5 * np.sqrt(D))
+    post = gpgrad.GP(kernel, noise=1e-4, method="cg").condition(*obs)
+    ref = gpgrad.GP(kernel, noise=1e-4, method="cholesky").condition(*obs)
+    g, gr = post.gradient(Xs), ref.gradient(Xs)
+    assert _rel(g.mean, gr.mean) < 1e-6
+    assert np.max(np.abs(g.var - gr.var) / gr.var) < 1e-2
+
+
+def test_memory_guard_refuses_matrix_free_before_allocating(monkeypatch):
+    X, _ = _problem(N=10)
+    obs = [gpgrad.values(X, _f(X)), gpgrad.gradients(X, _g(X))]
+    monkeypatch.setattr(select, "available_memory", lambda like=None: 1000)
+    monkeypatch.setattr(select, "MATFREE_GUARD_MIN_BYTES", 0)
+    # values and gradients at the same 10 points: one 10×10 set of profiles
+    assert select.matfree_memory(10, 8) == 3520 > 1000
+    with pytest.raises(
+        select.InsufficientMemoryError, match="profile matrices for 10 points need"
+    ):
+        gpgrad.GP(K.RBF(), noise=1e-3, method="cg").condition(*obs)
+
+
+def test_auto_follows_the_measured_crossover():
+    # measured (Matérn 5/2, ℓ = 0.5√D): CG 10x faster at 4,080 rows in 50-D,
+    # dense faster at 4,400 rows in 10-D; small systems stay dense (exact)
+    assert select.cg_cheaper(80 * 51, 80, 50)
+    assert not select.cg_cheaper(400 * 11, 400, 10)
+    assert not select.cg_cheaper(30 * 51, 30, 50)
+    rng = np.random.default_rng(0)
+    X = rng.uniform(0, 1, (80, 50))
+    obs = [gpgrad.values(X), gpgrad.gradients(X)]
+    blocks = as_blocks(obs, NP, np.float64, None)
+    assert select._distinct_points(blocks) == 80
+
+
+def test_cg_float32_torch_uses_a_reachable_tolerance():
+    obs, Xs = _smooth_problem(N=15, D=4)
+    kernel = K.Matern52(lengthscale=1.0)
+    ref = gpgrad.GP(kernel, noise=1e-3, method="cholesky").condition(*obs)
+    gp = gpgrad.GP(
+        kernel, noise=1e-3, backend="torch", dtype=torch.float32, method="cg"
+    )
+    post = gp.condition(*obs)
+    assert post._solver.tol == 1e-5
+    assert post._solver.info["relative_residual"] <= 1e-5
+    mean = post.gradient(Xs).mean
+    assert mean.dtype == torch.float32
+    assert _rel(mean, ref.gradient(Xs).mean) < 1e-3

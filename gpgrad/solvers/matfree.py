@@ -186,7 +186,10 @@ class GramOperator:
         """``[Φ₀, Φ₁, Φ₂]`` (…, nA, nB) with the variance applied."""
         xp = self.xp
         nA, nB, d = ZA.shape[-2], ZB.shape[-2], ZA.shape[-1]
-        if self.stationary:
+        if self.stationary and not _needs_graph(xp, ZA, ZB, self.ls):
+            # one GEMM instead of an nA·nB·d difference array
+            S = _half_sq_dist(xp, ZA, ZB, same)
+        elif self.stationary:
             step = max(1, DIFF_CHUNK_ELEMENTS // max(1, nB * d))
             rows = []
             for i0 in range(0, nA, step):
@@ -326,7 +329,15 @@ class GramOperator:
                     phi = self._group_profiles(ga, gb)
                 else:
                     phi = self._profiles(ga.Z, gb.Z, False)
-                yy, GG = self._pair(phi, ga.Z, gb.Z, v, W, ga.has_value, ga.has_grad)
+                pair = self._pair
+                if (
+                    self.stationary
+                    and phi[1] is not None
+                    and phi[0].ndim == 2
+                    and _fast_ok(self.xp, ga.Z, gb.Z, v, W, self.ls)
+                ):
+                    pair = _pair_fast
+                yy, GG = pair(phi, ga.Z, gb.Z, v, W, ga.has_value, ga.has_grad)
                 if yy is not None:
                     y = yy if y is None else y + yy
                 if GG is not None:
@@ -426,6 +437,136 @@ class GramOperator:
         if self.noise is not None:
             dg = dg + self.noise
         return dg
+
+
+def _needs_graph(xp, *arrays):
+    """Whether torch must record a graph through any of ``arrays``."""
+    if not B.is_torch(xp):
+        return False
+    import torch
+
+    return torch.is_grad_enabled() and any(
+        B.is_tensor(a) and a.requires_grad for a in arrays
+    )
+
+
+def _fast_ok(xp, ZA, ZB, v, W, ls):
+    """The GEMM-blocked, in-place product applies: 2-D points (no batch axes)
+    and nothing that autograd has to follow."""
+    if ZA.ndim != 2 or ZB.ndim != 2:
+        return False
+    for a in (v, W):
+        if a is not None and a.ndim != (2 if a is v else 3):
+            return False
+    return not _needs_graph(xp, ZA, ZB, v, W, ls)
+
+
+def _half_sq_dist(xp, ZA, ZB, same):
+    """``S = ½|z_a − z_b|²`` (…, nA, nB) by one GEMM, in place.
+
+    ``½|z_a|² + ½|z_b|² − z_a·z_b`` loses digits to cancellation for close
+    pairs: pairs with ``S`` below 1e-6 of ``½(|z_a|² + |z_b|²)`` are recomputed
+    from differences (the points are centered, so these are rare), and a
+    Gram matrix's diagonal is exactly 0.
+    """
+    na = 0.5 * xp.sum(ZA * ZA, axis=-1)
+    nb = 0.5 * xp.sum(ZB * ZB, axis=-1)
+    S = ZA @ B.matrix_transpose(ZB)
+    if B.is_torch(xp):
+        S.mul_(-1.0).add_(na[..., :, None]).add_(nb[..., None, :]).clamp_(min=0.0)
+    else:
+        np.multiply(S, -1.0, out=S)
+        S += na[..., :, None]
+        S += nb[..., None, :]
+        np.maximum(S, 0.0, out=S)
+    if S.ndim != 2:
+        return S
+    ref = na[:, None] + nb[None, :]
+    close = S < 1e-6 * ref
+    ia, ib = xp.nonzero(close)
+    if ia.shape[0]:
+        diff = ZA[ia] - ZB[ib]
+        S[ia, ib] = 0.5 * xp.sum(diff * diff, axis=-1)
+    if same:
+        n = S.shape[-1]
+        ar = xp.arange(n, device=B.device_of(S)) if B.is_torch(xp) else np.arange(n)
+        S[ar, ar] = 0.0
+    return S
+
+
+def _pair_fast(phi, ZA, ZB, v, W, want_y, want_G):
+    """:meth:`GramOperator._pair` for a stationary kernel without batch axes,
+    with every ``Φ₁`` product of all columns in one GEMM and the ``Φ₂`` term
+    through one in-place ``nA × nB`` temporary per column.
+
+    Shapes: Φ (nA, nB), ZA (nA, d), ZB (nB, d), v (k, nB), W (k, nB, d);
+    returns y (k, nA) and G (k, nA, d) (or None). The GEMM flops per column
+    are ``8 nA nB d``: ``Φ₁[vZ | W]``, ``ZWᵀ`` and ``(Φ₂ ⊙ C) Z``.
+    """
+    xp = B.namespace(ZA)
+    P0, P1, P2 = phi
+    nA, d = ZA.shape
+    nB = ZB.shape[0]
+    k = (v if v is not None else W).shape[0]
+    cols, widths = [], []
+
+    def push(a, w):
+        cols.append(a)
+        widths.append(w)
+
+    if v is not None:
+        push(B.matrix_transpose(v), k)  # P1 v
+        if want_G:
+            vZ = v[:, :, None] * ZB[None, :, :]  # (k, nB, d)
+            push(xp.reshape(xp.moveaxis(vZ, 0, 1), (nB, k * d)), k * d)
+    q = None
+    if W is not None:
+        q = xp.sum(ZB[None, :, :] * W, axis=-1)  # (k, nB)
+        if want_y:
+            push(B.matrix_transpose(q), k)
+        push(xp.reshape(xp.moveaxis(W, 0, 1), (nB, k * d)), k * d)
+    R = P1 @ (cols[0] if len(cols) == 1 else xp.concat(cols, axis=-1))
+    parts, start = [], 0
+    for w in widths:
+        parts.append(R[:, start : start + w])
+        start += w
+    parts = iter(parts)
+
+    def as_kad(a):  # (nA, k·d) -> (k, nA, d)
+        return xp.moveaxis(xp.reshape(a, (nA, k, d)), 1, 0)
+
+    y = G = None
+    if v is not None:
+        P1v = B.matrix_transpose(next(parts))  # (k, nA)
+        if want_y:
+            y = B.matrix_transpose(P0 @ B.matrix_transpose(v))
+        if want_G:
+            G = ZA[None, :, :] * P1v[:, :, None] - as_kad(next(parts))
+    if W is not None:
+        P1q = B.matrix_transpose(next(parts)) if want_y else None
+        P1W = as_kad(next(parts))
+        if want_y:
+            t = P1q - xp.sum(ZA[None, :, :] * P1W, axis=-1)
+            y = t if y is None else y + t
+        if want_G:
+            G = -P1W if G is None else G - P1W
+            if P2 is not None:
+                one = xp.ones((nA, 1), dtype=ZA.dtype, device=B.device_of(ZA))
+                ZAa = xp.concat([ZA, -one], axis=-1)  # (nA, d + 1)
+                corr = []
+                for j in range(k):
+                    WQ = xp.concat([W[j], q[j][:, None]], axis=-1)  # (nB, d + 1)
+                    # C_ab = z_a·w_b − z_b·w_b, then M = Φ₂ ⊙ C in place
+                    C = ZAa @ B.matrix_transpose(WQ)
+                    if B.is_torch(xp):
+                        C.mul_(P2)
+                    else:
+                        np.multiply(C, P2, out=C)
+                    M1 = xp.sum(C, axis=-1)
+                    corr.append(ZA * M1[:, None] - C @ ZB)
+                    del C
+                G = G - xp.stack(corr, axis=0)
+    return y, G
 
 
 def _grad_enabled(xp):

@@ -19,9 +19,10 @@
 ``"auto"``
     The state-space solver where it applies and N_obs ≥
     :data:`AUTO_STATESPACE_MIN_ROWS`; else Woodbury where it applies and
-    N < D; otherwise dense Cholesky when the
-    system has at most :data:`AUTO_DENSE_MAX_ROWS` rows and its matrix fits in
-    half the available memory; otherwise CG where it applies.
+    N < D; otherwise CG where it applies and the cost model
+    :func:`cg_cheaper` prefers it (many dimensions); otherwise dense Cholesky
+    when the system has at most :data:`AUTO_DENSE_MAX_ROWS` rows and its
+    matrix fits in half the available memory; otherwise CG where it applies.
 
 Before any dense matrix is allocated its size is compared with the available
 memory (``MemAvailable`` of ``/proc/meminfo``, or the free memory of the CUDA
@@ -52,6 +53,7 @@ __all__ = [
     "dense_memory",
     "AUTO_DENSE_MAX_ROWS",
     "AUTO_STATESPACE_MIN_ROWS",
+    "matfree_memory",
 ]
 
 
@@ -74,6 +76,9 @@ AUTO_STATESPACE_MIN_ROWS = 1_000
 #: ``"auto"`` uses dense Cholesky up to this many rows (when it fits in memory):
 #: beyond it a dense factorization takes minutes on a few CPU cores
 AUTO_DENSE_MAX_ROWS = 12_000
+
+#: the matrix-free solver's memory is checked only above this many bytes
+MATFREE_GUARD_MIN_BYTES = 1 << 26
 
 #: fraction of the available memory a dense matrix may take under ``"auto"``
 AUTO_MEMORY_FRACTION = 0.5
@@ -170,6 +175,9 @@ def make_solver(gp, blocks, noise):
     if n_pts < d and woodbury_unsupported_reason(gp.kernel, blocks, noise) is None:
         return woodbury_solver(gp.kernel, blocks, noise)
     avail = available_memory(like)
+    cg_ok = unsupported_reason(gp.kernel, blocks) is None
+    if cg_ok and cg_cheaper(n_obs, _distinct_points(blocks), d):
+        return _iterative(gp, blocks, noise, CG())
     if n_obs <= AUTO_DENSE_MAX_ROWS and need <= AUTO_MEMORY_FRACTION * avail:
         return _dense(gp, blocks, noise)
     if unsupported_reason(gp.kernel, blocks) is None:
@@ -178,17 +186,90 @@ def make_solver(gp, blocks, noise):
     return _dense(gp, blocks, noise)
 
 
+#: ``"auto"`` never picks CG below this many rows: dense is exact (variances,
+#: log marginal likelihood) and takes seconds there
+AUTO_CG_MIN_ROWS = 2_000
+
+#: pessimistic CG iteration count of the cost model (Matérn 5/2 at ℓ = 0.5√D
+#: needed 81–2,338 to 1e-8 in the crossover measurement)
+AUTO_CG_ITERATIONS = 2_500
+
+#: CG flops cost this many times a dense Cholesky flop (measured: ~0.55 against
+#: 1–1.8 GFLOP/s effective on the shared 2-core machine)
+AUTO_CG_FLOP_PENALTY = 3.0
+
+
+def cg_cheaper(n_rows: int, n_points: int, d: int) -> bool:
+    """Whether ``"auto"`` prefers CG over dense Cholesky for conditioning plus
+    posterior means: the dense factorization's flops exceed those of
+    :data:`AUTO_CG_ITERATIONS` matrix-free products (``8 N² D`` each) times
+    :data:`AUTO_CG_FLOP_PENALTY`, and there are at least
+    :data:`AUTO_CG_MIN_ROWS` rows.
+
+    .. math:: N_{rows}^3/3 > 3 · 2500 · 8 N^2 D
+
+    Measured crossover (Matérn 5/2, ℓ = 0.5√D, values and gradients, condition
+    plus the gradient mean at 100 points): in D = 50 CG is 7.7× faster at
+    2,040 rows and 39× at 8,160; in D = 10 dense is faster at 2,200 and 4,400
+    rows and 1.7× faster at 8,800 (2,338 CG iterations): the model switches at
+    about 3,500 rows in D = 50 and beyond the dense limit in D = 10.
+    """
+    if n_rows < AUTO_CG_MIN_ROWS:
+        return False
+    dense = n_rows**3 / 3.0
+    cg = AUTO_CG_FLOP_PENALTY * AUTO_CG_ITERATIONS * 8.0 * n_points**2 * d
+    return dense > cg
+
+
+def _distinct_points(blocks):
+    """Points of the blocks, counting blocks at the same points once."""
+    seen, total = [], 0
+    for b in blocks:
+        if any(b.X is x for x in seen):
+            continue
+        seen.append(b.X)
+        total += b.n
+    return total
+
+
 def _iterative(gp, blocks, noise, options):
     reason = unsupported_reason(gp.kernel, blocks)
     if reason is not None:
         raise ValueError(
             f"method='cg' cannot be used here: {reason}; use method='cholesky'"
         )
-    op = GramOperator(gp.kernel, blocks, noise)
+    like = blocks[0].X
+    op = GramOperator(gp.kernel, blocks, noise)  # allocates no N×N array yet
     part = distributed.current()
     if part is not None:
-        op = PartitionedOperator(op, part)
+        # each worker checks its own row slice's memory
+        return IterativeSolver(PartitionedOperator(op, part), options)
+    n_pts = sum(int(g.X.shape[-2]) for g in op.groups)
+    batch = math.prod(batch_shape(gp.kernel, blocks)) or 1
+    need = matfree_memory(n_pts, _itemsize(like), batch)
+    avail = available_memory(like) if need > MATFREE_GUARD_MIN_BYTES else need
+    if need > avail:
+        raise InsufficientMemoryError(
+            f"the matrix-free solver's profile matrices for {n_pts} points need "
+            f"{_fmt(need)} but only {_fmt(avail)} is available"
+            + (" on the CUDA device" if _on_cuda(like) else "")
+            + "; use fewer points or a smaller batch, or partition the product "
+            "across processes or devices (gpgrad.distributed.init)"
+        )
     return IterativeSolver(op, options)
+
+
+def matfree_memory(n_points: int, itemsize: int, batch: int = 1) -> int:
+    """Bytes the matrix-free CG solver needs: three N×N profile matrices plus
+    one N×N temporary of the product, N the number of distinct points.
+
+    .. math:: \\text{bytes} ≈ 4.4 · \\text{batch} · N^2 · \\text{itemsize}
+    """
+    return int(4.4 * batch * n_points * n_points * itemsize)
+
+
+def _on_cuda(like):
+    return B.is_tensor(like) and like.device.type == "cuda"
 
 
 def _guard(need, like, n_obs, gp, blocks, noise):

@@ -271,7 +271,7 @@ def _check_input_transform(tf):
 # the model
 
 
-class GradientGP(GPyTorchModel, FantasizeMixin):
+class GradientGP(GPyTorchModel, gpytorch.models.GP, FantasizeMixin):
     """A BoTorch model on a gpgrad GP trained on values and gradients.
 
     Parameters
@@ -365,7 +365,7 @@ class GradientGP(GPyTorchModel, FantasizeMixin):
         input_transform=None,
         fantasize_gradients=False,
     ):
-        Model.__init__(self)
+        super().__init__()
         train_X = _check_tensor(train_X, "train_X", "of shape (*b, n, d)")
         train_Y = _check_tensor(train_Y, "train_Y", "of shape (*b, n, 1)")
         if train_X.ndim < 2:
@@ -664,6 +664,13 @@ class GradientGP(GPyTorchModel, FantasizeMixin):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else None
         state = dict(self.__dict__ if state is None else state)
         state["_cache"] = None
+        res = state.get("fit_result")
+        if res is not None and getattr(res, "posterior", None) is not None:
+            # a solver holds its array namespace (a module): keep the fitted
+            # numbers and the GP, and leave the posterior to posterior_gp
+            res = copy.copy(res)
+            res.posterior = None
+            state["fit_result"] = res
         return state
 
     def load_state_dict(self, state_dict, strict=True, keep_transforms=True, **kw):

@@ -38,7 +38,7 @@ try:
     import gpytorch
     import torch
     from botorch.models.gpytorch import GPyTorchModel
-    from botorch.models.model import FantasizeMixin, Model
+    from botorch.models.model import FantasizeMixin
     from botorch.models.transforms.outcome import Standardize
     from botorch.models.utils.assorted import fantasize as fantasize_flag
     from botorch.posteriors.gpytorch import GPyTorchPosterior

@@ -6,14 +6,20 @@ form (Branin in 2-D, Hartmann in 6-D, Rosenbrock in 10-D) with BoTorch's
 :class:`gpgrad.interop.botorch.GradientGP`: once trained on values and
 gradients, once on values only, from the same initial design, over several
 seeds. Every evaluation returns the value and the gradient (as an adjoint
-solver would); the value-only run simply ignores the gradient. Prints the
-machine, a table of the median simple regret and wall time, and saves a plot
-of regret against the number of evaluations.
+solver would); the value-only run simply ignores the gradient. Two more
+methods (``--methods``): ``d-KG``, the gradient-enhanced knowledge gradient
+(Wu et al. 2017: BoTorch's ``qKnowledgeGradient`` on fantasies that include
+gradients), and ``transforms``, LogEI with gradients in the problem's own
+coordinates (Branin on [-5, 10] × [0, 15]) with ``Normalize`` and
+``Standardize`` inside the model. Prints the machine, a table of the median
+simple regret and wall time, and saves a plot of regret against the number of
+evaluations.
 
 Run::
 
     python examples/bayesopt_gradients.py            # full: a few minutes
     python examples/bayesopt_gradients.py --quick    # smoke test: < 1 minute
+    python examples/bayesopt_gradients.py --methods "gradients,d-KG,transforms"
 """
 
 from __future__ import annotations
@@ -124,43 +130,90 @@ PROBLEMS = {
 # one BO run
 
 
-def run_bo(problem, use_gradients, n_init, n_iter, seed, settings):
-    """Simple regret after each evaluation, and the wall time of the run."""
-    from botorch.acquisition import LogExpectedImprovement
+#: the compared methods: (acquisition, trained on gradients, search space)
+METHODS = {
+    "gradients": ("ei", True, "unit"),
+    "values only": ("ei", False, "unit"),
+    "d-KG": ("kg", True, "unit"),
+    "transforms": ("ei", True, "native"),
+}
+
+
+def run_bo(problem, method, n_init, n_iter, seed, settings):
+    """Simple regret after each evaluation, and the wall time of the run.
+
+    ``method`` is a key of :data:`METHODS`: LogEI on a model trained on
+    values and gradients (``"gradients"``) or on values only; the
+    gradient-enhanced knowledge gradient (``"d-KG"``: qKnowledgeGradient on
+    fantasies that include gradients, Wu et al. 2017); or LogEI with gradients
+    in the problem's own coordinates (``"transforms"``: inputs in
+    ``[lo, hi]``, gradients ``∂f/∂x``, ``Normalize`` and ``Standardize``
+    inside the model, which carry the gradients over by the chain rule).
+    """
+    from botorch.acquisition import LogExpectedImprovement, qKnowledgeGradient
+    from botorch.acquisition.objective import ScalarizedPosteriorTransform
+    from botorch.models.transforms import Normalize, Standardize
     from botorch.optim import optimize_acqf
 
     from gpgrad.interop.botorch import GradientGP
 
+    acq, use_gradients, space = METHODS[method]
     d = problem.d
     gen = torch.Generator().manual_seed(seed)
     U = torch.rand(n_init, d, generator=gen, dtype=DT)
     Y, G = problem(U)
-    bounds = torch.stack([torch.zeros(d, dtype=DT), torch.ones(d, dtype=DT)])
+    span = problem.hi - problem.lo
+    if space == "unit":
+        bounds = torch.stack([torch.zeros(d, dtype=DT), torch.ones(d, dtype=DT)])
+    else:
+        bounds = torch.stack([problem.lo, problem.hi])
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     model = None
     for it in range(n_iter):
-        dY = G if use_gradients else None
+        if space == "unit":
+            X, dY, tf = U, G, {}
+        else:  # the problem's coordinates: x = lo + span u, ∂f/∂x = ∂f/∂u / span
+            X, dY = problem.lo + span * U, G / span
+            tf = {
+                "input_transform": Normalize(d, bounds=bounds),
+                "outcome_transform": Standardize(m=1),
+            }
+        dY = dY if use_gradients else None
+        kw = dict(fantasize_gradients=acq == "kg", **tf)
         refit = model is None or it % settings["refit_every"] == 0
         if refit:
             model = GradientGP(
-                U,
+                X,
                 Y,
                 dY,
                 noise=settings["noise"],
                 fit_kwargs={"maxiter": settings["fit_maxiter"]},
+                **kw,
             )
         else:  # the last fitted hyperparameters, on the new data
+            gp = model.gp
             model = GradientGP(
-                U,
+                X,
                 Y,
                 dY,
-                kernel=model.gp.kernel,
-                noise=model.gp.noise,
-                mean=model.gp.mean,
+                kernel=gp.kernel,
+                noise=gp.noise,
+                mean=gp.mean,
                 fit=False,
+                **kw,
             )
-        acqf = LogExpectedImprovement(model, best_f=Y.min(), maximize=False)
+        if acq == "kg":
+            # qKG maximizes the posterior mean; the problems are minimized
+            acqf = qKnowledgeGradient(
+                model,
+                num_fantasies=settings["kg_fantasies"],
+                posterior_transform=ScalarizedPosteriorTransform(
+                    weights=torch.tensor([-1.0], dtype=DT)
+                ),
+            )
+        else:
+            acqf = LogExpectedImprovement(model, best_f=Y.min(), maximize=False)
         cand, _ = optimize_acqf(
             acqf,
             bounds=bounds,
@@ -169,8 +222,10 @@ def run_bo(problem, use_gradients, n_init, n_iter, seed, settings):
             raw_samples=settings["raw_samples"],
             options={"maxiter": settings["acq_maxiter"]},
         )
-        y_new, g_new = problem(cand.detach())
-        U = torch.cat([U, cand.detach()])
+        cand = cand.detach()
+        u_new = cand if space == "unit" else (cand - problem.lo) / span
+        y_new, g_new = problem(u_new.clamp(0, 1))
+        U = torch.cat([U, u_new.clamp(0, 1)])
         Y = torch.cat([Y, y_new])
         G = torch.cat([G, g_new])
     elapsed = time.perf_counter() - t0
@@ -214,7 +269,8 @@ def plot(results, path):
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6))
     axes = np.atleast_1d(axes)
     for ax, (key, res) in zip(axes, results.items()):
-        for label, color in (("gradients", "C0"), ("values only", "C1")):
+        labels = [m for m in METHODS if m in res]
+        for label, color in zip(labels, ("C0", "C1", "C2", "C3")):
             R = np.log10(np.stack(res[label]["regret"]))  # (seeds, evaluations)
             n = np.arange(1, R.shape[1] + 1)
             med = np.median(R, axis=0)
@@ -251,6 +307,11 @@ def main(argv=None):
         help="comma-separated subset of " + ",".join(PROBLEMS),
     )
     parser.add_argument(
+        "--methods",
+        default="gradients,values only",
+        help="comma-separated subset of " + ",".join(METHODS),
+    )
+    parser.add_argument(
         "--out", default="bayesopt_gradients.png", help="where to save the plot"
     )
     args = parser.parse_args(argv)
@@ -259,6 +320,10 @@ def main(argv=None):
     bad = [k for k in keys if k not in PROBLEMS]
     if bad:
         parser.error(f"unknown problem {bad[0]!r}; choose from {list(PROBLEMS)}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        parser.error(f"unknown method {bad[0]!r}; choose from {list(METHODS)}")
     seeds = args.seeds or (1 if args.quick else 3)
     if args.quick:
         budgets = {"branin": (3, 2), "hartmann6": (3, 2), "rosenbrock10": (3, 1)}
@@ -268,6 +333,7 @@ def main(argv=None):
             restarts=2,
             raw_samples=16,
             acq_maxiter=10,
+            kg_fantasies=4,
             noise={"value": 1e-6, "gradient": 1e-6},
         )
     else:
@@ -278,6 +344,7 @@ def main(argv=None):
             restarts=2,
             raw_samples=64,
             acq_maxiter=30,
+            kg_fantasies=8,
             noise={"value": 1e-6, "gradient": 1e-6},
         )
 
@@ -298,10 +365,10 @@ def main(argv=None):
         prob = PROBLEMS[key]
         n_init, n_iter = budgets[key]
         results[key] = {"n_init": n_init}
-        for label, use_g in (("gradients", True), ("values only", False)):
+        for label in methods:
             regs, times = [], []
             for s in range(seeds):
-                r, t = run_bo(prob, use_g, n_init, n_iter, 1000 + s, settings)
+                r, t = run_bo(prob, label, n_init, n_iter, 1000 + s, settings)
                 regs.append(r)
                 times.append(t)
             results[key][label] = {"regret": regs, "time": times}

@@ -158,6 +158,22 @@ class GP:
                 raise TypeError(f"dtype must be float64 or float32, got {dtype}")
             self.device = None
 
+    # the array namespace is a module, which pickle cannot store: keep the
+    # backend's name and look the namespace up again on loading
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("xp", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.backend == "torch":
+            import torch
+
+            self.xp = B.namespace(torch.zeros(0))
+        else:
+            self.xp = B.namespace(np.zeros(0))
+
     def __repr__(self):
         return (
             f"GP({self.kernel!r}, noise={self.noise}, mean={self.mean}, "

@@ -72,3 +72,33 @@ def test_quick_mode_runs_and_plots(example, tmp_path, capsys):
             # one value per evaluation, non-increasing, non-negative
             assert regret.shape[-1] >= res["n_init"] + 1
             assert np.all(np.diff(regret, axis=-1) <= 0) and np.all(regret >= 0)
+
+
+@pytest.mark.slow
+def test_quick_mode_d_kg_and_transforms(example, tmp_path, capsys):
+    out = tmp_path / "bo.png"
+    results = example.main(
+        [
+            "--quick",
+            "--problems",
+            "branin",
+            "--methods",
+            "gradients,d-KG,transforms",
+            "--out",
+            str(out),
+        ]
+    )
+    res = results["branin"]
+    for label in ("gradients", "d-KG", "transforms"):
+        regret = np.stack(res[label]["regret"])
+        assert np.all(np.diff(regret, axis=-1) <= 0) and np.all(regret >= 0)
+    # the same model in the problem's own coordinates: the same search
+    np.testing.assert_allclose(
+        res["transforms"]["regret"][0], res["gradients"]["regret"][0], rtol=1e-6
+    )
+    assert "d-KG" in capsys.readouterr().out
+
+
+def test_unknown_method_is_refused(example):
+    with pytest.raises(SystemExit):
+        example.main(["--quick", "--methods", "thompson"])

@@ -222,14 +222,15 @@ def test_gradkernel_hyperparameter_gradients_match_finite_differences():
     raw = mine.raw_lengthscale
     grad = raw.grad.clone()
     h = 1e-6
+    assert raw.shape == (1, 2)  # GPyTorch's (*batch, 1, ard) shape
     for i in range(2):
         with torch.no_grad():
-            raw[i] += h
+            raw[0, i] += h
             up = loss().item()
-            raw[i] -= 2 * h
+            raw[0, i] -= 2 * h
             down = loss().item()
-            raw[i] += h
-        assert abs((up - down) / (2 * h) - grad[i].item()) < 1e-7
+            raw[0, i] += h
+        assert abs((up - down) / (2 * h) - grad[0, i].item()) < 1e-7
 
 
 # --------------------------------------------------------------------------
@@ -314,7 +315,7 @@ def test_gpytorch_derivative_example_matern32_matches_gpgrad_posterior():
         lik = model.likelihood
         task_noise = lik.noise + lik.task_noises  # (d+1,)
         kernel = K.Matern32(
-            lengthscale=model.covar_module.base_kernel.lengthscale,
+            lengthscale=model.covar_module.base_kernel.lengthscale[0],
             variance=model.covar_module.outputscale,
         )
         c = model.mean_module.constant

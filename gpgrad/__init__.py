@@ -10,9 +10,9 @@
 """
 
 from . import acquisition as acquisition
+from . import fit as fit  # the module is callable: gpgrad.fit(gp, X, y)
 from . import kernels
 from .exceptions import GPGradWarning, JitterWarning, NotPositiveDefiniteError
-from .fit import fit as fit
 from .functionals import (
     Functional,
     directional,

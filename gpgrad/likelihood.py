@@ -34,7 +34,7 @@ from . import backend as B
 from .covariance import CHUNK_ELEMENTS, _contract_chunk, batch_shape, covariance
 from .solvers.dense import cholesky
 
-__all__ = ["dense_log_marginal_likelihood", "GRAPH_ELEMENTS"]
+__all__ = ["dense_log_marginal_likelihood", "dense_applies", "GRAPH_ELEMENTS"]
 
 #: largest ``Σ n_A·k_A·n_B·k_B·(d + 1)`` (entries × input dimension) for which
 #: the Gram assembly keeps its autograd graph between the forward and the
@@ -77,6 +77,23 @@ def dense_log_marginal_likelihood(gp, observations):
     lml = _functions()[1].apply(K, r, noise)
     N = r.shape[-1]
     return lml - N * torch.log(scale)
+
+
+def dense_applies(gp, observations) -> bool:
+    """Whether ``gp`` solves ``observations`` densely (``method="cholesky"``,
+    or ``"auto"`` within its dense size) with room for the three N × N
+    buffers of :func:`dense_log_marginal_likelihood`."""
+    from .solvers import select
+
+    if gp.method == "cholesky":
+        return True
+    if gp.method != "auto":
+        return False
+    shapes = [tuple(f.X.shape[:-2]) for f in observations]
+    nbatch = max(1, math.prod(np.broadcast_shapes(*shapes)))
+    rows = sum(f.size for f in observations)
+    need = 3 * select.dense_memory(rows, 8, nbatch)
+    return rows <= select.AUTO_DENSE_MAX_ROWS and need <= select.available_memory()
 
 
 def _graph_size(kernel, blocks):

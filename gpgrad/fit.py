@@ -462,9 +462,16 @@ def _prior_variance(gp, st, orders, batch, ls0):
     return np.where(np.isfinite(sig2) & (sig2 > 0), sig2, 1.0), ysd_model
 
 
+def _lengthscale_start(st):
+    """A starting (scalar) lengthscale: 0.2 × the inputs' span (geometric mean
+    over dimensions) × √d, since distances between points grow as √d."""
+    span = np.exp(np.mean(np.log(st["span"]), axis=-1))
+    return 0.2 * np.sqrt(st["d"]) * span
+
+
 def _kernel_specs(gp, st, orders, batch, ard):
     d, span = st["d"], st["span"]
-    ls0 = 0.2 * np.exp(np.mean(np.log(span), axis=-1))  # of the geometric mean
+    ls0 = _lengthscale_start(st)
     sig2, _ = _prior_variance(gp, st, orders, batch, ls0)
     kparams = gp.kernel.parameters()
     n_var = sum(1 for n in kparams if n.rsplit(".", 1)[-1] == "variance") or 1
@@ -474,13 +481,14 @@ def _kernel_specs(gp, st, orders, batch, ard):
         cur = _np(value)
         if base == "lengthscale":
             if ard or (cur.ndim >= 1 and cur.shape[-1] == d and d > 1):
-                shape, init = (d,), 0.2 * span
+                shape, init = (d,), 0.2 * np.sqrt(d) * span
                 lower, upper = 1e-3 * span, 1e2 * span
             else:
                 # batched kernels read a lengthscale's last axis as dimensions
                 shape = (1,) if batch else ()
                 init = np.reshape(ls0, tuple(batch) + shape)
-                lower, upper = 1e-3 * init / 0.2, 1e2 * init / 0.2
+                geo = np.reshape(np.exp(np.mean(np.log(span), axis=-1)), init.shape)
+                lower, upper = 1e-3 * geo, 1e2 * geo
         elif base == "variance":
             shape, init = (), sig2 / n_var
             lower, upper = 1e-4 * init, 1e4 * init
@@ -494,7 +502,7 @@ def _kernel_specs(gp, st, orders, batch, ard):
 
 def _noise_specs(gp, obs, st, orders, batch):
     """One noise variance per observed kind that carries no noise of its own."""
-    ls0 = 0.2 * np.exp(np.mean(np.log(st["span"]), axis=-1))
+    ls0 = _lengthscale_start(st)
     sig2, ysd_model = _prior_variance(gp, st, orders, batch, ls0)
     specs = []
     for kind in _KINDS:

@@ -48,7 +48,7 @@ _BOUND_TOL = 1e-3
 #: backtracks instead of stopping on an infinite value
 _BAD_OBJECTIVE = 1e10
 #: default ``tol``: relative change of the likelihood that ends a start
-DEFAULT_TOL = 1e-7
+DEFAULT_TOL = 1e-6
 
 
 class FitWarning(GPGradWarning):

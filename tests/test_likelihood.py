@@ -176,15 +176,31 @@ def _data(n=30, seed=0):
     return Xd, y
 
 
-def test_warm_start_needs_fewer_evaluations_and_reaches_the_optimum():
+def test_warm_start_reaches_the_optimum_from_one_start():
     Xd, y = _data()
     cold = gpgrad.fit(gpgrad.GP(K.RBF()), Xd, y, ard=True, restarts=1)
     assert cold.gradient == "autograd"
     Xn, yn = _data(n=32, seed=0)  # two more points: the next BO iteration
-    ref = gpgrad.fit(gpgrad.GP(K.RBF()), Xn, yn, ard=True, restarts=1)
+    ref = gpgrad.fit(gpgrad.GP(K.RBF()), Xn, yn, ard=True)  # three starts
     warm = gpgrad.fit(gpgrad.GP(K.RBF()), Xn, yn, ard=True, start=cold)
-    assert len(warm.restarts) == 1  # one start by default with start=
+    assert len(ref.restarts) == 3 and len(warm.restarts) == 1
     assert warm.n_evaluations < ref.n_evaluations
+    # the first evaluation is at the previous optimum, not the data-driven start
+    seen = []
+    gpgrad.fit(
+        gpgrad.GP(K.RBF()),
+        Xn,
+        yn,
+        ard=True,
+        start=cold,
+        progress=lambda s, e, lml: seen.append(lml),
+    )
+    gp = gpgrad.GP(
+        K.RBF(lengthscale=cold.params["lengthscale"], variance=cold.params["variance"]),
+        noise=cold.params["noise.value"],
+        mean=cold.params["mean"],
+    )
+    assert seen[0] == pytest.approx(gp.log_marginal_likelihood(Xn, yn), rel=1e-9)
     assert warm.log_marginal_likelihood == pytest.approx(
         ref.log_marginal_likelihood, abs=1e-3
     )

@@ -151,12 +151,15 @@ def covariance(kernel, A, Bl=None, *, out=None, xp=None, upper_only=False):
     return out
 
 
-def point_covariance(kernel, block):
+def point_covariance(kernel, block, other=None):
     """The prior covariance of each point's entries with themselves.
 
     Returns an array (..., n, k, k): for point p, the covariance of its k
-    entries, computed pointwise (no n×n matrix).
+    entries, computed pointwise (no n×n matrix). With ``other`` (a block at
+    the same points) the covariance of ``block``'s entries with ``other``'s
+    at each point, (..., n, k, k').
     """
+    other = block if other is None else other
     xp = B.namespace(block.X)
     batch = batch_shape(kernel, [block])
     # the point axis becomes a leading batch axis, so per-batch hyperparameters
@@ -164,10 +167,18 @@ def point_covariance(kernel, block):
     X = xp.broadcast_to(block.X, batch + tuple(block.X.shape[-2:]))
     nb = X.ndim - 2
     Xp = xp.moveaxis(X, -2, 0)[..., None, :]  # (n, *b, 1, d)
-    U = block.U
-    if U.shape[0] == block.n and block.n > 1:
-        U = xp.reshape(U, (block.n,) + (1,) * nb + (1,) + tuple(U.shape[1:]))
-    res = _contract_chunk(kernel, xp, Xp, U, Xp, U, block.order, block.order)
-    res = xp.broadcast_to(res, (block.n,) + batch + (1, block.k, 1, block.k))
-    res = xp.reshape(res, (block.n,) + batch + (block.k, block.k))
+
+    def directions(b):
+        U = b.U
+        if U.shape[0] == b.n and b.n > 1:
+            U = xp.reshape(U, (b.n,) + (1,) * nb + (1,) + tuple(U.shape[1:]))
+        return U
+
+    res = _contract_chunk(
+        kernel, xp, Xp, directions(block), Xp, directions(other), block.order,
+        other.order,
+    )
+    k, k2 = block.k, other.k
+    res = xp.broadcast_to(res, (block.n,) + batch + (1, k, 1, k2))
+    res = xp.reshape(res, (block.n,) + batch + (k, k2))
     return xp.moveaxis(res, 0, -3)

@@ -43,6 +43,7 @@ class Polynomial(RadialKernel):
     input_map = DotProductMap()
     order = math.inf
     _param_names = ("variance", "lengthscale", "offset")
+    _settings = ("degree",)
 
     def __init__(self, degree=2, lengthscale=1.0, variance=1.0, offset=1.0):
         if isinstance(degree, bool) or not isinstance(degree, numbers.Integral):
@@ -57,21 +58,9 @@ class Polynomial(RadialKernel):
 
     def _validate(self):
         super()._validate()
-        off = self.offset
-        if not hasattr(off, "shape"):
-            try:
-                off = float(off)
-            except (TypeError, ValueError):
-                raise TypeError(
-                    f"Polynomial offset must be a number, got {type(off).__name__}"
-                ) from None
-            if not (math.isfinite(off) and off >= 0):
-                raise ValueError(
-                    f"Polynomial offset must be finite and non-negative, got {off}"
-                )
-            self.offset = off
-        else:
-            positive_param("offset", off + 1.0, kernel="Polynomial")
+        self.offset = positive_param(
+            "offset", self.offset, kernel="Polynomial", allow_zero=True
+        )
 
     def __repr__(self):
         return super().__repr__().replace("(", f"(degree={self.degree}, ", 1)

@@ -32,7 +32,7 @@ import inspect
 import sys
 import types
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -145,6 +145,7 @@ def fit(
     progress=False,
     start=None,
     tol: float = DEFAULT_TOL,
+    batch_starts: bool = False,
 ) -> FitResult:
     """Fit hyperparameters by maximizing the log marginal likelihood.
 
@@ -234,6 +235,14 @@ def fit(
             f"the observations have batch axes {batch}: batched problems are "
             "fitted with GP(..., backend='torch')"
         )
+    if batch_starts and settings.restarts > 1:
+        if gp.backend != "torch" or batch:
+            raise ValueError(
+                "batch_starts=True needs GP(..., backend='torch') and observations "
+                f"without batch axes, got backend={gp.backend!r} and batch axes "
+                f"{batch}"
+            )
+        return _fit_batched_starts(gp, obs, (fixed, bounds, ard, fit_mean), settings)
     specs, fixed_values = _specs(gp, obs, batch, fixed, bounds, ard, fit_mean)
     space = _Space(specs, batch, fixed_values)
     theta0 = space.start(settings.start)
@@ -944,6 +953,46 @@ def _run_starts(objective, space, theta0, settings):
                     file=sys.stderr,
                 )
     return best
+
+
+def _fit_batched_starts(gp, obs, spec_args, settings):
+    """All starts as one batch of ``restarts`` identical problems; the best
+    start's hyperparameters as the result of the unbatched problem."""
+    R = settings.restarts
+    stacked = [_repeat(f, R) for f in obs]
+    specs, fixed_values = _specs(gp, stacked, (R,), *spec_args)
+    space = _Space(specs, (R,), fixed_values)
+    first = space.start(settings.start)
+    rng = np.random.default_rng(settings.seed)
+    # start 0 is the data-driven (or given) one, the others random around it
+    others = np.clip(first + rng.uniform(-2.0, 2.0, first.shape), space.lo, space.hi)
+    theta0 = space.merge(others, first, np.arange(R) == 0)
+    objective = _Objective(
+        gp, stacked, specs, fixed_values, (R,), settings.gradient, settings.progress
+    )
+    with _few_threads(settings.gradient, gp, objective.n_obs):
+        best = _run_starts(objective, space, theta0, replace(settings, restarts=1))
+    k = int(np.argmax(best.member))
+    single, _ = _specs(gp, obs, (), *spec_args)
+    theta = np.concatenate([t[k].reshape(-1) for t in space.split(best.theta)])
+    totals = [float(m) for m in best.member]
+    winner = _Best(theta, np.asarray(best.member[k]), totals, best.converged)
+    return _result(
+        gp, obs, _Space(single, (), fixed_values), winner, objective, settings
+    )
+
+
+def _repeat(f, R):
+    """The functional ``f`` with its points and targets repeated along a new
+    leading batch axis of length ``R`` (views, no copies)."""
+    import torch
+
+    def rep(a):
+        t = torch.as_tensor(a)
+        return t.expand((R,) + tuple(t.shape))
+
+    fields = {name: getattr(f, name) for name in f.fields}
+    return type(f).build(f.kind, rep(f.X), rep(f.y), f.noise, **fields)
 
 
 def _minimize(objective, x0, space, settings):

@@ -240,3 +240,19 @@ def test_memory_errors_propagate_instead_of_counting_as_bad_parameters(monkeypat
     Xd, y = _data(n=8)
     with pytest.raises(RuntimeError, match="can't allocate memory"):
         gpgrad.fit(gpgrad.GP(K.RBF()), Xd, y, restarts=1)
+
+
+@pytest.mark.slow
+def test_batched_starts_match_sequential_starts():
+    Xd, y = _data(n=12, seed=4)
+    gp = gpgrad.GP(K.Matern52(), backend="torch")
+    seq = gpgrad.fit(gp, Xd, y, ard=True, restarts=2)
+    bat = gpgrad.fit(gp, Xd, y, ard=True, restarts=2, batch_starts=True)
+    assert len(bat.restarts) == 2
+    assert bat.params["lengthscale"].shape == (2,)
+    assert float(bat.log_marginal_likelihood) == pytest.approx(
+        float(seq.log_marginal_likelihood), abs=1e-2
+    )
+    assert float(bat.log_marginal_likelihood) == pytest.approx(max(bat.restarts))
+    with pytest.raises(ValueError, match="batch_starts=True needs GP"):
+        gpgrad.fit(gpgrad.GP(K.RBF()), Xd, y, restarts=2, batch_starts=True)

@@ -38,7 +38,8 @@ import numpy as np
 
 from . import backend as B
 from .exceptions import GPGradWarning, JitterWarning, NotPositiveDefiniteError
-from .gp import _KINDS, GP
+from .functionals import KINDS
+from .gp import GP
 
 __all__ = ["fit", "FitResult", "FitWarning"]
 
@@ -244,7 +245,7 @@ def fit(
             )
         return _fit_batched_starts(gp, obs, (fixed, bounds, ard, fit_mean), settings)
     specs, fixed_values = _specs(gp, obs, batch, fixed, bounds, ard, fit_mean)
-    space = _Space(specs, batch, fixed_values)
+    space = _Space(specs, batch, fixed_values, _target_axes(obs))
     theta0 = space.start(settings.start)
     objective = _Objective(
         gp, obs, specs, fixed_values, batch, settings.gradient, settings.progress
@@ -398,7 +399,7 @@ def _stats(gp, obs, batch):
         st["ybar"] = v.mean(axis=-1)
         sd = v.std(axis=-1) if v.shape[-1] > 1 else np.zeros(batch)
         st["ysd"] = np.where(sd > 0, sd, np.maximum(np.abs(st["ybar"]), 1.0))
-    for kind in _KINDS[1:]:
+    for kind in list(KINDS)[1:]:
         ys = [_np(f.y) for f in obs if f.kind == kind]
         if ys:
             flat = np.concatenate(
@@ -419,7 +420,7 @@ def _specs(gp, obs, batch, fixed, bounds, ard, fit_mean):
     specs += _noise_specs(gp, obs, st, orders, batch)
     if fit_mean and "ybar" in st:
         specs.append(_mean_spec(gp, st, batch))
-    known = {s.name for s in specs} | {"mean"} | {f"noise.{k}" for k in _KINDS}
+    known = {s.name for s in specs} | {"mean"} | {f"noise.{k}" for k in KINDS}
     known |= set(gp.kernel.parameters())
     unknown = sorted((names_fixed | set(bounds)) - known)
     if unknown:
@@ -514,7 +515,7 @@ def _noise_specs(gp, obs, st, orders, batch):
     ls0 = _lengthscale_start(st)
     sig2, ysd_model = _prior_variance(gp, st, orders, batch, ls0)
     specs = []
-    for kind in _KINDS:
+    for kind in KINDS:
         if not any(f.kind == kind and f.noise is None for f in obs):
             continue
         if kind == "value":
@@ -578,6 +579,7 @@ class _Space:
     specs: list
     batch: tuple
     fixed_values: dict = field(default_factory=dict)
+    target_axes: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.sizes = [int(np.prod(_full(s, self.batch))) for s in self.specs]
@@ -648,7 +650,9 @@ class _Space:
         to ``gp``'s)."""
         entries = dict(zip((s.name for s in self.specs), self.values(theta)))
         entries.update(self.fixed_values)
-        return _assemble(gp, entries, self.batch, backend, dtype, device)
+        return _assemble(
+            gp, entries, self.batch, self.target_axes, backend, dtype, device
+        )
 
 
 def _warn_on_bound(s, t, at_lo, at_hi, batch):
@@ -676,7 +680,7 @@ _BOUND_HINTS = {
 }
 
 
-def _assemble(gp, entries, batch, backend, dtype=None, device=None):
+def _assemble(gp, entries, batch, target_axes, backend, dtype=None, device=None):
     """A GP like ``gp`` with the kernel, noise and mean of ``entries``
     (``{name: value}``), every value converted to ``backend``'s type."""
     if backend == "torch":
@@ -699,7 +703,7 @@ def _assemble(gp, entries, batch, backend, dtype=None, device=None):
         def conv(v):
             return float(v) if np.ndim(v) == 0 else np.asarray(v, float)
 
-    kparams, noise, mean = {}, {k: gp.noise_for(k) for k in _KINDS}, gp.mean
+    kparams, noise, mean = {}, {k: gp.noise_for(k) for k in KINDS}, gp.mean
     for name, v in entries.items():
         v = conv(v)
         if name == "mean":
@@ -707,7 +711,7 @@ def _assemble(gp, entries, batch, backend, dtype=None, device=None):
         elif name.startswith("noise."):
             kind = name.split(".", 1)[1]
             if batch and not isinstance(v, float) and v.ndim:
-                v = v.reshape(_noise_shape(kind, batch))
+                v = v.reshape(tuple(batch) + (1,) * target_axes[kind])
             noise[kind] = v
         else:
             kparams[name] = v
@@ -727,20 +731,12 @@ def _assemble(gp, entries, batch, backend, dtype=None, device=None):
     )
 
 
-#: target axes after the batch axes (and the point axis) of each kind, so
-#: that a per-problem noise broadcasts against the targets
-_TARGET_AXES = {
-    "value": 1,
-    "gradient": 2,
-    "partial": 1,
-    "directional": 1,
-    "second": 1,
-    "hessian": 3,
-}
-
-
-def _noise_shape(kind, batch):
-    return tuple(batch) + (1,) * _TARGET_AXES[kind]
+def _target_axes(obs):
+    """``{kind: number of target axes after the batch axes}`` of the observed
+    kinds (1 for values, 2 for gradients, 3 for Hessians), so that a
+    per-problem noise reshaped to ``batch + (1,) * axes`` broadcasts against
+    the targets."""
+    return {f.kind: len(f.target_shape()) - (len(f.X.shape) - 2) for f in obs}
 
 
 # --------------------------------------------------------------------------
@@ -766,7 +762,7 @@ class _Objective:
 
     def __init__(self, gp, obs, specs, fixed_values, batch, gradient, progress):
         self.gp, self.obs = gp, obs
-        self.space = _Space(specs, batch, fixed_values)
+        self.space = _Space(specs, batch, fixed_values, _target_axes(obs))
         self.batch = batch
         self.progress = progress
         self.count = 0
@@ -961,7 +957,7 @@ def _fit_batched_starts(gp, obs, spec_args, settings):
     R = settings.restarts
     stacked = [_repeat(f, R) for f in obs]
     specs, fixed_values = _specs(gp, stacked, (R,), *spec_args)
-    space = _Space(specs, (R,), fixed_values)
+    space = _Space(specs, (R,), fixed_values, _target_axes(stacked))
     first = space.start(settings.start)
     rng = np.random.default_rng(settings.seed)
     # start 0 is the data-driven (or given) one, the others random around it
@@ -1030,7 +1026,7 @@ def _result(gp, obs, space, best, objective, settings):
     on_bound = space.on_bound(best.theta)
     new_gp = space.model(gp, best.theta, gp.backend)
     params = dict(new_gp.kernel.parameters())
-    for kind in _KINDS:
+    for kind in KINDS:
         if any(f.kind == kind and f.noise is None for f in obs):
             v = new_gp.noise_for(kind)
             if B.is_tensor(v) or isinstance(v, np.ndarray):

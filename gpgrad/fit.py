@@ -252,7 +252,7 @@ def fit(
     )
     with _few_threads(settings.gradient, gp, objective.n_obs):
         best = _run_starts(objective, space, theta0, settings)
-    return _result(gp, obs, space, best, objective, settings)
+        return _result(gp, obs, space, best, objective, settings)
 
 
 # --------------------------------------------------------------------------
@@ -864,7 +864,8 @@ class _Objective:
 
 
 class _few_threads:
-    """Run small autograd fits on one CPU thread (torch and BLAS).
+    """Run small CPU fits on one thread (torch and BLAS), the final
+    conditioning included.
 
     Thread start-up and synchronization cost more than they save on the small
     matrices of a typical fit, and far more on a busy machine, where threads
@@ -968,14 +969,13 @@ def _fit_batched_starts(gp, obs, spec_args, settings):
     )
     with _few_threads(settings.gradient, gp, objective.n_obs):
         best = _run_starts(objective, space, theta0, replace(settings, restarts=1))
-    k = int(np.argmax(best.member))
-    single, _ = _specs(gp, obs, (), *spec_args)
-    theta = np.concatenate([t[k].reshape(-1) for t in space.split(best.theta)])
-    totals = [float(m) for m in best.member]
-    winner = _Best(theta, np.asarray(best.member[k]), totals, best.converged)
-    return _result(
-        gp, obs, _Space(single, (), fixed_values), winner, objective, settings
-    )
+        k = int(np.argmax(best.member))
+        single, _ = _specs(gp, obs, (), *spec_args)
+        theta = np.concatenate([t[k].reshape(-1) for t in space.split(best.theta)])
+        totals = [float(m) for m in best.member]
+        winner = _Best(theta, np.asarray(best.member[k]), totals, best.converged)
+        space = _Space(single, (), fixed_values)
+        return _result(gp, obs, space, winner, objective, settings)
 
 
 def _repeat(f, R):

@@ -245,11 +245,11 @@ def fit(
             )
         return _fit_batched_starts(gp, obs, (fixed, bounds, ard, fit_mean), settings)
     specs, fixed_values = _specs(gp, obs, batch, fixed, bounds, ard, fit_mean)
-    space = _Space(specs, batch, fixed_values, _target_axes(obs))
-    theta0 = space.start(settings.start)
     objective = _Objective(
         gp, obs, specs, fixed_values, batch, settings.gradient, settings.progress
     )
+    space = objective.space
+    theta0 = space.start(settings.start)
     with _few_threads(settings.gradient, gp, objective.n_obs):
         best = _run_starts(objective, space, theta0, settings)
         return _result(gp, obs, space, best, objective, settings)
@@ -958,15 +958,15 @@ def _fit_batched_starts(gp, obs, spec_args, settings):
     R = settings.restarts
     stacked = [_repeat(f, R) for f in obs]
     specs, fixed_values = _specs(gp, stacked, (R,), *spec_args)
-    space = _Space(specs, (R,), fixed_values, _target_axes(stacked))
+    objective = _Objective(
+        gp, stacked, specs, fixed_values, (R,), settings.gradient, settings.progress
+    )
+    space = objective.space
     first = space.start(settings.start)
     rng = np.random.default_rng(settings.seed)
     # start 0 is the data-driven (or given) one, the others random around it
     others = np.clip(first + rng.uniform(-2.0, 2.0, first.shape), space.lo, space.hi)
     theta0 = space.merge(others, first, np.arange(R) == 0)
-    objective = _Objective(
-        gp, stacked, specs, fixed_values, (R,), settings.gradient, settings.progress
-    )
     with _few_threads(settings.gradient, gp, objective.n_obs):
         best = _run_starts(objective, space, theta0, replace(settings, restarts=1))
         k = int(np.argmax(best.member))

@@ -243,6 +243,7 @@ def test_memory_errors_propagate_instead_of_counting_as_bad_parameters(monkeypat
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::gpgrad.fit.FitWarning")  # noise-free data
 def test_batched_starts_match_sequential_starts():
     Xd, y = _data(n=12, seed=4)
     gp = gpgrad.GP(K.Matern52(), backend="torch")

@@ -10,8 +10,10 @@
 """
 
 from . import acquisition as acquisition
+from . import auto as auto
 from . import fit as fit  # the module is callable: gpgrad.fit(gp, X, y)
 from . import kernels
+from .auto import AveragedPosterior, fit_auto
 from .exceptions import GPGradWarning, JitterWarning, NotPositiveDefiniteError
 from .functionals import (
     Functional,
@@ -48,6 +50,9 @@ __all__ = [
     "save",
     "load",
     "fit",
+    "fit_auto",
+    "AveragedPosterior",
+    "auto",
     "acquisition",
     "CG",
     "InsufficientMemoryError",

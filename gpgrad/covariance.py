@@ -11,6 +11,7 @@ chunk-sized: the value+gradient Gram matrix of 1000 points in 10 dimensions
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -45,12 +46,16 @@ class Block:
         """The block of points ``i0:i1`` (itself when that is all of them)."""
         if i0 == 0 and i1 == self.n:
             return self
-        sub = object.__new__(Block)
-        sub.f = self.f
+        sub = copy.copy(self)
         sub.X, sub.U = self.points(i0, i1)
-        sub.order, sub.k, sub.d = self.order, self.k, self.d
         sub.n = i1 - i0
         return sub
+
+    def to(self, device):
+        """The same block with its arrays on ``device`` (torch tensors)."""
+        new = copy.copy(self)
+        new.X, new.U = self.X.to(device), self.U.to(device)
+        return new
 
     def points(self, i0, i1):
         X = self.X[..., i0:i1, :]

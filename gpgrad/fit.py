@@ -37,7 +37,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import backend as B
-from .exceptions import GPGradWarning, JitterWarning, NotPositiveDefiniteError
+from .exceptions import (
+    GPGradWarning,
+    JitterWarning,
+    NotPositiveDefiniteError,
+    is_out_of_memory,
+    raise_if_out_of_memory,
+)
 from .functionals import KINDS
 from .gp import GP
 
@@ -746,15 +752,14 @@ def _target_axes(obs):
 def _evaluation_failed(exc) -> bool:
     """Whether ``exc``, raised by one likelihood evaluation, only says that
     this ``θ`` gives a covariance that cannot be factored (the optimizer then
-    backs off). Running out of memory is not that: it propagates."""
-    if isinstance(exc, MemoryError):
+    backs off). Running out of memory is not that: it propagates, as
+    :class:`~gpgrad.exceptions.OutOfMemoryError`."""
+    raise_if_out_of_memory(exc)  # memory, not conditioning: stop here
+    if is_out_of_memory(exc):
         return False
-    if isinstance(exc, (NotPositiveDefiniteError, np.linalg.LinAlgError)):
-        return True
-    if isinstance(exc, RuntimeError):
-        text = str(exc).lower()
-        return not any(m in text for m in ("out of memory", "allocate"))
-    return False
+    return isinstance(
+        exc, (NotPositiveDefiniteError, np.linalg.LinAlgError, RuntimeError)
+    )
 
 
 class _Objective:

@@ -54,7 +54,6 @@ FORMAT_VERSION = 1
 _META = "gpgrad.json"
 
 
-
 class _Writer:
     """Collects arrays under unique names while the JSON is built."""
 
@@ -106,6 +105,11 @@ def _kernel_to_json(k, w, path="kernel"):
             f"cannot save a kernel of class {type(k).__module__}.{name}: only gpgrad's "
             f"built-in kernels ({', '.join(sorted(_kernel_registry))}) and their "
             "sums, products and scalings can be saved"
+        )
+    if not getattr(k, "_saveable", True):
+        raise TypeError(
+            f"cannot save a kernel of class {name} yet: {path} has settings the "
+            "model file format does not describe"
         )
     out = {"class": name}
     if isinstance(k, _kernels.Scale):

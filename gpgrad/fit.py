@@ -775,16 +775,11 @@ class _Objective:
         self.n_obs = sum(f.size for f in obs) * max(1, int(np.prod(batch)))
         self._last = None
         self.gradient = gradient
-        self.dense = False
         if gradient == "autograd":
             import torch
 
-            from .likelihood import dense_applies
-
             self.torch = torch
             self.device = gp.device if gp.backend == "torch" else torch.device("cpu")
-            # dense systems: the closed-form backward pass of gpgrad.likelihood
-            self.dense = dense_applies(gp, obs)
 
     def _lml(self, theta):
         """``log p(y)`` per problem at ``θ`` (a float64 tensor or an array)."""
@@ -792,10 +787,7 @@ class _Objective:
             gp = self.space.model(
                 self.gp, theta, "torch", self.torch.float64, self.device
             )
-            if self.dense:
-                from .likelihood import dense_log_marginal_likelihood
-
-                return dense_log_marginal_likelihood(gp, self.obs)
+            # dense systems: the closed-form backward pass of gpgrad.likelihood
             return gp.log_marginal_likelihood(*self.obs)
         gp = self.space.model(self.gp, theta, "numpy")
         return gp.log_marginal_likelihood(*self.obs)

@@ -96,8 +96,8 @@ def _both(kernel, obs, theta, **kw):
         parsed = gp._parse(obs)
         if fast:
             lml = likelihood.dense_log_marginal_likelihood(gp, parsed)
-        else:
-            lml = gp.log_marginal_likelihood(*parsed)
+        else:  # autograd through the Cholesky factorization of the posterior
+            lml = gp.condition(*parsed).log_marginal_likelihood()
         (g,) = torch.autograd.grad(lml.sum(), t)
         out.append((lml.detach(), g))
     return out
@@ -160,6 +160,23 @@ def test_chunked_backward_and_batches_match_autograd(monkeypatch):
     assert lf.shape == (2,)
     torch.testing.assert_close(lf, lr, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(gf, gr, rtol=1e-7, atol=1e-8)
+
+
+def test_gp_likelihood_uses_the_closed_form_only_with_gradients(monkeypatch):
+    calls = []
+    real = likelihood.dense_log_marginal_likelihood
+    monkeypatch.setattr(
+        likelihood,
+        "dense_log_marginal_likelihood",
+        lambda gp, obs: calls.append(1) or real(gp, obs),
+    )
+    gp = gpgrad.GP(K.RBF(lengthscale=0.8), noise=1e-2, backend="torch")
+    y = np.sin(X[:, 0])
+    with torch.no_grad():
+        a = gp.log_marginal_likelihood(X, y)
+    b = gp.log_marginal_likelihood(X, y)
+    assert calls == [1]
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_dense_applies_follows_the_method():
@@ -234,10 +251,10 @@ def test_memory_errors_propagate_instead_of_counting_as_bad_parameters(monkeypat
     with pytest.raises(MemoryError, match="out of memory"):
         _evaluation_failed(RuntimeError("CUDA out of memory."))
 
-    def boom(gp, obs):
+    def boom(gp, *obs):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
 
-    monkeypatch.setattr(likelihood, "dense_log_marginal_likelihood", boom)
+    monkeypatch.setattr(gpgrad.GP, "log_marginal_likelihood", boom)
     Xd, y = _data(n=8)
     with pytest.raises(MemoryError, match="can't allocate memory"):
         gpgrad.fit(gpgrad.GP(K.RBF()), Xd, y, restarts=1)

@@ -11,10 +11,10 @@
 
 from . import acquisition as acquisition
 from . import auto as auto
+from . import fit as fit  # the module is callable: gpgrad.fit(gp, X, y)
 from . import kernels
 from .auto import AveragedPosterior, fit_auto
 from .exceptions import GPGradWarning, JitterWarning, NotPositiveDefiniteError
-from .fit import fit as fit
 from .functionals import (
     Functional,
     directional,

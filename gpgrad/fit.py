@@ -11,16 +11,28 @@ second derivatives enter the same likelihood
 
 with ``K_θ`` the kernel's cross-covariance of the observed functionals ``L``,
 ``Σ_θ`` one noise variance per observation kind and ``m_θ`` a constant mean.
-Positive hyperparameters are optimized as ``log θ`` within bounds (L-BFGS-B);
-the gradient ``∂ log p / ∂ log θ`` comes from torch autograd through the same
-covariance code the posterior uses (for either backend), or from finite
-differences when torch is not installed.
+Positive hyperparameters are optimized as ``log θ`` within bounds (L-BFGS-B).
+
+The gradient ``∂ log p / ∂ log θ`` comes, for dense systems, from the closed
+form of :mod:`gpgrad.likelihood` (one Cholesky factorization, its inverse, and
+one vector-Jacobian product of the Gram assembly); for other solvers from
+torch autograd through the same covariance code the posterior uses; and from
+finite differences when torch is not installed.
+
+:func:`fit` runs in named steps: the data's scales give starting values and
+bounds (:func:`_specs`), :class:`_Space` maps between hyperparameters and the
+optimizer's vector, :class:`_Objective` evaluates the likelihood,
+:func:`_run_starts` runs L-BFGS-B from each start and :func:`_result` builds
+the :class:`FitResult`.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
+import types
 import warnings
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -29,71 +41,32 @@ from .exceptions import (
     GPGradWarning,
     JitterWarning,
     NotPositiveDefiniteError,
+    is_out_of_memory,
     raise_if_out_of_memory,
 )
-from .gp import _KINDS, GP
+from .functionals import KINDS
+from .gp import GP
 
 __all__ = ["fit", "FitResult", "FitWarning"]
 
-#: extra target axes (after the batch axes and the point axis) of each kind,
-#: so that a per-problem noise tensor broadcasts against the targets
-_TARGET_AXES = {
-    "value": 1,
-    "gradient": 2,
-    "partial": 1,
-    "directional": 1,
-    "second": 1,
-    "hessian": 3,
-}
-#: number of derivatives in each kind's entries
-_ORDER = {
-    "value": 0,
-    "gradient": 1,
-    "partial": 1,
-    "directional": 1,
-    "second": 2,
-    "hessian": 2,
-}
 #: a log-parameter closer than this to a bound (in log units) counts as on it
 _BOUND_TOL = 1e-3
 #: objective returned where the covariance cannot be factored: L-BFGS-B then
 #: backtracks instead of stopping on an infinite value
 _BAD_OBJECTIVE = 1e10
+#: default ``tol``: relative change of the likelihood that ends a start
+DEFAULT_TOL = 1e-6
 
 
 class FitWarning(GPGradWarning):
     """A fitted hyperparameter sits on a bound, or the optimizer struggled."""
 
 
-class _Spec:
-    """One hyperparameter being optimized.
-
-    ``shape`` is its per-problem shape (``()`` or ``(d,)``); values are stored
-    with the batch axes first, ``batch + shape``. ``log`` parameters are
-    optimized as ``log θ``; the mean as ``(m − center) / width``.
-    """
-
-    def __init__(self, name, shape, init, lower, upper, log=True, center=0, width=1):
-        self.name = name
-        self.shape = tuple(shape)
-        self.init = init
-        self.lower = lower
-        self.upper = upper
-        self.log = log
-        self.center = center
-        self.width = width
-
-    def to_theta(self, v):
-        if self.log:
-            return np.log(v)
-        return (v - self.center) / self.width
-
-    def from_theta(self, t, xp=np):
-        if self.log:
-            return xp.exp(t)
-        return self.center + self.width * t
+# --------------------------------------------------------------------------
+# the result
 
 
+@dataclass(repr=False)
 class FitResult:
     """What :func:`fit` found.
 
@@ -122,13 +95,23 @@ class FitResult:
     restarts : list of float
         The summed log marginal likelihood reached from each start.
     gradient : str
-        ``"autograd"`` or ``"finite-difference"``.
+        ``"autograd"`` (analytic gradients through torch: the closed-form
+        backward pass of :mod:`gpgrad.likelihood` for dense systems) or
+        ``"finite-difference"``.
     n_evaluations : int
         Likelihood evaluations over all restarts.
     """
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    gp: GP
+    posterior: object
+    params: dict
+    fitted: list
+    bounds: dict
+    log_marginal_likelihood: object
+    on_bound: list
+    restarts: list
+    gradient: str
+    n_evaluations: int
 
     def __repr__(self):
         return self.summary()
@@ -156,25 +139,29 @@ def _fmt(v):
 
 
 def fit(
-    gp,
+    gp: GP,
     *observations,
     fixed=None,
-    bounds=None,
-    ard=False,
-    fit_mean=True,
-    restarts=3,
-    seed=0,
-    maxiter=300,
-    gradient="auto",
+    bounds: dict | None = None,
+    ard: bool = False,
+    fit_mean: bool = True,
+    restarts: int | None = None,
+    seed: int = 0,
+    maxiter: int = 300,
+    gradient: str = "auto",
     progress=False,
+    start=None,
+    tol: float = DEFAULT_TOL,
+    batch_starts: bool = False,
 ) -> FitResult:
     """Fit hyperparameters by maximizing the log marginal likelihood.
 
     Optimizes ``log θ`` for every positive hyperparameter of the kernel, one
     noise variance per observation kind that does not carry its own noise
     (``gpgrad.gradients(X, G, noise=...)`` fixes it), and the constant mean,
-    with L-BFGS-B within bounds, from a data-driven start and ``restarts − 1``
-    random starts around it; the best optimum wins (per problem when batched).
+    with L-BFGS-B within bounds, from a data-driven start (or ``start``) and
+    ``restarts − 1`` random starts around it; the best optimum wins (per
+    problem when batched).
 
     Parameters
     ----------
@@ -200,19 +187,30 @@ def fit(
     fit_mean : bool, default True
         Fit the constant mean (only when there are value observations; the
         likelihood of derivative data does not depend on it).
-    restarts : int, default 3
-        Number of starts (the first is the data-driven one).
+    restarts : int, optional
+        Number of starts (the first is the data-driven one, or ``start``).
+        Default 3, or 1 with ``start``.
     seed : int, default 0
         Seed of the random starts.
     maxiter : int, default 300
         L-BFGS-B iterations per start.
     gradient : {"auto", "autograd", "finite-difference"}
-        How the likelihood's gradient is computed. ``"auto"`` uses torch
-        autograd when torch is installed, else scipy's finite differences
-        (slower and less precise; numpy backend only).
+        How the likelihood's gradient is computed. ``"auto"`` uses torch when
+        it is installed (the closed-form backward pass of
+        :mod:`gpgrad.likelihood` for dense systems, autograd for the others),
+        else scipy's finite differences (slower and less precise; numpy
+        backend only).
     progress : bool or callable, default False
         ``True`` prints a line per start and every 25 evaluations to stderr; a
         callable is called as ``progress(start, evaluation, lml)``.
+    start : FitResult or dict, optional
+        Warm start: the first start is these hyperparameters (a previous
+        result, for example the last fit of a Bayesian-optimization loop, or
+        ``{name: value}``), clipped into the bounds; names it lacks keep the
+        data-driven start.
+    tol : float, default 1e-7
+        A start ends when an iteration changes ``log p(y) / N`` by less than
+        ``tol`` relative to ``max(|log p(y)| / N, 1)``.
 
     Returns
     -------
@@ -232,12 +230,55 @@ def fit(
     >>> res = gpgrad.fit(gpgrad.GP(gpgrad.kernels.Matern52()), X, y)
     >>> sorted(res.params)
     ['lengthscale', 'mean', 'noise.value', 'variance']
+    >>> again = gpgrad.fit(res.gp, X, y, start=res)  # warm start, one start
     """
     if not isinstance(gp, GP):
         raise TypeError(f"fit expects a gpgrad.GP as first argument, got {type(gp)}")
     obs = gp._parse(observations)
-    restarts = _check_int(restarts, "restarts")
-    maxiter = _check_int(maxiter, "maxiter")
+    settings = _settings(gp, restarts, seed, maxiter, gradient, progress, start, tol)
+    batch = _batch_of(obs)
+    if batch and gp.backend != "torch":
+        raise ValueError(
+            f"the observations have batch axes {batch}: batched problems are "
+            "fitted with GP(..., backend='torch')"
+        )
+    if batch_starts and settings.restarts > 1:
+        if gp.backend != "torch" or batch:
+            raise ValueError(
+                "batch_starts=True needs GP(..., backend='torch') and observations "
+                f"without batch axes, got backend={gp.backend!r} and batch axes "
+                f"{batch}"
+            )
+        return _fit_batched_starts(gp, obs, (fixed, bounds, ard, fit_mean), settings)
+    specs, fixed_values = _specs(gp, obs, batch, fixed, bounds, ard, fit_mean)
+    objective = _Objective(
+        gp, obs, specs, fixed_values, batch, settings.gradient, settings.progress
+    )
+    space = objective.space
+    theta0 = space.start(settings.start)
+    with _few_threads(settings.gradient, gp, objective.n_obs):
+        best = _run_starts(objective, space, theta0, settings)
+        return _result(gp, obs, space, best, objective, settings)
+
+
+# --------------------------------------------------------------------------
+# step 1: the settings
+
+
+@dataclass
+class _Settings:
+    """The optimizer's settings, validated."""
+
+    restarts: int
+    seed: int
+    maxiter: int
+    gradient: str
+    progress: object
+    start: dict | None
+    tol: float
+
+
+def _settings(gp, restarts, seed, maxiter, gradient, progress, start, tol):
     if gradient not in ("auto", "autograd", "finite-difference"):
         raise ValueError(
             "gradient must be 'auto', 'autograd' or 'finite-difference', got "
@@ -246,7 +287,7 @@ def fit(
     have_torch = _torch_available()
     if gradient == "auto":
         gradient = "autograd" if have_torch else "finite-difference"
-    if gradient == "autograd" and not have_torch:
+    elif gradient == "autograd" and not have_torch:
         raise ValueError(
             "gradient='autograd' needs torch (pip install torch); use "
             "gradient='finite-difference'"
@@ -256,163 +297,35 @@ def fit(
             "backend='torch' fits with autograd; gradient='finite-difference' is "
             "for the numpy backend without torch"
         )
-    batch = _batch_of(obs)
-    if batch and gp.backend != "torch":
-        raise ValueError(
-            f"the observations have batch axes {batch}: batched problems are "
-            "fitted with GP(..., backend='torch')"
-        )
     if progress is not True and progress is not False and not callable(progress):
         raise TypeError(
             f"progress must be True, False or a callable, got {type(progress)}"
         )
-
-    specs, fixed_values = _specs(gp, obs, batch, fixed, bounds, ard, fit_mean)
-    lo = _pack(specs, batch, [s.to_theta(s.lower) for s in specs])
-    hi = _pack(specs, batch, [s.to_theta(s.upper) for s in specs])
-    theta0 = _pack(specs, batch, [s.to_theta(s.init) for s in specs])
-    theta0 = np.clip(theta0, lo, hi)
-
-    objective = _Objective(gp, obs, specs, fixed_values, batch, gradient, progress)
-    with _few_threads(gradient, gp, objective.n_obs):
-        best_theta, best_member, totals, converged = _run_starts(
-            objective,
-            specs,
-            batch,
-            theta0,
-            lo,
-            hi,
-            restarts,
-            seed,
-            maxiter,
-            gradient,
-            progress,
-        )
-    if not np.all(np.isfinite(best_member)):
-        raise NotPositiveDefiniteError(
-            "no start gave a covariance matrix that could be factored; raise the "
-            "noise bounds (bounds={'noise.value': (lo, hi)}) or check the data "
-            "for duplicated points"
-        )
-    if specs and not converged:
-        warnings.warn(
-            f"L-BFGS-B did not converge from any of the {restarts} starts within "
-            f"{maxiter} iterations; raise maxiter or check the bounds",
-            FitWarning,
-            stacklevel=2,
-        )
-
-    values = _unpack(specs, batch, best_theta)
-    on_bound = _check_bounds(specs, batch, best_theta, lo, hi)
-    noise_kinds = {f.kind for f in obs if f.noise is None}
-    new_gp, params = _build_final(gp, specs, values, fixed_values, batch, noise_kinds)
-    post = new_gp.condition(*obs)
-    lml = post.log_marginal_likelihood()
-    if not batch:
-        lml = B.to_float(lml)
-    return FitResult(
-        gp=new_gp,
-        posterior=post,
-        params=params,
-        fitted=[s.name for s in specs],
-        bounds={s.name: (_plain(s.lower), _plain(s.upper)) for s in specs},
-        log_marginal_likelihood=lml,
-        on_bound=on_bound,
-        restarts=totals,
+    if start is not None:
+        if isinstance(start, FitResult):
+            start = start.params
+        if not isinstance(start, dict):
+            raise TypeError(
+                f"start must be a FitResult or a dict {{name: value}}, got "
+                f"{type(start).__name__}"
+            )
+    if restarts is None:
+        restarts = 3 if start is None else 1
+    try:
+        tol = float(tol)
+    except (TypeError, ValueError):
+        raise TypeError(f"tol must be a number, got {type(tol).__name__}") from None
+    if not (np.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be positive and finite, got {tol}")
+    return _Settings(
+        restarts=_check_int(restarts, "restarts"),
+        seed=seed,
+        maxiter=_check_int(maxiter, "maxiter"),
         gradient=gradient,
-        n_evaluations=objective.count,
+        progress=progress,
+        start=start,
+        tol=tol,
     )
-
-
-def _run_starts(
-    objective,
-    specs,
-    batch,
-    theta0,
-    lo,
-    hi,
-    restarts,
-    seed,
-    maxiter,
-    gradient,
-    progress,
-):
-    """L-BFGS-B from each start; the best optimum per problem."""
-    rng = np.random.default_rng(seed)
-    best_theta = theta0.copy()
-    best_member = np.full(batch, -np.inf)
-    totals = []
-    converged = False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", JitterWarning)
-        for start in range(restarts):
-            if start == 0:
-                x0 = theta0
-            else:
-                # log-uniform within a factor e^±2 of the data-driven start
-                x0 = np.clip(theta0 + rng.uniform(-2.0, 2.0, theta0.shape), lo, hi)
-            objective.start = start + 1
-            if specs:
-                res = _minimize(objective, x0, lo, hi, maxiter, gradient)
-                theta, ok = res.x, bool(res.success)
-            else:
-                theta, ok = x0, True
-            converged |= ok
-            member = objective.member_lml(theta)
-            totals.append(float(np.sum(member)))
-            better = member > best_member
-            if np.any(better):
-                best_theta = _merge(specs, batch, best_theta, theta, better)
-                best_member = np.where(better, member, best_member)
-            if progress is True:
-                print(
-                    f"gpgrad.fit: start {start + 1}/{restarts} done, log marginal "
-                    f"likelihood {totals[-1]:.6g} ({objective.count} evaluations)",
-                    file=sys.stderr,
-                )
-    return best_theta, best_member, totals, converged
-
-
-class _few_threads:
-    """Run small autograd fits on one CPU thread.
-
-    Torch's OpenMP threads cost far more than they save on the small matrices
-    of a typical fit, and on a busy machine they wait for each other (a
-    40-point likelihood and its gradient took 200 ms with two threads and
-    1.5 ms with one). The setting is restored afterwards.
-    """
-
-    def __init__(self, gradient, gp, n_obs):
-        self.active = (
-            gradient == "autograd"
-            and (gp.backend == "numpy" or gp.device.type == "cpu")
-            and n_obs <= 2000
-        )
-
-    def __enter__(self):
-        if self.active:
-            import torch
-
-            self.saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc):
-        if self.active:
-            import torch
-
-            torch.set_num_threads(self.saved)
-        return False
-
-
-# ``gpgrad.fit`` is this function (it shadows the module in the package's
-# namespace), so its companions are reachable from it as well
-fit.FitResult = FitResult
-fit.FitWarning = FitWarning
-
-
-# --------------------------------------------------------------------------
-# helpers
 
 
 def _torch_available():
@@ -429,15 +342,6 @@ def _check_int(v, what):
     return int(v)
 
 
-def _plain(v):
-    a = np.asarray(v, dtype=float)
-    return float(a) if a.ndim == 0 else a
-
-
-def _np(a):
-    return np.asarray(B.to_numpy(a), dtype=np.float64)
-
-
 def _batch_of(obs):
     shape = ()
     for f in obs:
@@ -445,82 +349,44 @@ def _batch_of(obs):
     return tuple(shape)
 
 
-def _full(spec, batch):
-    return tuple(batch) + spec.shape
-
-
-def _pack(specs, batch, arrays):
-    if not specs:
-        return np.zeros(0)
-    return np.concatenate(
-        [np.broadcast_to(a, _full(s, batch)).ravel() for s, a in zip(specs, arrays)]
-    )
-
-
-def _unpack(specs, batch, theta):
-    out, i = [], 0
-    for s in specs:
-        shape = _full(s, batch)
-        size = int(np.prod(shape))
-        out.append(s.from_theta(theta[i : i + size].reshape(shape)))
-        i += size
-    return out
-
-
-def _merge(specs, batch, old, new, better):
-    """``new`` where ``better`` (per problem), else ``old``."""
-    parts, i = [], 0
-    for s in specs:
-        shape = _full(s, batch)
-        size = int(np.prod(shape))
-        mask = np.reshape(better, tuple(batch) + (1,) * len(s.shape))
-        a = old[i : i + size].reshape(shape)
-        b = new[i : i + size].reshape(shape)
-        parts.append(np.where(mask, b, a).ravel())
-        i += size
-    return np.concatenate(parts)
-
-
-def _check_bounds(specs, batch, theta, lo, hi):
-    names, i = [], 0
-    for s in specs:
-        size = int(np.prod(_full(s, batch)))
-        t, a, b = theta[i : i + size], lo[i : i + size], hi[i : i + size]
-        i += size
-        if not s.log:
-            continue
-        at_lo = t <= a + _BOUND_TOL
-        at_hi = t >= b - _BOUND_TOL
-        if not (np.any(at_lo) or np.any(at_hi)):
-            continue
-        names.append(s.name)
-        side = "lower" if np.any(at_lo) else "upper"
-        value = float(np.exp(t[at_lo | at_hi][0]))
-        where = "" if not batch else f" (in {int(np.sum(at_lo | at_hi))} entries)"
-        hint = _BOUND_HINTS.get(s.name.rsplit(".", 1)[-1], "")
-        if s.name.startswith("noise.") and side == "lower":
-            hint = " The data may be (nearly) noise-free."
-        warnings.warn(
-            f"fitted {s.name} = {value:.3g} sits on its {side} bound{where}. Widen "
-            f"it with fit(..., bounds={{{s.name!r}: (lower, upper)}}) or fix it "
-            f"with fixed={{{s.name!r}: value}}.{hint}",
-            FitWarning,
-            stacklevel=3,
-        )
-    return names
-
-
-_BOUND_HINTS = {
-    "lengthscale": (
-        " A lengthscale on its upper bound often means the data barely vary "
-        "along that input; on its lower bound, that the data are too sparse or "
-        "too noisy for the kernel."
-    ),
-}
-
-
 # --------------------------------------------------------------------------
-# parameters: names, data-driven starts, bounds
+# step 2: starting values and bounds
+
+
+@dataclass
+class _Spec:
+    """One hyperparameter being optimized.
+
+    ``shape`` is its per-problem shape (``()`` or ``(d,)``); ``init``,
+    ``lower`` and ``upper`` broadcast to ``batch + shape``. ``log``
+    parameters are optimized as ``log θ``; the mean as ``(m − center) /
+    width``.
+    """
+
+    name: str
+    shape: tuple
+    init: object
+    lower: object
+    upper: object
+    log: bool = True
+    center: object = 0.0
+    width: object = 1.0
+
+    def to_theta(self, v):
+        if self.log:
+            return np.log(v)
+        return (v - self.center) / self.width
+
+    def from_theta(self, t):
+        """The value of optimizer coordinates ``t`` (numpy array or tensor)."""
+        if self.log:
+            return t.exp() if B.is_tensor(t) else np.exp(t)
+        if B.is_tensor(t):
+            xp = B.namespace(t)
+            center = B.to_namespace(self.center, xp, dtype=t.dtype, device=t.device)
+            width = B.to_namespace(self.width, xp, dtype=t.dtype, device=t.device)
+            return center + width * t
+        return self.center + self.width * t
 
 
 def _stats(gp, obs, batch):
@@ -539,7 +405,7 @@ def _stats(gp, obs, batch):
         st["ybar"] = v.mean(axis=-1)
         sd = v.std(axis=-1) if v.shape[-1] > 1 else np.zeros(batch)
         st["ysd"] = np.where(sd > 0, sd, np.maximum(np.abs(st["ybar"]), 1.0))
-    for kind in _KINDS[1:]:
+    for kind in list(KINDS)[1:]:
         ys = [_np(f.y) for f in obs if f.kind == kind]
         if ys:
             flat = np.concatenate(
@@ -550,61 +416,95 @@ def _stats(gp, obs, batch):
 
 
 def _specs(gp, obs, batch, fixed, bounds, ard, fit_mean):
+    """The fitted hyperparameters with starting values and bounds, and the
+    values of the fixed ones: ``(specs, fixed_values)``."""
     st = _stats(gp, obs, batch)
-    d = st["d"]
-    span = st["span"]
-    kernel = gp.kernel
-    kparams = kernel.parameters()
-    has_values = "ybar" in st
-    # the standardized scale the kernel's variance refers to
+    orders = {f.kind: f.order for f in obs}
+    names_fixed, fixed_values = _parse_fixed(fixed)
+    bounds = _check_bounds_arg(dict(bounds or {}))
+    specs = _kernel_specs(gp, st, orders, batch, ard)
+    specs += _noise_specs(gp, obs, st, orders, batch)
+    if fit_mean and "ybar" in st:
+        specs.append(_mean_spec(gp, st, batch))
+    known = {s.name for s in specs} | {"mean"} | {f"noise.{k}" for k in KINDS}
+    known |= set(gp.kernel.parameters())
+    unknown = sorted((names_fixed | set(bounds)) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter {unknown[0]!r}; the names are "
+            f"{sorted(s.name for s in specs)}"
+        )
+    for s in specs:
+        if s.name in bounds:
+            lower, upper = bounds[s.name]
+            s.lower = np.broadcast_to(lower, _full(s, batch)).astype(float)
+            s.upper = np.broadcast_to(upper, _full(s, batch)).astype(float)
+            s.init = np.clip(s.init, s.lower, s.upper)
+    specs = [s for s in specs if s.name not in names_fixed]
+    return specs, fixed_values
+
+
+def _parse_fixed(fixed):
+    """``fixed`` as ``(names, {name: value})``."""
+    if fixed is None:
+        return set(), {}
+    if isinstance(fixed, str):
+        fixed = [fixed]
+    if isinstance(fixed, dict):
+        return set(fixed), dict(fixed)
+    try:
+        return set(fixed), {}
+    except TypeError:
+        raise TypeError(
+            "fixed must be a list of names or a dict {name: value}, got "
+            f"{type(fixed).__name__}"
+        ) from None
+
+
+def _prior_variance(gp, st, orders, batch, ls0):
+    """A starting kernel variance from the data's scales: the values'
+    variance, or a derivative's mean square times ``ℓ^(2p)``."""
     ysd_model = np.ones(batch) if gp.normalize_y else st.get("ysd", np.ones(batch))
-    ls_scalar_span = np.exp(np.mean(np.log(span), axis=-1))  # geometric mean
-    ls0_scalar = 0.2 * ls_scalar_span
-    if has_values:
+    if "ybar" in st:
         sig2 = (st["ysd"] / (st["ysd"] if gp.normalize_y else 1.0)) ** 2
-    elif any(_ORDER[k] == 1 for k in st["ms"]):
-        ms = np.mean([v for k, v in st["ms"].items() if _ORDER[k] == 1], axis=0)
-        sig2 = ms * ls0_scalar**2 / ysd_model**2
+    elif any(orders[k] == 1 for k in st["ms"]):
+        ms = np.mean([v for k, v in st["ms"].items() if orders[k] == 1], axis=0)
+        sig2 = ms * ls0**2 / ysd_model**2
     elif st["ms"]:
         ms = np.mean(list(st["ms"].values()), axis=0)
-        sig2 = ms * ls0_scalar**4 / ysd_model**2
+        sig2 = ms * ls0**4 / ysd_model**2
     else:  # pragma: no cover - observations always have targets
         sig2 = np.ones(batch)
-    sig2 = np.where(np.isfinite(sig2) & (sig2 > 0), sig2, 1.0)
+    return np.where(np.isfinite(sig2) & (sig2 > 0), sig2, 1.0), ysd_model
+
+
+def _lengthscale_start(st):
+    """A starting (scalar) lengthscale: 0.2 × the inputs' span (geometric mean
+    over dimensions) × √d, since distances between points grow as √d."""
+    span = np.exp(np.mean(np.log(st["span"]), axis=-1))
+    return 0.2 * np.sqrt(st["d"]) * span
+
+
+def _kernel_specs(gp, st, orders, batch, ard):
+    d, span = st["d"], st["span"]
+    ls0 = _lengthscale_start(st)
+    sig2, _ = _prior_variance(gp, st, orders, batch, ls0)
+    kparams = gp.kernel.parameters()
     n_var = sum(1 for n in kparams if n.rsplit(".", 1)[-1] == "variance") or 1
-
-    fixed_values = {}
-    names_fixed = set()
-    if fixed is not None:
-        if isinstance(fixed, str):
-            fixed = [fixed]
-        if isinstance(fixed, dict):
-            fixed_values.update(fixed)
-            names_fixed = set(fixed)
-        else:
-            try:
-                names_fixed = set(fixed)
-            except TypeError:
-                raise TypeError(
-                    "fixed must be a list of names or a dict {name: value}, got "
-                    f"{type(fixed).__name__}"
-                ) from None
-    bounds = dict(bounds or {})
-
     specs = []
     for name, value in kparams.items():
         base = name.rsplit(".", 1)[-1]
         cur = _np(value)
         if base == "lengthscale":
-            per_dim = ard or (cur.ndim >= 1 and cur.shape[-1] == d and d > 1)
-            if per_dim:
-                shape, init = (d,), 0.2 * span
+            if ard or (cur.ndim >= 1 and cur.shape[-1] == d and d > 1):
+                shape, init = (d,), 0.2 * np.sqrt(d) * span
                 lower, upper = 1e-3 * span, 1e2 * span
             else:
                 # batched kernels read a lengthscale's last axis as dimensions
                 shape = (1,) if batch else ()
-                init = np.reshape(ls0_scalar, tuple(batch) + shape)
-                lower, upper = 1e-3 * init / 0.2, 1e2 * init / 0.2
+                init = np.reshape(ls0, tuple(batch) + shape)
+                geo = np.reshape(np.exp(np.mean(np.log(span), axis=-1)), init.shape)
+                lower, upper = 1e-3 * geo, 1e2 * geo
         elif base == "variance":
             shape, init = (), sig2 / n_var
             lower, upper = 1e-4 * init, 1e4 * init
@@ -613,53 +513,36 @@ def _specs(gp, obs, batch, fixed, bounds, ard, fit_mean):
             init = np.broadcast_to(cur, tuple(batch) + shape)
             lower, upper = 1e-3 * init, 1e3 * init
         specs.append(_Spec(name, shape, init, lower, upper))
+    return specs
 
-    kinds = [k for k in _KINDS if any(f.kind == k and f.noise is None for f in obs)]
-    for kind in kinds:
-        name = f"noise.{kind}"
+
+def _noise_specs(gp, obs, st, orders, batch):
+    """One noise variance per observed kind that carries no noise of its own."""
+    ls0 = _lengthscale_start(st)
+    sig2, ysd_model = _prior_variance(gp, st, orders, batch, ls0)
+    specs = []
+    for kind in KINDS:
+        if not any(f.kind == kind and f.noise is None for f in obs):
+            continue
         if kind == "value":
             scale = st["ysd"] ** 2
         else:
             ms = st["ms"].get(kind, np.zeros(batch))
             # a derivative of order p scales as σ/ℓ^p
-            fallback = sig2 * ysd_model**2 / ls0_scalar ** (2 * _ORDER[kind])
+            fallback = sig2 * ysd_model**2 / ls0 ** (2 * orders[kind])
             scale = np.where(ms > 0, ms, fallback)
-        specs.append(_Spec(name, (), 1e-2 * scale, 1e-8 * scale, 10.0 * scale))
+        specs.append(_Spec(f"noise.{kind}", (), 1e-2 * scale, 1e-8 * scale, 10 * scale))
+    return specs
 
-    if fit_mean and has_values:
-        center = np.zeros(batch) if gp.normalize_y else st["ybar"]
-        specs.append(
-            _Spec(
-                "mean",
-                (),
-                center,
-                None,
-                None,
-                log=False,
-                center=center,
-                width=st["ysd"],
-            )
-        )
-        # the mean's θ lives in units of the values' spread
-        specs[-1].lower = center - 1e3 * st["ysd"]
-        specs[-1].upper = center + 1e3 * st["ysd"]
 
-    known = {s.name for s in specs} | {"mean"} | {f"noise.{k}" for k in _KINDS}
-    known |= set(kparams)
-    unknown = sorted((names_fixed | set(bounds)) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown hyperparameter {unknown[0]!r}; the names are "
-            f"{sorted(s.name for s in specs)}"
-        )
-    for name, (lower, upper) in _check_bounds_arg(bounds).items():
-        for s in specs:
-            if s.name == name:
-                s.lower = np.broadcast_to(lower, _full(s, batch)).astype(float)
-                s.upper = np.broadcast_to(upper, _full(s, batch)).astype(float)
-                s.init = np.clip(s.init, s.lower, s.upper)
-    specs = [s for s in specs if s.name not in names_fixed]
-    return specs, fixed_values
+def _mean_spec(gp, st, batch):
+    """The constant mean, optimized in units of the values' spread."""
+    center = np.zeros(batch) if gp.normalize_y else st["ybar"]
+    width = st["ysd"]
+    lower, upper = center - 1e3 * width, center + 1e3 * width
+    return _Spec(
+        "mean", (), center, lower, upper, log=False, center=center, width=width
+    )
 
 
 def _check_bounds_arg(bounds):
@@ -683,88 +566,259 @@ def _check_bounds_arg(bounds):
 
 
 # --------------------------------------------------------------------------
-# the objective
+# step 3: the optimizer's vector
+
+
+def _np(a):
+    return np.asarray(B.to_numpy(a), dtype=np.float64)
+
+
+def _full(spec, batch):
+    return tuple(batch) + spec.shape
+
+
+@dataclass
+class _Space:
+    """The optimizer's vector ``θ``: every fitted hyperparameter in its
+    coordinates, batch axes first, concatenated; and the way back."""
+
+    specs: list
+    batch: tuple
+    fixed_values: dict = field(default_factory=dict)
+    target_axes: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.sizes = [int(np.prod(_full(s, self.batch))) for s in self.specs]
+        self.lo = self.pack([s.to_theta(s.lower) for s in self.specs])
+        self.hi = self.pack([s.to_theta(s.upper) for s in self.specs])
+
+    def pack(self, arrays):
+        if not self.specs:
+            return np.zeros(0)
+        return np.concatenate(
+            [
+                np.broadcast_to(a, _full(s, self.batch)).ravel()
+                for s, a in zip(self.specs, arrays)
+            ]
+        )
+
+    def split(self, theta):
+        """``θ`` (numpy or tensor) as one array per spec, ``batch + shape``."""
+        out, i = [], 0
+        for s, size in zip(self.specs, self.sizes):
+            out.append(theta[i : i + size].reshape(_full(s, self.batch)))
+            i += size
+        return out
+
+    def values(self, theta):
+        """The hyperparameter values at ``θ`` (in ``θ``'s namespace)."""
+        return [s.from_theta(t) for s, t in zip(self.specs, self.split(theta))]
+
+    def start(self, start=None):
+        """The first start: the data-driven values, or ``start``'s where it
+        names a fitted hyperparameter; clipped into the bounds."""
+        inits = []
+        for s in self.specs:
+            init = s.init
+            if start is not None and start.get(s.name) is not None:
+                init = np.broadcast_to(_np(start[s.name]), _full(s, self.batch))
+            inits.append(s.to_theta(init))
+        return np.clip(self.pack(inits), self.lo, self.hi)
+
+    def merge(self, old, new, better):
+        """``new`` where ``better`` (per problem), else ``old``."""
+        parts = []
+        for s, a, b in zip(self.specs, self.split(old), self.split(new)):
+            mask = np.reshape(better, tuple(self.batch) + (1,) * len(s.shape))
+            parts.append(np.where(mask, b, a).ravel())
+        return np.concatenate(parts) if parts else old
+
+    def on_bound(self, theta):
+        """Names of the log-parameters within ``_BOUND_TOL`` of a bound, each
+        warned about with what to change."""
+        names = []
+        for s, t, a, b in zip(
+            self.specs, self.split(theta), self.split(self.lo), self.split(self.hi)
+        ):
+            if not s.log:
+                continue
+            at_lo = t <= a + _BOUND_TOL
+            at_hi = t >= b - _BOUND_TOL
+            if not (np.any(at_lo) or np.any(at_hi)):
+                continue
+            names.append(s.name)
+            _warn_on_bound(s, t, at_lo, at_hi, self.batch)
+        return names
+
+    def model(self, gp, theta, backend, dtype=None, device=None):
+        """A GP like ``gp`` with the hyperparameters at ``θ`` and the fixed
+        ones, every value in ``backend``'s type (``dtype``/``device`` default
+        to ``gp``'s)."""
+        entries = dict(zip((s.name for s in self.specs), self.values(theta)))
+        entries.update(self.fixed_values)
+        return _assemble(
+            gp, entries, self.batch, self.target_axes, backend, dtype, device
+        )
+
+
+def _warn_on_bound(s, t, at_lo, at_hi, batch):
+    side = "lower" if np.any(at_lo) else "upper"
+    value = float(np.exp(t[at_lo | at_hi].reshape(-1)[0]))
+    where = "" if not batch else f" (in {int(np.sum(at_lo | at_hi))} entries)"
+    hint = _BOUND_HINTS.get(s.name.rsplit(".", 1)[-1], "")
+    if s.name.startswith("noise.") and side == "lower":
+        hint = " The data may be (nearly) noise-free."
+    warnings.warn(
+        f"fitted {s.name} = {value:.3g} sits on its {side} bound{where}. Widen "
+        f"it with fit(..., bounds={{{s.name!r}: (lower, upper)}}) or fix it "
+        f"with fixed={{{s.name!r}: value}}.{hint}",
+        FitWarning,
+        stacklevel=5,
+    )
+
+
+_BOUND_HINTS = {
+    "lengthscale": (
+        " A lengthscale on its upper bound often means the data barely vary "
+        "along that input; on its lower bound, that the data are too sparse or "
+        "too noisy for the kernel."
+    ),
+}
+
+
+def _assemble(gp, entries, batch, target_axes, backend, dtype=None, device=None):
+    """A GP like ``gp`` with the kernel, noise and mean of ``entries``
+    (``{name: value}``), every value converted to ``backend``'s type."""
+    if backend == "torch":
+        import torch
+
+        dtype = gp.dtype if dtype is None and gp.backend == "torch" else dtype
+        dtype = torch.float64 if dtype is None else dtype
+        device = device if device is not None else getattr(gp, "device", None)
+        device = torch.device("cpu") if device is None else device
+
+        def conv(v):
+            # python floats (fixed values, the GP's defaults) stay floats
+            if type(v) is float or B.is_tensor(v):
+                return v
+            return torch.as_tensor(np.asarray(v, float), dtype=dtype, device=device)
+
+    else:
+        dtype = gp.dtype
+
+        def conv(v):
+            return float(v) if np.ndim(v) == 0 else np.asarray(v, float)
+
+    kparams, noise, mean = {}, {k: gp.noise_for(k) for k in KINDS}, gp.mean
+    for name, v in entries.items():
+        v = conv(v)
+        if name == "mean":
+            mean = v
+        elif name.startswith("noise."):
+            kind = name.split(".", 1)[1]
+            if batch and not isinstance(v, float) and v.ndim:
+                v = v.reshape(tuple(batch) + (1,) * target_axes[kind])
+            noise[kind] = v
+        else:
+            kparams[name] = v
+    if backend == "torch":
+        noise = {k: conv(v) for k, v in noise.items()}
+        mean = conv(mean)
+    kernel = gp.kernel.replace(**kparams) if kparams else gp.kernel
+    return GP(
+        kernel,
+        noise=noise,
+        mean=mean,
+        normalize_y=gp.normalize_y,
+        backend=backend,
+        dtype=dtype,
+        device=device if backend == "torch" else None,
+        method=gp.method,
+    )
+
+
+def _target_axes(obs):
+    """``{kind: number of target axes after the batch axes}`` of the observed
+    kinds (1 for values, 2 for gradients, 3 for Hessians), so that a
+    per-problem noise reshaped to ``batch + (1,) * axes`` broadcasts against
+    the targets."""
+    return {f.kind: len(f.target_shape()) - (len(f.X.shape) - 2) for f in obs}
+
+
+# --------------------------------------------------------------------------
+# step 4: the objective
+
+
+def _evaluation_failed(exc) -> bool:
+    """Whether ``exc``, raised by one likelihood evaluation, only says that
+    this ``θ`` gives a covariance that cannot be factored (the optimizer then
+    backs off). Running out of memory is not that: it propagates, as
+    :class:`~gpgrad.exceptions.OutOfMemoryError`."""
+    raise_if_out_of_memory(exc)  # memory, not conditioning: stop here
+    if is_out_of_memory(exc):
+        return False
+    return isinstance(
+        exc, (NotPositiveDefiniteError, np.linalg.LinAlgError, RuntimeError)
+    )
 
 
 class _Objective:
     """``−Σ log p(y) / N`` and its gradient in the optimizer's coordinates."""
 
     def __init__(self, gp, obs, specs, fixed_values, batch, gradient, progress):
-        self.gp, self.obs, self.specs = gp, obs, specs
-        self.fixed_values = fixed_values
+        self.gp, self.obs = gp, obs
+        self.space = _Space(specs, batch, fixed_values, _target_axes(obs))
         self.batch = batch
-        self.gradient = gradient
         self.progress = progress
         self.count = 0
         self.start = 1
         self.n_obs = sum(f.size for f in obs) * max(1, int(np.prod(batch)))
+        self._last = None
+        self.gradient = gradient
         if gradient == "autograd":
             import torch
 
             self.torch = torch
             self.device = gp.device if gp.backend == "torch" else torch.device("cpu")
 
-    def _model(self, theta, backend):
-        """A GP with hyperparameters ``theta`` (a tensor for autograd)."""
-        if backend == "torch":
-            torch = self.torch
-            vals, i = [], 0
-            for s in self.specs:
-                shape = _full(s, self.batch)
-                size = int(np.prod(shape))
-                t = theta[i : i + size].reshape(shape)
-                if s.log:
-                    vals.append(torch.exp(t))
-                else:
-                    center = torch.as_tensor(
-                        s.center, dtype=theta.dtype, device=theta.device
-                    )
-                    width = torch.as_tensor(
-                        s.width, dtype=theta.dtype, device=theta.device
-                    )
-                    vals.append(center + width * t)
-                i += size
-        else:
-            vals = _unpack(self.specs, self.batch, theta)
-            vals = [float(v) if np.ndim(v) == 0 else v for v in vals]
-        return _assemble(
-            self.gp,
-            self.specs,
-            vals,
-            self.fixed_values,
-            self.batch,
-            backend,
-            dtype=None if backend == "numpy" else "float64",
-            device=getattr(self, "device", None),
-        )
+    def _lml(self, theta):
+        """``log p(y)`` per problem at ``θ`` (a float64 tensor or an array)."""
+        if self.gradient == "autograd":
+            gp = self.space.model(
+                self.gp, theta, "torch", self.torch.float64, self.device
+            )
+            # dense systems: the closed-form backward pass of gpgrad.likelihood
+            return gp.log_marginal_likelihood(*self.obs)
+        gp = self.space.model(self.gp, theta, "numpy")
+        return gp.log_marginal_likelihood(*self.obs)
 
     def __call__(self, theta):
         self.count += 1
+        g = None
         try:
             if self.gradient == "autograd":
                 torch = self.torch
                 t = torch.tensor(
                     theta, dtype=torch.float64, device=self.device, requires_grad=True
                 )
-                gp = self._model(t, "torch")
-                lml = gp.log_marginal_likelihood(*self.obs)
+                lml = self._lml(t)
                 loss = -lml.sum() / self.n_obs
                 (g,) = torch.autograd.grad(loss, t)
-                f, g = float(loss.detach().cpu()), g.cpu().numpy()
-                total = -f * self.n_obs
+                g = g.cpu().numpy()
+                member = _np(lml.detach())
             else:
-                gp = self._model(theta, "numpy")
-                total = float(np.sum(gp.log_marginal_likelihood(*self.obs)))
-                f = -total / self.n_obs
-                g = None
-        except (NotPositiveDefiniteError, RuntimeError, np.linalg.LinAlgError) as e:
-            raise_if_out_of_memory(e)  # memory, not conditioning: stop here
-            f, total = _BAD_OBJECTIVE, -np.inf
-            g = np.zeros_like(theta)
+                member = _np(self._lml(theta))
+            total = float(np.sum(member))
+            f = -total / self.n_obs
+        except Exception as exc:
+            if not _evaluation_failed(exc):
+                raise
+            f, total, member = _BAD_OBJECTIVE, -np.inf, None
         if not np.isfinite(f) or (g is not None and not np.all(np.isfinite(g))):
-            f, g = _BAD_OBJECTIVE, np.zeros_like(theta)
+            f, g, member = _BAD_OBJECTIVE, np.zeros_like(theta), None
+        self._last = (np.array(theta, copy=True), member)
         self._report(total)
-        return f if g is None else (f, g)
+        return f if self.gradient != "autograd" else (f, g)
 
     def _report(self, total):
         if self.progress is False:
@@ -779,125 +833,240 @@ class _Objective:
             )
 
     def member_lml(self, theta):
-        """Log marginal likelihood per problem (``-inf`` where it fails)."""
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", JitterWarning)
-                if self.gradient == "autograd":
-                    torch = self.torch
-                    with torch.no_grad():
-                        t = torch.tensor(theta, dtype=torch.float64, device=self.device)
-                        lml = self._model(t, "torch").log_marginal_likelihood(*self.obs)
-                else:
-                    lml = self._model(theta, "numpy").log_marginal_likelihood(*self.obs)
-        except (NotPositiveDefiniteError, RuntimeError, np.linalg.LinAlgError) as e:
-            raise_if_out_of_memory(e)
-            return np.full(self.batch, -np.inf)
-        out = np.broadcast_to(_np(lml), self.batch).copy()
+        """Log marginal likelihood per problem (``-inf`` where it fails); the
+        last evaluation's when it was at ``theta``."""
+        last = self._last
+        if last is not None and last[1] is not None and np.array_equal(last[0], theta):
+            member = last[1]
+        else:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", JitterWarning)
+                    if self.gradient == "autograd":
+                        torch = self.torch
+                        with torch.no_grad():
+                            t = torch.tensor(
+                                theta, dtype=torch.float64, device=self.device
+                            )
+                            member = _np(self._lml(t))
+                    else:
+                        member = _np(self._lml(theta))
+            except Exception as exc:
+                if not _evaluation_failed(exc):
+                    raise
+                return np.full(self.batch, -np.inf)
+        out = np.broadcast_to(member, self.batch).copy()
         out[~np.isfinite(out)] = -np.inf
         return out
 
 
-def _minimize(objective, x0, lo, hi, maxiter, gradient):
+class _few_threads:
+    """Run small CPU fits on one thread (torch and BLAS), the final
+    conditioning included.
+
+    Thread start-up and synchronization cost more than they save on the small
+    matrices of a typical fit, and far more on a busy machine, where threads
+    wait for each other. The settings are restored afterwards.
+    """
+
+    def __init__(self, gradient, gp, n_obs):
+        self.active = (
+            gradient != "finite-difference"
+            and (gp.backend == "numpy" or gp.device.type == "cpu")
+            and n_obs <= 2000
+        )
+        self.limits = None
+
+    def __enter__(self):
+        if self.active:
+            import torch
+
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                from threadpoolctl import threadpool_limits
+            except ImportError:  # pragma: no cover - optional
+                pass
+            else:
+                self.limits = threadpool_limits(1, user_api="blas")
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            import torch
+
+            torch.set_num_threads(self.saved)
+            if self.limits is not None:
+                self.limits.restore_original_limits()
+        return False
+
+
+# --------------------------------------------------------------------------
+# step 5: the restarts
+
+
+@dataclass
+class _Best:
+    """The best optimum over the starts, per problem."""
+
+    theta: np.ndarray
+    member: np.ndarray
+    totals: list
+    converged: bool
+
+
+def _run_starts(objective, space, theta0, settings):
+    """L-BFGS-B from each start; the best optimum per problem."""
+    rng = np.random.default_rng(settings.seed)
+    best = _Best(theta0.copy(), np.full(space.batch, -np.inf), [], False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", JitterWarning)
+        for start in range(settings.restarts):
+            x0 = theta0
+            if start > 0:
+                # log-uniform within a factor e^±2 of the first start
+                x0 = theta0 + rng.uniform(-2.0, 2.0, theta0.shape)
+                x0 = np.clip(x0, space.lo, space.hi)
+            objective.start = start + 1
+            theta, ok = x0, True
+            if space.specs:
+                res = _minimize(objective, x0, space, settings)
+                theta, ok = res.x, bool(res.success)
+            best.converged |= ok
+            member = objective.member_lml(theta)
+            best.totals.append(float(np.sum(member)))
+            better = member > best.member
+            if np.any(better):
+                best.theta = space.merge(best.theta, theta, better)
+                best.member = np.where(better, member, best.member)
+            if settings.progress is True:
+                print(
+                    f"gpgrad.fit: start {start + 1}/{settings.restarts} done, log "
+                    f"marginal likelihood {best.totals[-1]:.6g} "
+                    f"({objective.count} evaluations)",
+                    file=sys.stderr,
+                )
+    return best
+
+
+def _fit_batched_starts(gp, obs, spec_args, settings):
+    """All starts as one batch of ``restarts`` identical problems; the best
+    start's hyperparameters as the result of the unbatched problem."""
+    R = settings.restarts
+    stacked = [_repeat(f, R) for f in obs]
+    specs, fixed_values = _specs(gp, stacked, (R,), *spec_args)
+    objective = _Objective(
+        gp, stacked, specs, fixed_values, (R,), settings.gradient, settings.progress
+    )
+    space = objective.space
+    first = space.start(settings.start)
+    rng = np.random.default_rng(settings.seed)
+    # start 0 is the data-driven (or given) one, the others random around it
+    others = np.clip(first + rng.uniform(-2.0, 2.0, first.shape), space.lo, space.hi)
+    theta0 = space.merge(others, first, np.arange(R) == 0)
+    with _few_threads(settings.gradient, gp, objective.n_obs):
+        best = _run_starts(objective, space, theta0, replace(settings, restarts=1))
+        k = int(np.argmax(best.member))
+        single, _ = _specs(gp, obs, (), *spec_args)
+        theta = np.concatenate([t[k].reshape(-1) for t in space.split(best.theta)])
+        totals = [float(m) for m in best.member]
+        winner = _Best(theta, np.asarray(best.member[k]), totals, best.converged)
+        space = _Space(single, (), fixed_values)
+        return _result(gp, obs, space, winner, objective, settings)
+
+
+def _repeat(f, R):
+    """The functional ``f`` with its points and targets repeated along a new
+    leading batch axis of length ``R`` (views, no copies)."""
+    import torch
+
+    def rep(a):
+        t = torch.as_tensor(a)
+        return t.expand((R,) + tuple(t.shape))
+
+    fields = {name: getattr(f, name) for name in f.fields}
+    return type(f).build(f.kind, rep(f.X), rep(f.y), f.noise, **fields)
+
+
+def _minimize(objective, x0, space, settings):
     from scipy.optimize import minimize
 
     return minimize(
         objective,
         x0,
-        jac=gradient == "autograd",
+        jac=objective.gradient == "autograd",
         method="L-BFGS-B",
-        bounds=list(zip(lo, hi)),
-        options={"maxiter": maxiter},
+        bounds=list(zip(space.lo, space.hi)),
+        options={"maxiter": settings.maxiter, "ftol": settings.tol},
     )
 
 
-def _noise_shape(kind, batch):
-    return tuple(batch) + (1,) * _TARGET_AXES[kind]
+# --------------------------------------------------------------------------
+# step 6: the result
 
 
-def _assemble(gp, specs, vals, fixed_values, batch, backend, dtype=None, device=None):
-    """A GP like ``gp`` with the kernel, noise and mean from ``vals`` and
-    ``fixed_values`` (each value already in its backend's type)."""
-    kparams = {}
-    noise = {k: gp.noise_for(k) for k in _KINDS}
-    mean = gp.mean
-    entries = [(s.name, v) for s, v in zip(specs, vals)]
-    entries += list(fixed_values.items())
-    for name, v in entries:
-        if name == "mean":
-            mean = v
-        elif name.startswith("noise."):
-            kind = name.split(".", 1)[1]
-            if batch and (B.is_tensor(v) or isinstance(v, np.ndarray)) and v.ndim:
-                v = v.reshape(_noise_shape(kind, batch))
-            noise[kind] = v
-        else:
-            kparams[name] = v
-    kernel = gp.kernel.replace(**kparams) if kparams else gp.kernel
-    if backend == "torch":
-        import torch
-
-        dt = torch.float64 if dtype == "float64" else gp.dtype
-        dev = device if device is not None else gp.device
-
-        def conv(v):
-            return v if B.is_tensor(v) else torch.as_tensor(v, dtype=dt, device=dev)
-
-        if gp.backend == "numpy" or dtype == "float64":
-            # the objective's model: everything as float64 tensors
-            noise = {
-                k: (conv(v) if not isinstance(v, float) else v)
-                for k, v in noise.items()
-            }
-            mean = mean if isinstance(mean, float) else conv(mean)
-        return GP(
-            kernel,
-            noise=noise,
-            mean=mean,
-            normalize_y=gp.normalize_y,
-            backend="torch",
-            dtype=dt,
-            device=dev,
-            method=gp.method,
+def _result(gp, obs, space, best, objective, settings):
+    if not np.all(np.isfinite(best.member)):
+        raise NotPositiveDefiniteError(
+            "no start gave a covariance matrix that could be factored; raise the "
+            "noise bounds (bounds={'noise.value': (lo, hi)}) or check the data "
+            "for duplicated points"
         )
-    return GP(
-        kernel,
-        noise=noise,
-        mean=mean,
-        normalize_y=gp.normalize_y,
-        backend="numpy",
-        dtype=gp.dtype,
-        method=gp.method,
-    )
-
-
-def _build_final(gp, specs, values, fixed_values, batch, noise_kinds):
-    """The fitted GP in the user's backend, and every hyperparameter by name."""
-    if gp.backend == "torch":
-        import torch
-
-        vals = [torch.as_tensor(v, dtype=gp.dtype, device=gp.device) for v in values]
-        fixed = {
-            k: v
-            if isinstance(v, float) or B.is_tensor(v)
-            else torch.as_tensor(np.asarray(v, float), dtype=gp.dtype, device=gp.device)
-            for k, v in fixed_values.items()
-        }
-    else:
-        vals = [float(v) if np.ndim(v) == 0 else np.asarray(v) for v in values]
-        fixed = {
-            k: float(v) if np.ndim(v) == 0 else np.asarray(v, float)
-            for k, v in fixed_values.items()
-        }
-    new = _assemble(gp, specs, vals, fixed, batch, gp.backend)
-    params = dict(new.kernel.parameters())
-    for kind in _KINDS:
-        if kind in noise_kinds:
-            v = new.noise_for(kind)
+    if space.specs and not best.converged:
+        warnings.warn(
+            f"L-BFGS-B did not converge from any of the {settings.restarts} starts "
+            f"within {settings.maxiter} iterations; raise maxiter or check the "
+            "bounds",
+            FitWarning,
+            stacklevel=3,
+        )
+    on_bound = space.on_bound(best.theta)
+    new_gp = space.model(gp, best.theta, gp.backend)
+    params = dict(new_gp.kernel.parameters())
+    for kind in KINDS:
+        if any(f.kind == kind and f.noise is None for f in obs):
+            v = new_gp.noise_for(kind)
             if B.is_tensor(v) or isinstance(v, np.ndarray):
-                v = v.reshape(tuple(batch)) if batch else v.reshape(())
+                v = v.reshape(tuple(space.batch))
                 if isinstance(v, np.ndarray):
                     v = float(v) if v.ndim == 0 else v
             params[f"noise.{kind}"] = v
-    params["mean"] = new.mean
-    return new, params
+    params["mean"] = new_gp.mean
+    post = new_gp.condition(*obs)
+    lml = post.log_marginal_likelihood()
+    if not space.batch:
+        lml = B.to_float(lml)
+    return FitResult(
+        gp=new_gp,
+        posterior=post,
+        params=params,
+        fitted=[s.name for s in space.specs],
+        bounds={s.name: (_plain(s.lower), _plain(s.upper)) for s in space.specs},
+        log_marginal_likelihood=lml,
+        on_bound=on_bound,
+        restarts=best.totals,
+        gradient=settings.gradient,
+        n_evaluations=objective.count,
+    )
+
+
+def _plain(v):
+    a = np.asarray(v, dtype=float)
+    return float(a) if a.ndim == 0 else a
+
+
+# --------------------------------------------------------------------------
+# ``gpgrad.fit`` is this module, and calling it fits: one object under one
+# name, so ``gpgrad.fit(gp, X, y)``, ``gpgrad.fit.FitResult`` and
+# ``from gpgrad.fit import fit`` all work
+
+
+class _FitModule(types.ModuleType):
+    """The :mod:`gpgrad.fit` module; calling it calls :func:`fit`."""
+
+    def __call__(self, *args, **kwargs) -> FitResult:
+        return fit(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _FitModule
+__signature__ = inspect.signature(fit)

@@ -288,7 +288,20 @@ class GP:
 
     def log_marginal_likelihood(self, *observations):
         """``log p(y)`` of the observations under this prior (a scalar, or one
-        per batch member)."""
+        per batch member).
+
+        With torch in float64 and gradients enabled, dense systems use the
+        closed-form backward pass of :mod:`gpgrad.likelihood` (no autograd
+        through the Cholesky factorization)."""
+        if self.backend == "torch" and str(self.dtype) == "torch.float64":
+            import torch
+
+            if torch.is_grad_enabled():
+                from .likelihood import dense_applies, dense_log_marginal_likelihood
+
+                obs = self._parse(observations)
+                if dense_applies(self, obs):
+                    return dense_log_marginal_likelihood(self, obs)
         return self.condition(*observations).log_marginal_likelihood()
 
 

@@ -24,9 +24,9 @@ from .functionals import (
 )
 from .gp import GP
 from .io import load, save
+from .posterior import Posterior, Prediction
 from .solvers.iterative import CG
 from .solvers.select import InsufficientMemoryError
-from .posterior import Posterior, Prediction
 
 __version__ = "0.1.0"
 

@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import math
 
+from . import backend as B
 from .covariance import Block, _contract_chunk, batch_shape, point_covariance
 from .functionals import gradients, values
-from . import backend as B
 
 __all__ = [
     "CandidateMoments",

@@ -24,9 +24,9 @@ import warnings
 
 import numpy as np
 
+from . import backend as B
 from .exceptions import GPGradWarning, JitterWarning, NotPositiveDefiniteError
 from .gp import _KINDS, GP
-from . import backend as B
 
 __all__ = ["fit", "FitResult", "FitWarning"]
 

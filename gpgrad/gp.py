@@ -18,11 +18,11 @@ import warnings
 
 import numpy as np
 
+from . import backend as B
 from .covariance import _kernel_batch_shape, as_blocks, batch_shape
 from .exceptions import GPGradWarning
 from .functionals import Functional, values
 from .kernels.base import Kernel
-from . import backend as B
 from .solvers.select import METHODS, make_solver
 
 __all__ = ["GP"]

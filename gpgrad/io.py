@@ -37,6 +37,7 @@ import zlib
 
 import numpy as np
 
+from . import backend as B
 from . import kernels as _kernels
 from .exceptions import GPGradWarning
 from .functionals import (
@@ -48,7 +49,6 @@ from .functionals import (
     values,
 )
 from .gp import GP
-from . import backend as B
 from .posterior import Posterior
 
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]

@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 
+from . import backend as B
 from .covariance import Block, covariance, point_covariance
 from .exceptions import GPGradWarning
 from .functionals import (
@@ -20,7 +21,6 @@ from .functionals import (
     second_partials,
     values,
 )
-from . import backend as B
 
 __all__ = ["Posterior", "Prediction"]
 

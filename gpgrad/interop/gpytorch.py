@@ -36,10 +36,10 @@ except ImportError as exc:  # pragma: no cover - exercised without gpytorch
         "`pip install gpgrad[gpytorch]`"
     ) from exc
 
+from .. import backend as B
 from ..covariance import as_blocks, covariance, point_covariance
 from ..functionals import gradients, values
 from ..kernels.base import Kernel as _GPGradKernel
-from .. import backend as B
 
 __all__ = ["GradKernel"]
 

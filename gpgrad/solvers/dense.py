@@ -6,8 +6,8 @@ import warnings
 
 import numpy as np
 
-from ..exceptions import JitterWarning, NotPositiveDefiniteError
 from .. import backend as B
+from ..exceptions import JitterWarning, NotPositiveDefiniteError
 
 __all__ = ["cholesky", "DenseCholeskySolver", "JITTER_START", "JITTER_MAX"]
 

@@ -48,8 +48,8 @@ import warnings
 
 import numpy as np
 
-from ..exceptions import GPGradWarning
 from .. import backend as B
+from ..exceptions import GPGradWarning
 from .matfree import GramOperator
 
 __all__ = ["CG", "IterativeSolver", "pcg", "ConvergenceWarning"]

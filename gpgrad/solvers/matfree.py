@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import backend as B
 from ..kernels.base import (
     DotProductMap,
     RadialKernel,
     StationaryMap,
     batch_scalar,
 )
-from .. import backend as B
 
 __all__ = ["GramOperator", "supports", "unsupported_reason", "posterior_mean"]
 

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import math
 
-from ..covariance import batch_shape, covariance
 from .. import backend as B
+from ..covariance import batch_shape, covariance
 from .dense import DenseCholeskySolver, cholesky
 from .iterative import CG, IterativeSolver
 from .matfree import GramOperator, unsupported_reason

@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels.base import RadialKernel, StationaryMap, batch_scalar, vector_size
 from .. import backend as B
+from ..kernels.base import RadialKernel, StationaryMap, batch_scalar, vector_size
 from .matfree import GramOperator
 
 __all__ = [

@@ -11,6 +11,7 @@
 
 from . import acquisition as acquisition
 from . import kernels
+from ._version import __version__
 from .exceptions import GPGradWarning, JitterWarning, NotPositiveDefiniteError
 from .fit import fit as fit
 from .functionals import (
@@ -28,9 +29,8 @@ from .posterior import Posterior, Prediction
 from .solvers.iterative import CG
 from .solvers.select import InsufficientMemoryError
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "GP",
     "Posterior",
     "Prediction",

@@ -39,6 +39,7 @@ import numpy as np
 
 from . import backend as B
 from . import kernels as _kernels
+from ._version import __version__
 from .exceptions import GPGradWarning
 from .functionals import (
     directional,
@@ -305,8 +306,6 @@ def _check_path(path):
 
 
 def _version():
-    from . import __version__
-
     return __version__
 
 

@@ -10,11 +10,16 @@ import random
 
 import numpy as np
 import pytest
-import torch
+
+try:
+    import torch
+except ImportError:  # the numpy-only install
+    torch = None
 
 
 @pytest.fixture(autouse=True)
 def _fixed_global_seeds():
     random.seed(0)
     np.random.seed(0)
-    torch.manual_seed(0)
+    if torch is not None:
+        torch.manual_seed(0)

@@ -12,10 +12,17 @@ chunk-sized: the value+gradient Gram matrix of 1000 points in 10 dimensions
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import backend as B
+from ._typing import Array, Device, DType, Namespace
+
+if TYPE_CHECKING:
+    from .functionals import Functional
+    from .kernels.base import Kernel
 
 __all__ = ["Block", "as_blocks", "covariance", "point_covariance"]
 
@@ -29,7 +36,9 @@ class Block:
 
     __slots__ = ("f", "X", "U", "order", "n", "k", "d")
 
-    def __init__(self, f, xp, dtype, device):
+    def __init__(
+        self, f: Functional, xp: Namespace, dtype: DType, device: Device
+    ) -> None:
         self.f = f
         self.X = B.to_namespace(f.X, xp, dtype=dtype, device=device)
         self.U = B.to_namespace(f.directions(), xp, dtype=dtype, device=device)
@@ -38,10 +47,10 @@ class Block:
         self.k = f.k
 
     @property
-    def size(self):
+    def size(self) -> int:
         return self.n * self.k
 
-    def sub(self, i0, i1):
+    def sub(self, i0: int, i1: int) -> Block:
         """The block of points ``i0:i1`` (itself when that is all of them)."""
         if i0 == 0 and i1 == self.n:
             return self
@@ -52,13 +61,15 @@ class Block:
         sub.n = i1 - i0
         return sub
 
-    def points(self, i0, i1):
+    def points(self, i0: int, i1: int) -> tuple[Array, Array]:
         X = self.X[..., i0:i1, :]
         U = self.U[i0:i1] if self.U.shape[0] == self.n and self.n > 1 else self.U
         return X, U
 
 
-def as_blocks(functionals, xp, dtype, device):
+def as_blocks(
+    functionals: Sequence[Functional], xp: Namespace, dtype: DType, device: Device
+) -> list[Block]:
     return [Block(f, xp, dtype, device) for f in functionals]
 
 
@@ -74,7 +85,7 @@ def _kernel_batch_shape(kernel):
     return tuple(shape)
 
 
-def batch_shape(kernel, blocks):
+def batch_shape(kernel: Kernel, blocks: Sequence[Block]) -> tuple[int, ...]:
     shape = _kernel_batch_shape(kernel)
     for b in blocks:
         shape = np.broadcast_shapes(shape, tuple(b.X.shape[:-2]))
@@ -98,7 +109,15 @@ def _split_view(xp, view, shape):
     return out
 
 
-def covariance(kernel, A, Bl=None, *, out=None, xp=None, upper_only=False):
+def covariance(
+    kernel: Kernel,
+    A: Sequence[Block],
+    Bl: Sequence[Block] | None = None,
+    *,
+    out: Array | None = None,
+    xp: Namespace | None = None,
+    upper_only: bool = False,
+) -> Array:
     """Cross-covariance matrix of two lists of :class:`Block`.
 
     Parameters
@@ -151,7 +170,7 @@ def covariance(kernel, A, Bl=None, *, out=None, xp=None, upper_only=False):
     return out
 
 
-def point_covariance(kernel, block):
+def point_covariance(kernel: Kernel, block: Block) -> Array:
     """The prior covariance of each point's entries with themselves.
 
     Returns an array (..., n, k, k): for point p, the covariance of its k

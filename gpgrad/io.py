@@ -39,6 +39,7 @@ import numpy as np
 
 from . import backend as B
 from . import kernels as _kernels
+from ._typing import Device
 from ._version import __version__
 from .exceptions import GPGradWarning
 from .functionals import (
@@ -233,7 +234,7 @@ def _obs_to_json(f, t, w):
     return out
 
 
-def save(obj, path):
+def save(obj: GP | Posterior, path: str | os.PathLike) -> None:
     """Write a :class:`~gpgrad.GP` or a conditioned :class:`~gpgrad.Posterior`.
 
     Parameters
@@ -357,7 +358,7 @@ def _torch_dtype(name):
     return {"float64": torch.float64, "float32": torch.float32}[name]
 
 
-def load(path, *, device=None):
+def load(path: str | os.PathLike, *, device: Device = None) -> GP | Posterior:
     """Read a GP or posterior written by :func:`save`.
 
     Parameters

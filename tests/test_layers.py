@@ -17,7 +17,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gpgrad"
 
 # Lowest first. A name covers the module and, for a package, everything in it.
 LAYERS = [
-    ("backend", ["gpgrad.backend", "gpgrad.exceptions", "gpgrad._version"]),
+    (
+        "backend",
+        ["gpgrad.backend", "gpgrad.exceptions", "gpgrad._version", "gpgrad._typing"],
+    ),
     ("kernels", ["gpgrad.kernels"]),
     ("functionals, covariance", ["gpgrad.functionals", "gpgrad.covariance"]),
     ("solvers", ["gpgrad.solvers"]),

@@ -262,9 +262,10 @@ def contract(T, dirsA, dirsB):
 def reference_covariance(fref, FA, FB, mp_mode=False):
     """The cross-covariance matrix of functional lists FA, FB, entry by entry.
 
-    The derivative tensors are computed once per distinct point pair: by
-    autodiff, vectorized over all pairs at once, or with ``mp_mode`` by
-    mpmath's high-precision finite differences (for coincident points).
+    The derivative tensors are computed once per distinct point pair, by
+    autodiff vectorized over all pairs at once; with ``mp_mode`` (for kernels
+    not smooth at x = x') the coincident pairs by mpmath's high-precision
+    finite differences instead.
     """
     eA = [(fi, e) for fi, F in enumerate(FA) for e in entries(F)]
     eB = [(fi, e) for fi, F in enumerate(FB) for e in entries(F)]
@@ -277,14 +278,17 @@ def reference_covariance(fref, FA, FB, mp_mode=False):
         for fb, (pb, _) in eB:
             xa, xb = point(FA[fa], pa), point(FB[fb], pb)
             pairs.setdefault((xa.tobytes(), xb.tobytes()), (xa, xb))
-    keys = list(pairs)
-    if mp_mode:
-        cache = {key: derivative_tensors_mp(fref, *pairs[key]) for key in keys}
-    else:
-        XA = torch.tensor(np.array([pairs[key][0] for key in keys]))
-        XB = torch.tensor(np.array([pairs[key][1] for key in keys]))
+    # autodiff of |x - x'| is NaN at x = x': those pairs go to mpmath
+    at_mp = [key for key in pairs if mp_mode and key[0] == key[1]]
+    by_ad = [key for key in pairs if not (mp_mode and key[0] == key[1])]
+    cache = {key: derivative_tensors_mp(fref, *pairs[key]) for key in at_mp}
+    if by_ad:
+        XA = torch.tensor(np.array([pairs[key][0] for key in by_ad]))
+        XB = torch.tensor(np.array([pairs[key][1] for key in by_ad]))
         T = derivative_tensors_batch(fref, XA, XB)
-        cache = {key: {pq: t[i] for pq, t in T.items()} for i, key in enumerate(keys)}
+        cache.update(
+            {key: {pq: t[i] for pq, t in T.items()} for i, key in enumerate(by_ad)}
+        )
     out = np.zeros((len(eA), len(eB)))
     for a, (fa, (pa, da)) in enumerate(eA):
         for b, (fb, (pb, db)) in enumerate(eB):

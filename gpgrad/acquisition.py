@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 
 from . import backend as B
-from .covariance import Block, _contract_chunk, batch_shape, point_covariance
+from .covariance import point_covariance
 from .functionals import gradients, values
 
 __all__ = [
@@ -92,21 +92,6 @@ class CandidateMoments:
         return f"CandidateMoments(m={self.mean.shape[-1]}, d={self.var_grad.shape[-1]})"
 
 
-def _prior_cross(kernel, gb, vb):
-    """``∂_x k(x, x')`` at ``x' = x`` for each candidate: (..., m, d).
-
-    The same pointwise trick as :func:`gpgrad.covariance.point_covariance`:
-    the candidates go to a leading axis so each meets only itself.
-    """
-    xp = B.namespace(gb.X)
-    Xp = xp.moveaxis(gb.X, -2, 0)[..., None, :]  # (m, *b, 1, d)
-    res = _contract_chunk(kernel, xp, Xp, gb.U, Xp, vb.U, 1, 0)
-    batch = batch_shape(kernel, [gb])
-    res = xp.broadcast_to(res, (gb.n,) + batch + (1, gb.d, 1, 1))
-    res = xp.reshape(res, (gb.n,) + batch + (gb.d,))
-    return xp.moveaxis(res, 0, -2)
-
-
 def posterior_moments(posterior, X) -> CandidateMoments:
     """Posterior mean and variance of ``f`` at ``X`` with their gradients.
 
@@ -145,13 +130,12 @@ def posterior_moments(posterior, X) -> CandidateMoments:
             "posterior_moments expects a gpgrad Posterior (gp.condition(...)), got "
             f"{type(posterior).__name__}"
         )
-    qv, qg = posterior._queries([values(X), gradients(X)])
-    gp = posterior.gp
+    qv, qg = posterior.check_queries(values(X), gradients(X))
     xp = posterior.xp
+    solver = posterior.solver
     N = posterior.num_observations
     d = qv.d
-    vb_all = Block(qv, xp, gp.dtype, gp.device)
-    gb_all = Block(qg, xp, gp.dtype, gp.device)
+    vb_all, gb_all = posterior.query_blocks(qv, qg)
     step = max(1, CHUNK_ELEMENTS // max(1, N * (d + 1)))
     parts = []
     for i0 in range(0, qv.n, step):
@@ -159,14 +143,14 @@ def posterior_moments(posterior, X) -> CandidateMoments:
         vb = vb_all.sub(i0, i1)
         gb = gb_all.sub(i0, i1)
         m = i1 - i0
-        flat, P, Q, _ = posterior._cross([vb, gb])  # (..., m + m d), (..., N, ·)
+        flat, P, Q = solver.cross([vb, gb], posterior.weights)  # (..., m + m d)
         batch = tuple(flat.shape[:-1])
         mean = flat[..., :m]
         mgrad = xp.reshape(flat[..., m:], batch + (m, d))
         Pv, Qv = P[..., :m], Q[..., :m]  # (..., N, m)
         Pg = xp.reshape(P[..., m:], tuple(P.shape[:-1]) + (m, d))
         prior_v = point_covariance(posterior.kernel, vb)[..., 0, 0]  # (..., m)
-        prior_c = _prior_cross(posterior.kernel, gb, vb)  # (..., m, d)
+        prior_c = point_covariance(posterior.kernel, gb, vb)[..., 0]  # (..., m, d)
         var = prior_v - xp.sum(Pv * Qv, axis=-2)
         data_c = xp.sum(Pg * Qv[..., None], axis=-3)  # (..., m, d)
         vgrad = 2.0 * (prior_c - data_c)
@@ -180,14 +164,12 @@ def posterior_moments(posterior, X) -> CandidateMoments:
     # back to data units: values shifted and scaled, gradients scaled
     batch = tuple(mean.shape[:-1])
     flat = xp.concat([mean, xp.reshape(mgrad, batch + (-1,))], axis=-1)
-    flat = posterior._unscale_mean(flat, [qv, qg])
+    flat = posterior.mean_to_data_units(flat, [qv, qg])
     m = qv.n
     mean = flat[..., :m]
     mgrad = xp.reshape(flat[..., m:], batch + (m, d))
-    s2 = posterior._scale * posterior._scale
-    s2 = xp.reshape(s2, tuple(s2.shape) + (1,))
-    var = xp.where(var < 0, xp.zeros_like(var), var) * s2
-    vgrad = vgrad * s2[..., None]
+    var = posterior.var_to_data_units(xp.where(var < 0, xp.zeros_like(var), var))
+    vgrad = posterior.var_to_data_units(vgrad, entry_axes=2)
     return CandidateMoments(mean, var, mgrad, vgrad)
 
 

@@ -8,7 +8,7 @@ random numbers, conversion at the public door) live here.
 
 from __future__ import annotations
 
-import math
+import contextlib
 
 import array_api_compat
 import numpy as np
@@ -17,11 +17,29 @@ __all__ = [
     "namespace",
     "is_torch",
     "is_numpy",
+    "is_tensor",
+    "device_of",
     "to_namespace",
+    "to_float",
+    "to_numpy",
+    "matrix_transpose",
     "solve_tril",
     "solve_triu_t",
-    "matrix_transpose",
-    "to_float",
+    "cholesky_inplace",
+    "diagonal",
+    "diag_embed",
+    "add_to_diagonal_",
+    "set_diagonal_",
+    "mirror_upper_to_lower_",
+    "random_normal",
+    "ndtr",
+    "eigh",
+    "eps",
+    "as_index",
+    "detach",
+    "no_grad",
+    "grad_enabled",
+    "requires_grad",
 ]
 
 
@@ -252,4 +270,48 @@ def eigh(A):
     return np.linalg.eigh(A)
 
 
-LOG2PI = math.log(2.0 * math.pi)
+def diag_embed(v):
+    """A (..., n, n) matrix with ``v`` (..., n) on its diagonal."""
+    if is_tensor(v):
+        return _torch().diag_embed(v)
+    out = np.zeros(v.shape + (v.shape[-1],), dtype=v.dtype)
+    return set_diagonal_(out, v)
+
+
+def eps(dtype) -> float:
+    """Machine epsilon of a numpy or torch floating dtype."""
+    if not isinstance(dtype, np.dtype) and type(dtype).__module__ == "torch":
+        return float(_torch().finfo(dtype).eps)
+    return float(np.finfo(dtype).eps)
+
+
+def as_index(idx, like):
+    """Integer indices ``idx`` (numpy) in the namespace and device of ``like``."""
+    if is_tensor(like):
+        return _torch().as_tensor(np.asarray(idx), device=like.device)
+    return np.asarray(idx)
+
+
+def detach(a):
+    """``a`` cut from autograd (numpy arrays pass through)."""
+    return a.detach() if is_tensor(a) else a
+
+
+def no_grad(xp):
+    """A context that disables autograd for torch and does nothing for numpy."""
+    if is_torch(xp):
+        return _torch().no_grad()
+    return contextlib.nullcontext()
+
+
+def grad_enabled(xp) -> bool:
+    """Whether torch records autograd operations now (False for numpy)."""
+    return is_torch(xp) and _torch().is_grad_enabled()
+
+
+def requires_grad(*arrays) -> bool:
+    """Whether autograd is on and any of ``arrays`` is a tensor that needs it."""
+    arrays = [a for a in arrays if is_tensor(a)]
+    if not arrays or not _torch().is_grad_enabled():
+        return False
+    return any(a.requires_grad for a in arrays)

@@ -11,6 +11,7 @@ chunk-sized: the value+gradient Gram matrix of 1000 points in 10 dimensions
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -54,12 +55,16 @@ class Block:
         """The block of points ``i0:i1`` (itself when that is all of them)."""
         if i0 == 0 and i1 == self.n:
             return self
-        sub = object.__new__(Block)
-        sub.f = self.f
+        sub = copy.copy(self)
         sub.X, sub.U = self.points(i0, i1)
-        sub.order, sub.k, sub.d = self.order, self.k, self.d
         sub.n = i1 - i0
         return sub
+
+    def to(self, device: Device) -> Block:
+        """The same block with its arrays on ``device`` (torch tensors)."""
+        new = copy.copy(self)
+        new.X, new.U = self.X.to(device), self.U.to(device)
+        return new
 
     def points(self, i0: int, i1: int) -> tuple[Array, Array]:
         X = self.X[..., i0:i1, :]
@@ -170,12 +175,15 @@ def covariance(
     return out
 
 
-def point_covariance(kernel: Kernel, block: Block) -> Array:
+def point_covariance(kernel: Kernel, block: Block, other: Block | None = None) -> Array:
     """The prior covariance of each point's entries with themselves.
 
     Returns an array (..., n, k, k): for point p, the covariance of its k
-    entries, computed pointwise (no n×n matrix).
+    entries, computed pointwise (no n×n matrix). With ``other`` (a block at
+    the same points) the covariance of ``block``'s entries with ``other``'s
+    at each point, (..., n, k, k').
     """
+    other = block if other is None else other
     xp = B.namespace(block.X)
     batch = batch_shape(kernel, [block])
     # the point axis becomes a leading batch axis, so per-batch hyperparameters
@@ -183,10 +191,24 @@ def point_covariance(kernel: Kernel, block: Block) -> Array:
     X = xp.broadcast_to(block.X, batch + tuple(block.X.shape[-2:]))
     nb = X.ndim - 2
     Xp = xp.moveaxis(X, -2, 0)[..., None, :]  # (n, *b, 1, d)
-    U = block.U
-    if U.shape[0] == block.n and block.n > 1:
-        U = xp.reshape(U, (block.n,) + (1,) * nb + (1,) + tuple(U.shape[1:]))
-    res = _contract_chunk(kernel, xp, Xp, U, Xp, U, block.order, block.order)
-    res = xp.broadcast_to(res, (block.n,) + batch + (1, block.k, 1, block.k))
-    res = xp.reshape(res, (block.n,) + batch + (block.k, block.k))
+
+    def directions(b):
+        U = b.U
+        if U.shape[0] == b.n and b.n > 1:
+            U = xp.reshape(U, (b.n,) + (1,) * nb + (1,) + tuple(U.shape[1:]))
+        return U
+
+    res = _contract_chunk(
+        kernel,
+        xp,
+        Xp,
+        directions(block),
+        Xp,
+        directions(other),
+        block.order,
+        other.order,
+    )
+    k, k2 = block.k, other.k
+    res = xp.broadcast_to(res, (block.n,) + batch + (1, k, 1, k2))
+    res = xp.reshape(res, (block.n,) + batch + (k, k2))
     return xp.moveaxis(res, 0, -3)

@@ -23,7 +23,9 @@ kind.
 
 from __future__ import annotations
 
+import copy
 import numbers
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +34,7 @@ from ._typing import Array, ArrayLike, Namespace
 
 __all__ = [
     "Functional",
+    "KINDS",
     "values",
     "gradients",
     "partials",
@@ -141,6 +144,28 @@ class Functional:
 
     kind = "value"
     order = 0
+    #: constructor arguments beside X, y and noise (index or direction
+    #: arrays), saved with the observation by :func:`gpgrad.save`
+    fields: tuple = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        KINDS[cls.kind] = cls
+
+    @classmethod
+    def build(
+        cls,
+        kind: str,
+        X: ArrayLike,
+        y: ArrayLike | None = None,
+        noise: ArrayLike | None = None,
+        **fields: Any,
+    ) -> Functional:
+        """A functional of a registered ``kind`` from its parts (the inverse
+        of ``kind``, ``X``, ``y``, ``noise`` and ``fields``)."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown functional kind {kind!r}; known: {list(KINDS)}")
+        return KINDS[kind](X, y=y, noise=noise, **fields)
 
     def __init__(
         self, X: ArrayLike, y: ArrayLike | None = None, noise: ArrayLike | None = None
@@ -238,13 +263,23 @@ class Functional:
         full = xp.broadcast_to(full, tuple(np.broadcast_shapes(_shape(full), shape)))
         return self.flat_targets(full)
 
+    def with_targets(
+        self, y: ArrayLike | None, noise: ArrayLike | None = None
+    ) -> Functional:
+        """The same functionals at the same points with other targets (and
+        noise); ``with_targets(None)`` is a query."""
+        new = copy.copy(self)
+        new.y = None if y is None else new._check_targets(y)
+        new.noise = None if noise is None else new._check_noise(noise)
+        return new
+
     def query(self) -> Functional:
         """The same functional without targets (for prediction)."""
-        new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        new.y = None
-        new.noise = None
-        return new
+        return self.with_targets(None)
+
+
+#: the functional classes by kind, in the order they are defined
+KINDS: dict = {}
 
 
 class _Values(Functional):
@@ -273,6 +308,7 @@ class _Gradients(Functional):
 class _Partials(Functional):
     kind = "partial"
     order = 1
+    fields = ("dims",)
 
     def __init__(self, X, dims, y=None, noise=None):
         X = _as_points(X)
@@ -288,6 +324,7 @@ class _Partials(Functional):
 class _Directional(Functional):
     kind = "directional"
     order = 1
+    fields = ("U",)
 
     def __init__(self, X, U, y=None, noise=None):
         X = _as_points(X)
@@ -313,6 +350,7 @@ class _Directional(Functional):
 class _SecondPartials(Functional):
     kind = "second"
     order = 2
+    fields = ("i", "j")
 
     def __init__(self, X, i, j, y=None, noise=None):
         X = _as_points(X)

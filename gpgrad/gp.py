@@ -21,13 +21,13 @@ import numpy as np
 from . import backend as B
 from .covariance import _kernel_batch_shape, as_blocks, batch_shape
 from .exceptions import GPGradWarning
-from .functionals import Functional, values
+from .functionals import KINDS, Functional, values
 from .kernels.base import Kernel
 from .solvers.select import METHODS, make_solver
 
 __all__ = ["GP"]
 
-_KINDS = ("value", "gradient", "partial", "directional", "second", "hessian")
+_KINDS = tuple(KINDS)
 _BACKENDS = ("numpy", "torch")
 
 
@@ -305,8 +305,9 @@ def _warn_float32_derivatives(gp, obs, solver):
     r"""Warn when a float32 system with derivative observations is too
     ill-conditioned for single precision.
 
-    The estimate :math:`\hat κ = (\max_i L_{ii} / \min_i L_{ii})^2` from the
-    Cholesky factor ``L`` is a cheap lower bound on the condition number of
+    The solver's estimate (for a Cholesky factor ``L``,
+    :math:`\hat κ = (\max_i L_{ii} / \min_i L_{ii})^2`) is a cheap lower bound
+    on the condition number of
     ``K + Σ``; results lose about :math:`\hat κ \cdot 10^{-7}` relative
     accuracy. Derivative blocks scale as ``σ²/ℓ²`` (gradients) and ``σ²/ℓ⁴``
     (Hessians) beside ``σ²`` for values, so such systems reach this limit at
@@ -315,13 +316,10 @@ def _warn_float32_derivatives(gp, obs, solver):
     """
     if "float32" not in str(gp.dtype) or all(f.order == 0 for f in obs):
         return
-    L = getattr(solver, "L", None)
-    if L is None:
+    cond = solver.condition_estimate()
+    if cond is None:
         return
-    diag = np.asarray(B.to_numpy(B.diagonal(L)), dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cond = float(np.max((diag.max(axis=-1) / diag.min(axis=-1)) ** 2))
-    jitter = float(getattr(solver, "jitter", 0.0))
+    jitter = float(solver.jitter)
     if jitter > 0 or not cond <= FLOAT32_COND_LIMIT:
         warnings.warn(
             "float32 is too coarse for this derivative system: its estimated "

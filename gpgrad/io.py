@@ -42,15 +42,9 @@ from . import kernels as _kernels
 from ._typing import Device
 from ._version import __version__
 from .exceptions import GPGradWarning
-from .functionals import (
-    directional,
-    gradients,
-    hessians,
-    partials,
-    second_partials,
-    values,
-)
+from .functionals import KINDS, Functional
 from .gp import GP
+from .kernels.base import REGISTRY as _kernel_registry
 from .posterior import Posterior
 
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
@@ -60,21 +54,6 @@ FORMAT = "gpgrad-model"
 #: bumped whenever the layout changes incompatibly; older versions stay readable
 FORMAT_VERSION = 1
 _META = "gpgrad.json"
-
-# Kernels are rebuilt only from this table: a file cannot name arbitrary code.
-_RADIAL = {
-    "RBF": _kernels.RBF,
-    "Matern12": _kernels.Matern12,
-    "Matern32": _kernels.Matern32,
-    "Matern52": _kernels.Matern52,
-    "RationalQuadratic": _kernels.RationalQuadratic,
-    "Periodic": _kernels.Periodic,
-    "Linear": _kernels.Linear,
-    "Polynomial": _kernels.Polynomial,
-    "Constant": _kernels.Constant,
-}
-_COMPOSITE = {"Sum": _kernels.Sum, "Product": _kernels.Product}
-_KINDS = ("value", "gradient", "partial", "directional", "second", "hessian")
 
 
 class _Writer:
@@ -115,62 +94,57 @@ class _Writer:
 # kernels
 
 
+def _registered(k):
+    """The registered class of kernel ``k``, or None for foreign classes."""
+    cls = _kernel_registry.get(type(k).__name__)
+    return cls if type(k) is cls else None
+
+
 def _kernel_to_json(k, w, path="kernel"):
     name = type(k).__name__
-    if isinstance(k, _kernels.Scale) and type(k) is _kernels.Scale:
-        return {
-            "class": "Scale",
-            "scale": w.value(f"{path}.scale", k.scale),
-            "children": [_kernel_to_json(k.children[0], w, f"{path}.0")],
+    if _registered(k) is None:
+        raise TypeError(
+            f"cannot save a kernel of class {type(k).__module__}.{name}: only gpgrad's "
+            f"built-in kernels ({', '.join(sorted(_kernel_registry))}) and their "
+            "sums, products and scalings can be saved"
+        )
+    out = {"class": name}
+    if isinstance(k, _kernels.Scale):
+        out["scale"] = w.value(f"{path}.scale", k.scale)
+    elif not isinstance(k, (_kernels.Sum, _kernels.Product)):
+        out["params"] = {
+            p: w.value(f"{path}.{p}", getattr(k, p)) for p in k._param_names
         }
-    if name in _COMPOSITE and type(k) is _COMPOSITE[name]:
-        return {
-            "class": name,
-            "children": [
-                _kernel_to_json(c, w, f"{path}.{i}") for i, c in enumerate(k.children)
-            ],
-        }
-    if name in _RADIAL and type(k) is _RADIAL[name]:
-        out = {
-            "class": name,
-            "params": {
-                p: w.value(f"{path}.{p}", getattr(k, p)) for p in k._param_names
-            },
-        }
-        if name == "Polynomial":
-            out["degree"] = int(k.degree)
-        return out
-    raise TypeError(
-        f"cannot save a kernel of class {type(k).__module__}.{name}: only gpgrad's "
-        f"built-in kernels ({', '.join(sorted(_RADIAL) + ['Scale', 'Sum', 'Product'])}"
-        ") and their sums, products and scalings can be saved"
-    )
+    out.update({s: int(getattr(k, s)) for s in k._settings})
+    if hasattr(k, "children"):
+        out["children"] = [
+            _kernel_to_json(c, w, f"{path}.{i}") for i, c in enumerate(k.children)
+        ]
+    return out
 
 
 def _kernel_from_json(spec, r, path="kernel"):
     if not isinstance(spec, dict) or "class" not in spec:
         raise ValueError(f"{path}: expected an object with a 'class', got {spec!r}")
     name = spec["class"]
-    if name == "Scale":
-        (child,) = spec["children"]
-        return _kernels.Scale(
-            _kernel_from_json(child, r, f"{path}.0"), r.value(spec["scale"])
+    cls = _kernel_registry.get(name)
+    if cls is None:
+        raise ValueError(
+            f"{path}: unknown kernel class {name!r}; this file needs a kernel that "
+            "this version of gpgrad does not have"
         )
-    if name in _COMPOSITE:
-        children = [
-            _kernel_from_json(c, r, f"{path}.{i}")
-            for i, c in enumerate(spec["children"])
-        ]
-        return _COMPOSITE[name](*children)
-    if name in _RADIAL:
-        params = {p: r.value(v) for p, v in spec["params"].items()}
-        if name == "Polynomial":
-            params["degree"] = int(spec["degree"])
-        return _RADIAL[name](**params)
-    raise ValueError(
-        f"{path}: unknown kernel class {name!r}; this file needs a kernel that this "
-        "version of gpgrad does not have"
-    )
+    children = [
+        _kernel_from_json(c, r, f"{path}.{i}")
+        for i, c in enumerate(spec.get("children", []))
+    ]
+    settings = {s: int(spec[s]) for s in cls._settings}
+    if issubclass(cls, _kernels.Scale):
+        (child,) = children
+        return cls(child, r.value(spec["scale"]))
+    if children:
+        return cls(*children)
+    params = {p: r.value(v) for p, v in spec["params"].items()}
+    return cls(**params, **settings)
 
 
 # --------------------------------------------------------------------------
@@ -224,13 +198,8 @@ def _obs_to_json(f, t, w):
         "y": w.add(f"obs{t}.y", f.y),
         "noise": w.value(f"obs{t}.noise", f.noise),
     }
-    if f.kind == "partial":
-        out["dims"] = w.add(f"obs{t}.dims", f.dims)
-    elif f.kind == "directional":
-        out["U"] = w.add(f"obs{t}.U", f.U)
-    elif f.kind == "second":
-        out["i"] = w.add(f"obs{t}.i", f.i)
-        out["j"] = w.add(f"obs{t}.j", f.j)
+    for name in f.fields:
+        out[name] = w.add(f"obs{t}.{name}", getattr(f, name))
     return out
 
 
@@ -522,7 +491,7 @@ def _rebuild(meta, arrays, path, device):
 
 def _obs_from_json(o, r, path):
     kind = o["kind"]
-    if kind not in _KINDS:
+    if kind not in KINDS:
         raise ValueError(f"{path}: unknown observation kind {kind!r}")
 
     def arr(key):
@@ -530,19 +499,8 @@ def _obs_from_json(o, r, path):
         # points and targets go to the GP's backend; index arrays stay numpy
         return r.tensor(a, keep_dtype=True) if r.gp_backend == "torch" else a
 
-    X, y = arr("X"), arr("y")
-    noise = r.value(o["noise"])
-    if kind == "value":
-        return values(X, y, noise)
-    if kind == "gradient":
-        return gradients(X, y, noise)
-    if kind == "hessian":
-        return hessians(X, y, noise)
-    if kind == "partial":
-        return partials(X, r.array(o["dims"]), y, noise)
-    if kind == "directional":
-        return directional(X, r.array(o["U"]), y, noise)
-    return second_partials(X, r.array(o["i"]), r.array(o["j"]), y, noise)
+    fields = {name: r.array(o[name]) for name in KINDS[kind].fields}
+    return Functional.build(kind, arr("X"), arr("y"), r.value(o["noise"]), **fields)
 
 
 def _check_lml(post, saved, path):

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 
 from . import backend as B
-from .covariance import Block, covariance, point_covariance
+from .covariance import Block
 from .exceptions import GPGradWarning
 from .functionals import (
     Functional,
@@ -27,12 +27,15 @@ __all__ = ["Posterior", "Prediction"]
 #: query kinds whose per-point entries form a vector or matrix
 _VECTOR = ("gradient", "hessian")
 
-#: query entries handled at once when only marginals are asked for
-QUERY_CHUNK_ELEMENTS = 1 << 24
-
 
 class Prediction:
-    """Posterior moments of a query.
+    """Posterior moments of a query, computed when first read.
+
+    Reading ``mean`` computes the mean alone; reading ``var``, ``std`` or
+    ``cov`` computes the variances (and the mean with them, when it was not
+    read before). For the iterative and Woodbury solvers a mean costs
+    O(N M D) while variances cost a linear solve per queried entry, so code
+    that reads only ``mean`` never pays for them.
 
     Attributes
     ----------
@@ -48,17 +51,41 @@ class Prediction:
         (..., m, d, d) and (..., m, d, d, d, d). Otherwise None.
     """
 
-    __slots__ = ("mean", "var", "cov")
+    __slots__ = ("_mean", "_var", "_cov", "_source")
 
-    def __init__(self, mean, var, cov=None):
-        self.mean = mean
-        self.var = var
-        self.cov = cov
+    def __init__(self, mean=None, var=None, cov=None, *, source=None):
+        if source is None and (mean is None or var is None):
+            raise ValueError("a Prediction needs mean and var, or a source")
+        self._mean, self._var, self._cov = mean, var, cov
+        self._source = source
+
+    @property
+    def mean(self):
+        if self._mean is None:
+            self._mean = self._source.mean()
+        return self._mean
+
+    @property
+    def var(self):
+        self._fill()
+        return self._var
+
+    @property
+    def cov(self):
+        self._fill()
+        return self._cov
 
     @property
     def std(self):
         xp = B.namespace(self.var)
         return xp.sqrt(self.var)
+
+    def _fill(self):
+        if self._var is None:
+            mean, self._var, self._cov = self._source.moments()
+            if self._mean is None:
+                self._mean = mean
+            self._source = None
 
     def __repr__(self):
         shape = tuple(self.mean.shape)
@@ -69,6 +96,29 @@ class Prediction:
         # allows ``mean, var = post.value(X)``
         yield self.mean
         yield self.var
+
+
+class _Pending:
+    """What a :class:`Prediction` computes on demand: a posterior, its query
+    blocks and the covariance mode."""
+
+    __slots__ = ("post", "queries", "mode", "shaped")
+
+    def __init__(self, post, queries, mode, shaped):
+        self.post, self.queries, self.mode = post, queries, mode
+        self.shaped = shaped  # reshape per query kind (single queries) or not
+
+    def mean(self):
+        flat = self.post._mean_flat(self.queries)
+        if not self.shaped:
+            return flat
+        return self.post._shape_mean(self.queries[0], flat)
+
+    def moments(self):
+        mean, var, cov = self.post._moments(self.queries, self.mode)
+        if not self.shaped:
+            return mean, var, cov
+        return self.post._shape_moments(self.queries[0], mean, var, cov, self.mode)
 
 
 class Posterior:
@@ -92,9 +142,20 @@ class Posterior:
         self.xp = gp.xp
 
     @property
+    def solver(self):
+        """The :class:`~gpgrad.solvers.base.Solver` of the observations."""
+        return self._solver
+
+    @property
+    def weights(self):
+        """``α = (K + Σ)⁻¹ r`` (..., N) in standardized units: the posterior
+        mean at a query is its cross-covariance with the observations times α."""
+        return self._alpha
+
+    @property
     def jitter(self) -> float:
         """Absolute jitter added to the observations' covariance (0.0 if none)."""
-        return getattr(self._solver, "jitter", 0.0)
+        return self._solver.jitter
 
     @property
     def method(self) -> str:
@@ -148,12 +209,13 @@ class Posterior:
 
         ``mean`` and ``var`` are (..., M) over the concatenated entries of the
         queries (each point-major; Hessians as their distinct (i ≤ j) entries);
-        with ``full_cov=True``, ``cov`` is (..., M, M).
+        with ``full_cov=True``, ``cov`` is (..., M, M). Moments are computed
+        when first read (see :class:`Prediction`).
         """
         _check_flag(full_cov)
         qs = self._queries(queries)
-        mean, var, cov = self._moments(qs, "full" if full_cov else "var")
-        return Prediction(mean, var, cov)
+        mode = "full" if full_cov else "var"
+        return Prediction(source=_Pending(self, qs, mode, shaped=False))
 
     def mean(self, *queries):
         """Posterior mean of ``queries`` without their variances, (..., M) over
@@ -162,9 +224,31 @@ class Posterior:
         With the iterative and Woodbury solvers this skips the one-solve-per-
         entry cost of variances and never forms the cross-covariance matrix.
         """
-        from .solvers.matfree import posterior_mean
+        return self._mean_flat(self._queries(queries))
 
-        return posterior_mean(self, *queries)
+    # ------------------------------------------------------------------
+    # the pieces that acquisition functions build on
+    def check_queries(self, *queries) -> list:
+        """The queries, validated against the observations (dimension,
+        differentiability, backend); raises ValueError/TypeError otherwise."""
+        return self._queries(queries)
+
+    def query_blocks(self, *queries) -> list:
+        """Validated queries as :class:`~gpgrad.covariance.Block` objects on the
+        GP's backend, dtype and device, as the solver's methods take them."""
+        return self._qblocks(self._queries(queries))
+
+    def mean_to_data_units(self, mean, queries):
+        """A flat mean (..., M) over ``queries`` from the solver's standardized
+        units to data units (values shifted and scaled, derivatives scaled)."""
+        return self._unscale_mean(mean, queries)
+
+    def var_to_data_units(self, var, entry_axes=1):
+        """A (co)variance from standardized units to data units (multiplied
+        by the squared output scale); its last ``entry_axes`` axes are entries,
+        the ones before them batch axes."""
+        s2 = self._scale * self._scale
+        return var * self.xp.reshape(s2, tuple(s2.shape) + (1,) * entry_axes)
 
     # ------------------------------------------------------------------
     def _queries(self, queries):
@@ -197,97 +281,55 @@ class Posterior:
         _check_flag(full_cov)
         (q,) = self._queries([q])
         mode = "full" if full_cov else ("point" if q.kind in _VECTOR else "var")
-        mean, var, cov = self._moments([q], mode)
-        return self._shape_result(q, mean, var, cov, mode)
+        return Prediction(source=_Pending(self, [q], mode, shaped=True))
 
-    def _shape_result(self, q, mean, var, cov, mode):
+    def _qblocks(self, queries):
+        gp = self.gp
+        return [Block(q, self.xp, gp.dtype, gp.device) for q in queries]
+
+    def _mean_flat(self, queries):
+        mean = self._solver.mean(self._qblocks(queries), self._alpha)
+        return self._unscale_mean(mean, queries)
+
+    def _moments(self, queries, mode):
+        """Flat mean (..., M), var (..., M) and, by ``mode``, the joint cov
+        (..., M, M) ("full") or per-point blocks (..., m, k, k) ("point"), in
+        data units."""
+        mean, var, cov = self._solver.moments(self._qblocks(queries), self._alpha, mode)
+        var, cov = self._unscale_cov(var, cov)
+        return self._unscale_mean(mean, queries), var, cov
+
+    def _hessian_index(self, d):
+        return B.as_index(hessian_index(d).reshape(-1), self._alpha)
+
+    def _shape_mean(self, q, mean):
+        """A flat (..., n·k) mean in the query's shape."""
+        xp = self.xp
+        batch = tuple(mean.shape[:-1])
+        mean = xp.reshape(mean, batch + (q.n, q.k))
+        if q.kind == "hessian":
+            idx = self._hessian_index(q.d)
+            return xp.reshape(xp.take(mean, idx, axis=-1), batch + (q.n, q.d, q.d))
+        return mean if q.kind in _VECTOR else mean[..., 0]
+
+    def _shape_moments(self, q, mean, var, cov, mode):
         xp = self.xp
         batch = tuple(mean.shape[:-1])
         n, k, d = q.n, q.k, q.d
-        mean = xp.reshape(mean, batch + (n, k))
-        var = xp.reshape(var, batch + (n, k))
+        mean, var = self._shape_mean(q, mean), self._shape_mean(q, var)
         if mode == "full":
             cov = xp.reshape(cov, batch + (n, k, n, k))
         if q.kind == "hessian":
-            idx = self._asindex(hessian_index(d).reshape(-1))
-            mean = xp.reshape(xp.take(mean, idx, axis=-1), batch + (n, d, d))
-            var = xp.reshape(xp.take(var, idx, axis=-1), batch + (n, d, d))
+            idx = self._hessian_index(d)
             if mode == "point":
                 cov = xp.take(xp.take(cov, idx, axis=-1), idx, axis=-2)
                 cov = xp.reshape(cov, batch + (n, d, d, d, d))
             elif mode == "full":
                 cov = xp.take(xp.take(cov, idx, axis=-1), idx, axis=-3)
                 cov = xp.reshape(cov, batch + (n, d, d, n, d, d))
-        elif q.kind not in _VECTOR:
-            mean, var = mean[..., 0], var[..., 0]
-            if mode == "full":
-                cov = cov[..., :, 0, :, 0]
-        return Prediction(mean, var, cov)
-
-    def _asindex(self, idx):
-        if B.is_torch(self.xp):
-            import torch
-
-            return torch.as_tensor(idx, device=self.gp.device)
-        return np.asarray(idx)
-
-    def _moments(self, queries, mode):
-        """Flat mean (..., M), var (..., M) and, by ``mode``, the joint cov
-        (..., M, M) ("full") or per-point blocks (..., m, k, k) ("point")."""
-        xp = self.xp
-        gp = self.gp
-        qblocks = [Block(q, xp, gp.dtype, gp.device) for q in queries]
-        if mode == "full":
-            mean, P, Q, Ks = self._cross(qblocks, joint=True)
-            prior = covariance(self.kernel, qblocks)
-            cov = prior - B.matrix_transpose(P) @ Q
-            cov = 0.5 * (cov + B.matrix_transpose(cov))
-            var = B.diagonal(cov)
-            var, cov = self._unscale_cov(var, cov)
-            return self._unscale_mean(mean, queries), var, cov
-        # marginals: chunk over query points to bound memory
-        means, vars_, blocks = [], [], []
-        N = self.num_observations
-        for qb in qblocks:
-            step = max(1, QUERY_CHUNK_ELEMENTS // max(1, N * qb.k))
-            for i0 in range(0, qb.n, step):
-                sub = qb.sub(i0, min(qb.n, i0 + step))
-                mean, P, Q, _ = self._cross([sub])
-                prior = point_covariance(self.kernel, sub)  # (..., m, k, k)
-                batch = tuple(mean.shape[:-1])
-                m, k = sub.n, sub.k
-                Pm = xp.reshape(P, tuple(P.shape[:-1]) + (m, k))
-                Qm = xp.reshape(Q, tuple(Q.shape[:-1]) + (m, k))
-                if mode == "point":
-                    Pt = xp.moveaxis(Pm, -3, -2)  # (..., m, N, k)
-                    Qt = xp.moveaxis(Qm, -3, -2)
-                    blk = prior - B.matrix_transpose(Pt) @ Qt
-                    blk = 0.5 * (blk + B.matrix_transpose(blk))
-                    blocks.append(xp.broadcast_to(blk, batch + (m, k, k)))
-                    v = B.diagonal(blk)
-                else:
-                    v = B.diagonal(prior) - xp.sum(Pm * Qm, axis=-3)
-                vars_.append(
-                    xp.reshape(xp.broadcast_to(v, batch + (m, k)), batch + (m * k,))
-                )
-                means.append(mean)
-        mean = self._unscale_mean(xp.concat(means, axis=-1), queries)
-        var = xp.concat(vars_, axis=-1)
-        cov = xp.concat(blocks, axis=-3) if mode == "point" else None
-        var, cov = self._unscale_cov(var, cov)
+        elif q.kind not in _VECTOR and mode == "full":
+            cov = cov[..., :, 0, :, 0]
         return mean, var, cov
-
-    def _cross(self, qblocks, joint=False):
-        # solvers for large problems compute the mean matrix-free and may give
-        # structured quadratic-form factors; ``joint`` asks for factors valid
-        # across query points (full_cov), not only within each point
-        hook = getattr(self._solver, "cross", None)
-        if hook is not None:
-            return hook(self.kernel, self._blocks, qblocks, self._alpha, joint=joint)
-        Ks = covariance(self.kernel, self._blocks, qblocks)  # (..., N, M)
-        mean = (B.matrix_transpose(Ks) @ self._alpha[..., None])[..., 0]
-        P, Q = self._solver.quad_factors(Ks)
-        return mean, P, Q, Ks
 
     def _unscale_mean(self, mean, queries):
         xp = self.xp
@@ -305,7 +347,6 @@ class Posterior:
 
     def _unscale_cov(self, var, cov):
         xp = self.xp
-        s2 = self._scale * self._scale
         neg = var < 0
         if bool(xp.any(neg)):
             worst = B.to_float(xp.min(var))
@@ -316,15 +357,13 @@ class Posterior:
                     "in an ill-conditioned system) and were set to 0; more noise "
                     "or fewer near-duplicate points make them reliable",
                     GPGradWarning,
-                    stacklevel=4,
+                    stacklevel=6,  # the user's read of .var/.cov
                 )
             var = xp.where(neg, xp.zeros_like(var), var)
-        var = var * s2[..., None]
         if cov is not None:
             # cov has var's batch axes and its own trailing entry axes
-            trailing = cov.ndim - (var.ndim - 1)
-            cov = cov * xp.reshape(s2, tuple(s2.shape) + (1,) * trailing)
-        return var, cov
+            cov = self.var_to_data_units(cov, cov.ndim - (var.ndim - 1))
+        return self.var_to_data_units(var), cov
 
     # ------------------------------------------------------------------
     def sample(self, *queries, n_samples=1, seed=None):
@@ -369,7 +408,6 @@ class Posterior:
             )
         w = xp.where(w > 0, w, xp.zeros_like(w))
         A = V * xp.sqrt(w)[..., None, :]
-        M = mean.shape[-1]
         z = B.random_normal(
             xp, (n_samples,) + tuple(mean.shape), self.gp.dtype, self.gp.device, seed
         )
@@ -380,12 +418,11 @@ class Posterior:
         batch = tuple(mean.shape[:-1])
         lead = (n_samples,) + batch
         if q.kind == "hessian":
-            idx = self._asindex(hessian_index(q.d).reshape(-1))
+            idx = self._hessian_index(q.d)
             draws = xp.reshape(draws, lead + (q.n, q.k))
             return xp.reshape(xp.take(draws, idx, axis=-1), lead + (q.n, q.d, q.d))
         if q.kind in _VECTOR:
             return xp.reshape(draws, lead + (q.n, q.k))
-        del M
         return draws
 
     # ------------------------------------------------------------------

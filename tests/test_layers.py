@@ -19,7 +19,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gpgrad"
 LAYERS = [
     (
         "backend",
-        ["gpgrad.backend", "gpgrad.exceptions", "gpgrad._version", "gpgrad._typing"],
+        [
+            "gpgrad.backend",
+            "gpgrad.exceptions",
+            "gpgrad._version",
+            "gpgrad._typing",
+            "gpgrad.distributed",  # where the solvers' products run (ranks, devices)
+        ],
     ),
     ("kernels", ["gpgrad.kernels"]),
     ("functionals, covariance", ["gpgrad.functionals", "gpgrad.covariance"]),

@@ -53,17 +53,28 @@ __all__ = ["Kernel", "RadialKernel", "InputMap", "positive_param"]
 
 
 def positive_param(
-    name: str, value: Param, *, allow_vector: bool = False, kernel: str = ""
+    name: str,
+    value: Param,
+    *,
+    allow_vector: bool = False,
+    kernel: str = "",
+    allow_zero: bool = False,
 ) -> Param:
-    """Validate a positive hyperparameter; keep tensors as they are (autograd)."""
+    """Validate a positive (or, with ``allow_zero``, non-negative) finite
+    hyperparameter: a number, a list or array, or a tensor (kept as it is, so
+    that autograd flows through it). The one check used by every kernel."""
+    what = "non-negative" if allow_zero else "positive"
+    rule = "finite and non-negative" if allow_zero else "positive and finite"
+
+    def ok(v, finite, xp_all):
+        return xp_all(finite) and xp_all(v >= 0 if allow_zero else v > 0)
+
     if B.is_tensor(value):
         v = value.detach()
-        if not bool((v > 0).all()) or not bool(v.isfinite().all()):
-            raise ValueError(
-                f"{kernel} {name} must be positive and finite, got {value!r}"
-            )
+        if not ok(v, v.isfinite(), lambda t: bool(t.all())):
+            raise ValueError(f"{kernel} {name} must be {rule}, got {value!r}")
         return value
-    if isinstance(value, (list, tuple)) or isinstance(value, np.ndarray):
+    if isinstance(value, (list, tuple, np.ndarray)):
         arr = np.asarray(value, dtype=np.float64)
         if arr.ndim > 1 and not allow_vector:
             raise ValueError(
@@ -72,20 +83,23 @@ def positive_param(
             )
         if arr.size == 0:
             raise ValueError(f"{kernel} {name} must not be empty")
-        if not np.all(np.isfinite(arr)) or not np.all(arr > 0):
-            raise ValueError(
-                f"{kernel} {name} must be positive and finite, got {arr.tolist()}"
-            )
+        if not ok(arr, np.isfinite(arr), np.all):
+            raise ValueError(f"{kernel} {name} must be {rule}, got {arr.tolist()}")
         return arr
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        raise TypeError(
+            f"{kernel} {name} must be a {what} number or array, "
+            f"got {type(value).__name__}"
+        )
     try:
         v = float(value)
     except (TypeError, ValueError):
         raise TypeError(
-            f"{kernel} {name} must be a positive number or array, "
+            f"{kernel} {name} must be a {what} number or array, "
             f"got {type(value).__name__}"
         ) from None
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{kernel} {name} must be positive and finite, got {v}")
+    if not ok(v, math.isfinite(v), bool):
+        raise ValueError(f"{kernel} {name} must be {rule}, got {v}")
     return v
 
 
@@ -149,6 +163,10 @@ def set_partitions(n: int, max_block: int) -> tuple[tuple[tuple[int, ...], ...],
 # the kernel contract
 
 
+#: gpgrad's kernel classes by name (filled as the classes are defined)
+REGISTRY: dict = {}
+
+
 class Kernel:
     """Base class of all gpgrad kernels.
 
@@ -162,6 +180,18 @@ class Kernel:
     order: float = math.inf
     #: names of the hyperparameters, in ``parameters()`` order
     _param_names: tuple = ()
+    #: constructor arguments that are settings, not hyperparameters (saved
+    #: as plain values by :func:`gpgrad.save`), e.g. a polynomial's degree
+    _settings: tuple = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # gpgrad's own public kernel classes register themselves by name, so
+        # that files written by gpgrad.save can name them (and nothing else)
+        # (the abstract bases of this module are not kernels one can build)
+        public = not cls.__name__.startswith("_") and cls.__module__ != __name__
+        if public and cls.__module__.startswith("gpgrad."):
+            REGISTRY[cls.__name__] = cls
 
     # -- hyperparameters ---------------------------------------------------
     def parameters(self) -> dict[str, Param]:
@@ -274,15 +304,13 @@ class Kernel:
 class _Ctx:
     """What a kernel precomputes for a pair of point sets."""
 
-    __slots__ = ("xp", "like", "map", "phi", "cache", "extra")
+    __slots__ = ("xp", "like", "map", "phi")
 
     def __init__(self, xp, like):
         self.xp = xp
         self.like = like
-        self.cache = {}
         self.phi = None
         self.map = None
-        self.extra = None
 
 
 # --------------------------------------------------------------------------
@@ -495,7 +523,8 @@ class RadialKernel(Kernel):
 
 
 def safe_radius(xp: Namespace, s: Array, scale: float) -> tuple[Array, Array, Array]:
-    """``ρ = √(scale·s)`` and the mask ``s > 0``, safe for autograd at s = 0.
+    """``ρ = √(scale·s)`` safe for autograd at s = 0: returns ``(ρ with zeros
+    where s = 0, ρ of the guarded s (never 0), the mask s > 0)``.
 
     Points closer than ``√tiny`` in ``s`` count as coincident: every term with a
     negative power of ρ multiplies a product of ``r = P(x − x')`` that vanishes

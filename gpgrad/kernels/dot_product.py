@@ -44,6 +44,7 @@ class Polynomial(RadialKernel):
     input_map = DotProductMap()
     order = math.inf
     _param_names = ("variance", "lengthscale", "offset")
+    _settings = ("degree",)
 
     def __init__(
         self,
@@ -64,21 +65,9 @@ class Polynomial(RadialKernel):
 
     def _validate(self):
         super()._validate()
-        off = self.offset
-        if not hasattr(off, "shape"):
-            try:
-                off = float(off)
-            except (TypeError, ValueError):
-                raise TypeError(
-                    f"Polynomial offset must be a number, got {type(off).__name__}"
-                ) from None
-            if not (math.isfinite(off) and off >= 0):
-                raise ValueError(
-                    f"Polynomial offset must be finite and non-negative, got {off}"
-                )
-            self.offset = off
-        else:
-            positive_param("offset", off + 1.0, kernel="Polynomial")
+        self.offset = positive_param(
+            "offset", self.offset, kernel="Polynomial", allow_zero=True
+        )
 
     def __repr__(self) -> str:
         return super().__repr__().replace("(", f"(degree={self.degree}, ", 1)

@@ -7,26 +7,22 @@ import warnings
 import numpy as np
 
 from .. import backend as B
+from ..covariance import covariance
 from ..exceptions import JitterWarning, NotPositiveDefiniteError
+from .base import Solver
 
 __all__ = ["cholesky", "DenseCholeskySolver", "JITTER_START", "JITTER_MAX"]
 
 #: first jitter tried, relative to the mean diagonal, in units of the dtype's eps
 JITTER_START = 100.0
-#: largest relative jitter before giving up, by dtype
-JITTER_MAX = {np.dtype(np.float64): 1e-6, np.dtype(np.float32): 1e-3}
+#: largest relative jitter before giving up: float64, and float32 or narrower
+JITTER_MAX = {"float64": 1e-6, "float32": 1e-3}
 
 
 def _eps_and_max(A):
-    if B.is_tensor(A):
-        import torch
-
-        eps = torch.finfo(A.dtype).eps
-        big = (
-            1e-3 if A.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-6
-        )
-        return eps, big
-    return float(np.finfo(A.dtype).eps), JITTER_MAX.get(A.dtype, 1e-6)
+    eps = B.eps(A.dtype)
+    # float32 and narrower get the float32 ceiling; float64 its own
+    return eps, JITTER_MAX["float64" if eps < 1e-10 else "float32"]
 
 
 def cholesky(
@@ -135,20 +131,34 @@ def _eye(xp, N, like):
     return xp.eye(N, dtype=like.dtype, device=B.device_of(like))
 
 
-class DenseCholeskySolver:
+class DenseCholeskySolver(Solver):
     """``(K + Σ)⁻¹`` through the Cholesky factor ``L`` of the dense matrix.
 
-    The solver interface used by :class:`gpgrad.Posterior`: ``solve(R)``
-    returns ``(K + Σ)⁻¹ R`` for R (..., N, k); ``quad_factors(Ks)`` returns
-    ``(P, Q)`` with ``Ksᵀ (K + Σ)⁻¹ Ks = Pᵀ Q``; ``logdet()`` returns
-    ``log |K + Σ|``.
+    The matrix is assembled chunk by chunk straight into its final buffer
+    (only its upper triangle when no autograd is involved) and factored in
+    place, with the jitter policy of :func:`cholesky`.
     """
 
     method = "cholesky"
 
-    def __init__(self, L, jitter=0.0):
-        self.L = L
-        self.jitter = jitter
+    def __init__(self, kernel, blocks, noise):
+        super().__init__(kernel, blocks, noise)
+        n_obs = int(noise.shape[-1])
+
+        def build():
+            # the Cholesky factorization reads the upper triangle only; autograd
+            # needs the whole symmetric matrix (its backward pass symmetrizes)
+            K = covariance(kernel, self.blocks, upper_only=True)
+            if B.is_tensor(K) and K.requires_grad:
+                B.mirror_upper_to_lower_(K)
+            return _add_diag(K, noise)
+
+        self.L, self.jitter = cholesky(
+            build(),
+            what=f"the covariance matrix of the {n_obs} observations",
+            hint=" (identical points observed twice need noise > 0)",
+            rebuild=build,
+        )
 
     def solve(self, R):
         return B.solve_triu_t(self.L, B.solve_tril(self.L, R))
@@ -160,3 +170,15 @@ class DenseCholeskySolver:
     def logdet(self):
         xp = B.namespace(self.L)
         return 2.0 * xp.sum(xp.log(B.diagonal(self.L)), axis=-1)
+
+    def condition_estimate(self):
+        """``(max_i L_ii / min_i L_ii)²``, a lower bound on cond(A)."""
+        diag = np.asarray(B.to_numpy(B.diagonal(self.L)), dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(np.max((diag.max(axis=-1) / diag.min(axis=-1)) ** 2))
+
+
+def _add_diag(K, noise):
+    if B.is_tensor(K) and (K.requires_grad or noise.requires_grad):
+        return K + B.diag_embed(noise)
+    return B.add_to_diagonal_(K, noise)

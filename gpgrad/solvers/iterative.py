@@ -49,7 +49,9 @@ import warnings
 import numpy as np
 
 from .. import backend as B
+from ..covariance import Block, covariance
 from ..exceptions import GPGradWarning
+from .base import Solver
 from .matfree import GramOperator
 
 __all__ = ["CG", "IterativeSolver", "pcg", "ConvergenceWarning"]
@@ -205,8 +207,6 @@ def pcg(matmul, b, precond=None, *, tol=1e-8, max_iter=1000, x0=None):
 
 def _single_entry_block(b, p, t):
     """A one-entry :class:`Block`: entry ``t`` of point ``p`` of block ``b``."""
-    from ..covariance import Block
-
     sub = object.__new__(Block)
     sub.f = b.f
     sub.X = b.X[..., p : p + 1, :]
@@ -216,13 +216,11 @@ def _single_entry_block(b, p, t):
     return sub
 
 
-class IterativeSolver:
+class IterativeSolver(Solver):
     """``(K + Σ)⁻¹`` by preconditioned conjugate gradients (``method="cg"``).
 
-    Implements the solver interface of :class:`gpgrad.Posterior` (``solve``,
-    ``quad_factors``, ``logdet``) and its optional hooks ``cross`` and
-    ``cross_mean`` (posterior means at query points from the weights,
-    matrix-free in O(N M D)).
+    A :class:`~gpgrad.solvers.base.Solver` whose ``cross_mean`` (posterior
+    means at query points from the weights) is matrix-free, O(N M D).
 
     In torch, ``solve`` is differentiable: the returned ``x`` equals the CG
     solution and its gradient is that of the exact ``(K + Σ)⁻¹ R`` (one more
@@ -232,9 +230,9 @@ class IterativeSolver:
     method = "cg"
 
     def __init__(self, op: GramOperator, options: CG | None = None):
+        super().__init__(op.kernel, op.blocks, op.noise)
         self.op = op
         self.opts = options or CG()
-        self.xp = op.xp
         self.N = op.N
         self.max_iter = self.opts.max_iter or max(1000, 2 * int(math.sqrt(self.N)))
         self.jitter = 0.0
@@ -361,8 +359,6 @@ class IterativeSolver:
 
     def _kernel_row(self, i):
         """Row ``i`` of K (no noise) as (…, N), from closed-form covariances."""
-        from ..covariance import covariance
-
         op = self.op
         start = 0
         for b in op.blocks:
@@ -470,14 +466,12 @@ class IterativeSolver:
         """``K_{QL} α`` (…, M) matrix-free."""
         return self.op.cross_matmul(qblocks, alpha[..., None])[..., 0]
 
-    def cross(self, kernel, blocks, qblocks, alpha, joint=False):
-        """Mean (…, M) and quadratic-form factors for the posterior."""
-        from ..covariance import covariance
-
+    def cross(self, qblocks, alpha, joint=False):
+        """Mean (…, M) matrix-free and quadratic-form factors for the posterior."""
         mean = self.cross_mean(qblocks, alpha)
-        Ks = covariance(kernel, blocks, qblocks)
+        Ks = covariance(self.kernel, self.blocks, qblocks)
         P, Q = self.quad_factors(Ks)
-        return mean, P, Q, Ks
+        return mean, P, Q
 
     def logdet(self):
         """Preconditioned stochastic Lanczos quadrature estimate of

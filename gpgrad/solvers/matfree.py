@@ -43,7 +43,7 @@ from ..kernels.base import (
     batch_scalar,
 )
 
-__all__ = ["GramOperator", "supports", "unsupported_reason", "posterior_mean"]
+__all__ = ["GramOperator", "unsupported_reason", "posterior_mean"]
 
 #: elements of the largest temporary when forming S from differences (~32 MB)
 DIFF_CHUNK_ELEMENTS = 1 << 22
@@ -71,11 +71,6 @@ def unsupported_reason(kernel, blocks):
                 "the matrix-free product; only values and first derivatives are"
             )
     return None
-
-
-def supports(kernel, blocks) -> bool:
-    """Whether :class:`GramOperator` handles ``kernel`` with these blocks."""
-    return unsupported_reason(kernel, blocks) is None
 
 
 def _same_points(xp, X1, X2):
@@ -442,27 +437,6 @@ def _grad_enabled(xp):
 
 
 def posterior_mean(post, *queries):
-    """Posterior mean of ``queries`` without their variances.
-
-    The same as ``post.predict(*queries).mean`` but skips the variance, which
-    for iterative solvers costs one linear solve per query entry. With the
-    iterative or Woodbury solvers the mean is computed matrix-free in
-    O(N M D).
-
-    Returns
-    -------
-    array (…, M)
-        Flat over the concatenated query entries, as :meth:`Posterior.predict`.
-    """
-    from ..covariance import Block, covariance
-
-    qs = post._queries(queries)
-    gp = post.gp
-    qblocks = [Block(q, post.xp, gp.dtype, gp.device) for q in qs]
-    hook = getattr(post._solver, "cross_mean", None)
-    if hook is not None:
-        mean = hook(qblocks, post._alpha)
-    else:
-        Ks = covariance(post.kernel, post._blocks, qblocks)
-        mean = (B.matrix_transpose(Ks) @ post._alpha[..., None])[..., 0]
-    return post._unscale_mean(mean, qs)
+    """Posterior mean of ``queries`` without their variances: the same as
+    :meth:`gpgrad.Posterior.mean` (kept for code that imported it from here)."""
+    return post.mean(*queries)

@@ -29,10 +29,12 @@ from __future__ import annotations
 import math
 
 from .. import backend as B
-from ..covariance import batch_shape, covariance
-from .dense import DenseCholeskySolver, cholesky
+from .. import distributed
+from ..covariance import batch_shape
+from .dense import DenseCholeskySolver
 from .iterative import CG, IterativeSolver
 from .matfree import GramOperator, unsupported_reason
+from .partitioned import PartitionedOperator
 from .woodbury import woodbury_solver, woodbury_unsupported_reason
 
 __all__ = [
@@ -126,7 +128,8 @@ def make_solver(gp, blocks, noise):
 
     Returns
     -------
-    A solver with ``solve``, ``quad_factors``, ``logdet`` and ``method``.
+    Solver
+        See :mod:`gpgrad.solvers.base` for the protocol.
     """
     method = gp.method
     like = blocks[0].X
@@ -162,7 +165,11 @@ def _iterative(gp, blocks, noise, options):
         raise ValueError(
             f"method='cg' cannot be used here: {reason}; use method='cholesky'"
         )
-    return IterativeSolver(GramOperator(gp.kernel, blocks, noise), options)
+    op = GramOperator(gp.kernel, blocks, noise)
+    part = distributed.current()
+    if part is not None:
+        op = PartitionedOperator(op, part)
+    return IterativeSolver(op, options)
 
 
 def _guard(need, like, n_obs, gp, blocks, noise):
@@ -186,28 +193,4 @@ def _guard(need, like, n_obs, gp, blocks, noise):
 
 
 def _dense(gp, blocks, noise):
-    n_obs = int(noise.shape[-1])
-
-    def build():
-        # the Cholesky factorization reads the upper triangle only; autograd
-        # needs the whole symmetric matrix (its backward pass symmetrizes)
-        K = covariance(gp.kernel, blocks, upper_only=True)
-        if B.is_tensor(K) and K.requires_grad:
-            B.mirror_upper_to_lower_(K)
-        return _add_diag(K, noise)
-
-    L, jitter = cholesky(
-        build(),
-        what=f"the covariance matrix of the {n_obs} observations",
-        hint=" (identical points observed twice need noise > 0)",
-        rebuild=build,
-    )
-    return DenseCholeskySolver(L, jitter)
-
-
-def _add_diag(K, noise):
-    if B.is_tensor(K) and (K.requires_grad or noise.requires_grad):
-        import torch
-
-        return K + torch.diag_embed(noise)
-    return B.add_to_diagonal_(K, noise)
+    return DenseCholeskySolver(gp.kernel, blocks, noise)

@@ -36,7 +36,10 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend as B
+from ..covariance import covariance
 from ..kernels.base import RadialKernel, StationaryMap, batch_scalar, vector_size
+from .base import Solver
+from .dense import cholesky
 from .matfree import GramOperator
 
 __all__ = [
@@ -114,12 +117,86 @@ def _profile_matrices(xp, kernel, Z, like):
     return diff, eye, var, P1, P2
 
 
-class WoodburySolver:
+class _GradientSolver(Solver):
+    """What the two N ≤ D gradient solvers share: the matrix-free cross
+    products and the per-point gradient quadratic forms, built from each
+    solver's ``_quad_one``."""
+
+    method = "woodbury"
+
+    def __init__(self, kernel, blocks, noise):
+        reason = woodbury_unsupported_reason(kernel, blocks, noise)
+        if reason is not None:
+            raise ValueError(reason)
+        super().__init__(kernel, blocks, noise)
+        self._op = None
+
+    def _operator(self):
+        if self._op is None:
+            self._op = GramOperator(self.kernel, self.blocks, None)
+        return self._op
+
+    def cross_mean(self, qblocks, alpha):
+        """``K_{QL} α`` (…, M) matrix-free (O(N M D))."""
+        return self._operator().cross_matmul(qblocks, alpha[..., None])[..., 0]
+
+    def cross(self, qblocks, alpha, joint=False):
+        """Posterior mean (…, M) and quadratic-form factors for the queries.
+
+        For marginal gradient queries the per-point ``D×D`` quadratic form
+        ``K_{*X}(K + σ²I)⁻¹K_{X*}`` is assembled from the Kronecker and
+        low-rank pieces in O(N³D + N²D² + N⁴D) per point, never forming the
+        (N·D × D) cross-covariance; other queries use it directly.
+        """
+        mean = self.cross_mean(qblocks, alpha)
+        if (
+            not joint
+            and len(qblocks) == 1
+            and qblocks[0].f.kind == "gradient"
+            and qblocks[0].order == 1
+        ):
+            Q = self._gradient_quad(qblocks[0].X)  # (…, m, D, D)
+            xp = self.xp
+            m, D = Q.shape[-3], self.D
+            # P = [I, I, …] (D × m·D) so that per point PᵀQ = quad
+            eye = xp.eye(D, dtype=Q.dtype, device=B.device_of(Q))
+            P = xp.reshape(xp.broadcast_to(eye[:, None, :], (D, m, D)), (D, m * D))
+            Qf = xp.reshape(xp.moveaxis(Q, -3, -2), tuple(Q.shape[:-3]) + (D, m * D))
+            return mean, P, Qf
+        Ks = covariance(self.kernel, self.blocks, qblocks)
+        P, Q = self.quad_factors(Ks)
+        return mean, P, Q
+
+    def _gradient_quad(self, Xq):
+        """``K_{*X}(K + σ²I)⁻¹K_{X*}`` for the gradient at each query point,
+        (…, m, D, D), in x-space units.
+
+        With ``r_b = z_* − z_b``, ``f = Vᵀφ'_*``, ``W_k = diag(V_{:k} ⊙ φ''_*)``
+        and ``D_k = diag(1/(λ_k + σ²ℓ²))``:
+
+        .. math::
+
+            \\sum_k (f_k I + J_k) D_k (f_k I + J_k)
+                + B_*^\\top Ψ T^{-1} B_*,\\qquad J_k = R W_k R^\\top,
+            \\quad B_* = U^\\top A^{-1} K_{X*}
+        """
+        xp = self.xp
+        Zq = Xq / self.ls - self.center  # (…, m, D)
+        outs = []
+        for p in range(Zq.shape[-2]):
+            outs.append(self._quad_one(Zq[..., p, :]))
+        return xp.stack(outs, axis=-3)
+
+    def _quad_one(self, zq):
+        raise NotImplementedError
+
+
+class WoodburySolver(_GradientSolver):
     """``(K + σ²I)⁻¹`` for gradient observations with N ≤ D (``method="woodbury"``).
 
-    Implements the solver interface of :class:`gpgrad.Posterior` (``solve``,
-    ``quad_factors``, ``logdet``) and the hooks ``cross`` and ``cross_mean``.
-    Differentiable in torch (every step is an array operation).
+    A :class:`~gpgrad.solvers.base.Solver` with matrix-free ``cross_mean``
+    and structured gradient variances in ``cross``. Differentiable in torch
+    (every step is an array operation).
 
     Parameters
     ----------
@@ -130,17 +207,10 @@ class WoodburySolver:
         One variance for all entries (per batch member).
     """
 
-    method = "woodbury"
-
     def __init__(self, kernel, blocks, noise):
-        reason = woodbury_unsupported_reason(kernel, blocks, noise)
-        if reason is not None:
-            raise ValueError(reason)
+        super().__init__(kernel, blocks, noise)
         like = blocks[0].X
-        self.xp = xp = B.namespace(like)
-        self.kernel = kernel
-        self.blocks = blocks
-        self.jitter = 0.0
+        xp = self.xp
         X = _inputs(xp, blocks, noise)
         self.N, self.D = X.shape[-2], X.shape[-1]
         N, D = self.N, self.D
@@ -186,7 +256,6 @@ class WoodburySolver:
         self.T = T
         self.Tinv = xp.linalg.inv(T)
         self._logdetT = None
-        self._op = None
 
     # -- structured pieces -----------------------------------------------------
     def _psi_right(self, G):
@@ -238,9 +307,6 @@ class WoodburySolver:
         x = (y + self._ainv(u)) * lsc[..., None, :, :]
         return xp.reshape(x, tuple(x.shape[:-3]) + (N * D, k))
 
-    def quad_factors(self, Ks):
-        return Ks, self.solve(Ks)
-
     def logdet(self):
         xp = self.xp
         if self._logdetT is None:
@@ -254,64 +320,6 @@ class WoodburySolver:
             self._logdetT = logabs
         logls = xp.sum(xp.log(self.ls[..., 0, :]), axis=-1)
         return self._logdetA + self._logdetT - 2.0 * self.N * logls
-
-    def _operator(self):
-        if self._op is None:
-            self._op = GramOperator(self.kernel, self.blocks, None)
-        return self._op
-
-    def cross_mean(self, qblocks, alpha):
-        """``K_{QL} α`` (…, M) matrix-free (O(N M D))."""
-        return self._operator().cross_matmul(qblocks, alpha[..., None])[..., 0]
-
-    def cross(self, kernel, blocks, qblocks, alpha, joint=False):
-        """Posterior mean (…, M) and quadratic-form factors for the queries.
-
-        For marginal gradient queries the per-point ``D×D`` quadratic form
-        ``K_{*X}(K + σ²I)⁻¹K_{X*}`` is assembled from the Kronecker and
-        low-rank pieces in O(N³D + N²D² + N⁴D) per point, never forming the
-        (N·D × D) cross-covariance; other queries use it directly.
-        """
-        from ..covariance import covariance
-
-        mean = self.cross_mean(qblocks, alpha)
-        if (
-            not joint
-            and len(qblocks) == 1
-            and qblocks[0].f.kind == "gradient"
-            and qblocks[0].order == 1
-        ):
-            Q = self._gradient_quad(qblocks[0].X)  # (…, m, D, D)
-            xp = self.xp
-            m, D = Q.shape[-3], self.D
-            # P = [I, I, …] (D × m·D) so that per point PᵀQ = quad
-            eye = xp.eye(D, dtype=Q.dtype, device=B.device_of(Q))
-            P = xp.reshape(xp.broadcast_to(eye[:, None, :], (D, m, D)), (D, m * D))
-            Qf = xp.reshape(xp.moveaxis(Q, -3, -2), tuple(Q.shape[:-3]) + (D, m * D))
-            return mean, P, Qf, None
-        Ks = covariance(kernel, blocks, qblocks)
-        P, Q = self.quad_factors(Ks)
-        return mean, P, Q, Ks
-
-    def _gradient_quad(self, Xq):
-        """``K_{*X}(K + σ²I)⁻¹K_{X*}`` for the gradient at each query point,
-        (…, m, D, D), in x-space units.
-
-        With ``r_b = z_* − z_b``, ``f = Vᵀφ'_*``, ``W_k = diag(V_{:k} ⊙ φ''_*)``
-        and ``D_k = diag(1/(λ_k + σ²ℓ²))``:
-
-        .. math::
-
-            \\sum_k (f_k I + J_k) D_k (f_k I + J_k)
-                + B_*^\\top Ψ T^{-1} B_*,\\qquad J_k = R W_k R^\\top,
-            \\quad B_* = U^\\top A^{-1} K_{X*}
-        """
-        xp = self.xp
-        Zq = Xq / self.ls - self.center  # (…, m, D)
-        outs = []
-        for p in range(Zq.shape[-2]):
-            outs.append(self._quad_one(Zq[..., p, :]))
-        return xp.stack(outs, axis=-3)
 
     def _quad_one(self, zq):
         xp = self.xp
@@ -357,7 +365,7 @@ class WoodburySolver:
         return quad * il[..., :, None] * il[..., None, :]
 
 
-class RotatedGradientSolver(WoodburySolver):
+class RotatedGradientSolver(_GradientSolver):
     """The N ≤ D gradient system for an isotropic lengthscale, by rotation.
 
     With one lengthscale ℓ and one noise variance σ², ``K_x + σ²I = ℓ⁻²(K_z +
@@ -378,19 +386,14 @@ class RotatedGradientSolver(WoodburySolver):
     regime as :class:`WoodburySolver` with a symmetric (Cholesky) core.
     """
 
-    method = "woodbury"
-
     def __init__(self, kernel, blocks, noise):
-        from .dense import cholesky
-
-        reason = woodbury_unsupported_reason(kernel, blocks, noise)
-        if reason is None and vector_size(kernel.lengthscale) != 1:
-            reason = "the rotated solver needs one lengthscale for all dimensions"
-        if reason is not None:
-            raise ValueError(reason)
+        if vector_size(kernel.lengthscale) != 1:
+            raise ValueError(
+                "the rotated solver needs one lengthscale for all dimensions"
+            )
+        super().__init__(kernel, blocks, noise)
         like = blocks[0].X
-        self.xp = xp = B.namespace(like)
-        self.kernel, self.blocks = kernel, blocks
+        xp = self.xp
         X = _inputs(xp, blocks, noise)
         self.N, self.D = N, D = X.shape[-2], X.shape[-1]
         ls = kernel._ls(xp, like, 1)  # (*b, 1, 1)
@@ -418,7 +421,6 @@ class RotatedGradientSolver(WoodburySolver):
         )
         self.LQ, jQ = cholesky(Kq, what="the gradient covariance's rotated part")
         self.jitter = max(jA, jQ)
-        self._op = None
 
     def solve(self, R):
         xp = self.xp

@@ -101,6 +101,7 @@ def test_point_covariance_is_diagonal_of_gram(name, kernel, fref, smooth):
             )
 
 
+@pytest.mark.slow  # the costliest reference (3-D)
 def test_three_dimensional_ard_hessian_blocks():
     rng = np.random.default_rng(11)
     for name, kernel, fref, _smooth in cases(3):

@@ -10,8 +10,10 @@
 """
 
 from . import acquisition as acquisition
+from . import auto as auto
 from . import kernels
 from ._version import __version__
+from .auto import AveragedPosterior, fit_auto
 from .exceptions import GPGradWarning, JitterWarning, NotPositiveDefiniteError
 from .fit import fit as fit
 from .functionals import (
@@ -48,6 +50,9 @@ __all__ = [
     "save",
     "load",
     "fit",
+    "fit_auto",
+    "AveragedPosterior",
+    "auto",
     "acquisition",
     "CG",
     "InsufficientMemoryError",

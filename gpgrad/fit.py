@@ -25,7 +25,12 @@ import warnings
 import numpy as np
 
 from . import backend as B
-from .exceptions import GPGradWarning, JitterWarning, NotPositiveDefiniteError
+from .exceptions import (
+    GPGradWarning,
+    JitterWarning,
+    NotPositiveDefiniteError,
+    raise_if_out_of_memory,
+)
 from .gp import _KINDS, GP
 
 __all__ = ["fit", "FitResult", "FitWarning"]
@@ -752,7 +757,8 @@ class _Objective:
                 total = float(np.sum(gp.log_marginal_likelihood(*self.obs)))
                 f = -total / self.n_obs
                 g = None
-        except (NotPositiveDefiniteError, RuntimeError, np.linalg.LinAlgError):
+        except (NotPositiveDefiniteError, RuntimeError, np.linalg.LinAlgError) as e:
+            raise_if_out_of_memory(e)  # memory, not conditioning: stop here
             f, total = _BAD_OBJECTIVE, -np.inf
             g = np.zeros_like(theta)
         if not np.isfinite(f) or (g is not None and not np.all(np.isfinite(g))):
@@ -784,7 +790,8 @@ class _Objective:
                         lml = self._model(t, "torch").log_marginal_likelihood(*self.obs)
                 else:
                     lml = self._model(theta, "numpy").log_marginal_likelihood(*self.obs)
-        except (NotPositiveDefiniteError, RuntimeError, np.linalg.LinAlgError):
+        except (NotPositiveDefiniteError, RuntimeError, np.linalg.LinAlgError) as e:
+            raise_if_out_of_memory(e)
             return np.full(self.batch, -np.inf)
         out = np.broadcast_to(_np(lml), self.batch).copy()
         out[~np.isfinite(out)] = -np.inf

@@ -61,8 +61,10 @@ class GP:
         Standardize the value observations (subtract their mean, divide by their
         standard deviation); derivative observations are divided by the same
         standard deviation and never shifted. Predictions are returned in the
-        original units; the kernel's variance and the noise then refer to the
-        standardized scale for values, and ``noise`` stays in data units.
+        original units. The kernel's variance then refers to the standardized
+        scale, while ``noise`` stays in data units (it is divided by the same
+        squared standard deviation internally): the same ``noise`` means the
+        same measurement error with or without ``normalize_y``.
     backend : {"numpy", "torch"}
     device, dtype
         Torch device and dtype (default float64 on CPU); numpy dtype for numpy.

@@ -108,6 +108,11 @@ def _kernel_to_json(k, w, path="kernel"):
             f"built-in kernels ({', '.join(sorted(_kernel_registry))}) and their "
             "sums, products and scalings can be saved"
         )
+    if not getattr(k, "_saveable", True):
+        raise TypeError(
+            f"cannot save a kernel of class {name} yet: {path} has settings the "
+            "model file format does not describe"
+        )
     out = {"class": name}
     if isinstance(k, _kernels.Scale):
         out["scale"] = w.value(f"{path}.scale", k.scale)

@@ -51,8 +51,11 @@ def matern(nu, var, ls):
         if nu == 1.5:
             a = math.sqrt(3.0) * r
             return var * (1 + a) * o.exp(-a)
-        a = math.sqrt(5.0) * r
-        return var * (1 + a + a * a / 3) * o.exp(-a)
+        if nu == 2.5:
+            a = math.sqrt(5.0) * r
+            return var * (1 + a + a * a / 3) * o.exp(-a)
+        a = math.sqrt(7.0) * r
+        return var * (1 + a + 2 * a * a / 5 + a * a * a / 15) * o.exp(-a)
 
     return f
 
@@ -121,6 +124,12 @@ def cases(d=2):
             "Matern52",
             K.Matern52(lengthscale=ls, variance=2.1),
             matern(2.5, 2.1, ls),
+            False,
+        ),
+        (
+            "Matern72",
+            K.Matern72(lengthscale=ls, variance=1.6),
+            matern(3.5, 1.6, ls),
             False,
         ),
         (

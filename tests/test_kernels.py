@@ -105,7 +105,7 @@ def test_point_covariance_is_diagonal_of_gram(name, kernel, fref, smooth):
 def test_three_dimensional_ard_hessian_blocks():
     rng = np.random.default_rng(11)
     for name, kernel, fref, _smooth in cases(3):
-        if name not in ("RBF-ARD", "Matern52", "Periodic", "Product"):
+        if name not in ("RBF-ARD", "Matern52", "Matern72", "Periodic", "Product"):
             continue
         XA = rng.uniform(-1, 1, (2, 3))
         XB = rng.uniform(-1, 1, (2, 3))
@@ -116,10 +116,11 @@ def test_three_dimensional_ard_hessian_blocks():
         assert _rel_err(got, want) <= 1e-9, name
 
 
-def test_near_coincident_points_stay_accurate():
+@pytest.mark.parametrize("cls", [K.Matern52, K.Matern72])
+def test_near_coincident_points_stay_accurate(cls):
     # points 1e-9 apart (in lengthscale units): singular profile derivatives
     # multiply vanishing products; the result must match the coincident limit
-    k = K.Matern52(lengthscale=[0.7, 1.3])
+    k = cls(lengthscale=[0.7, 1.3])
     x = np.array([[0.2, -0.1]])
     rng = np.random.default_rng(0)
     for eps in (1e-9, 1e-12, 1e-150):
@@ -141,6 +142,26 @@ def test_product_is_not_product_of_gradient_kernels():
     prod = _gp_cov(k1 * k2, G)
     naive = _gp_cov(k1, G) * _gp_cov(k2, G)
     assert np.max(np.abs(prod - naive)) > 1e-2
+
+
+def test_matern72_profile_derivatives_match_autodiff():
+    # φ⁽ᵐ⁾(s) for m ≤ 4 against nested torch.func.grad of the closed-form φ
+    from torch.func import grad
+
+    def phi(s):
+        rho = torch.sqrt(14.0 * s)
+        return 1.6 * (1 + rho + 0.4 * rho**2 + rho**3 / 15) * torch.exp(-rho)
+
+    k = K.Matern72(variance=1.6)
+    for s0 in (0.02, 0.3, 1.7, 4.0):
+        s = torch.tensor(s0, dtype=torch.float64)
+        got = [1.6 * v for v in k.profile(torch, s, 4)]
+        f = phi
+        for m in range(5):
+            assert abs(float(got[m] - f(s))) <= 1e-11 * max(1.0, abs(float(f(s))))
+            f = grad(f)
+    assert K.Matern72.order == 3
+    assert K.Matern72().profile(np, np.zeros(1), 4)[4][0] == 0.0
 
 
 def test_kernel_call_is_value_covariance():

@@ -11,7 +11,14 @@ import math
 from .._typing import Array, Namespace, Param
 from .base import RadialKernel, StationaryMap, positive_param, safe_radius
 
-__all__ = ["RBF", "Matern12", "Matern32", "Matern52", "RationalQuadratic"]
+__all__ = [
+    "RBF",
+    "Matern12",
+    "Matern32",
+    "Matern52",
+    "Matern72",
+    "RationalQuadratic",
+]
 
 
 class RBF(RadialKernel):
@@ -130,4 +137,40 @@ class Matern52(RadialKernel):
             out.append(
                 xp.where(pos, (625.0 / 3.0) * e * (1.0 + rho) / rho_safe**3, zero)
             )
+        return out[: m + 1]
+
+
+class Matern72(RadialKernel):
+    r"""Matérn ν = 7/2 kernel: three times mean-square differentiable.
+
+    Smooth derivatives close to an RBF's, with an exact state-space form.
+
+    .. math::
+
+        φ(s) = σ^2 \bigl(1 + ρ + \tfrac25 ρ^2 + \tfrac1{15} ρ^3\bigr) e^{-ρ},
+        \quad ρ = \sqrt{14 s};\\
+        φ' = -\tfrac{7}{15} σ^2 (3 + 3ρ + ρ^2) e^{-ρ},\quad
+        φ'' = \tfrac{49}{15} σ^2 (1 + ρ) e^{-ρ},\\
+        φ''' = -\tfrac{343}{15} σ^2 e^{-ρ},\quad
+        φ'''' = \tfrac{2401}{15} σ^2 e^{-ρ}/ρ
+
+    ``φ''''`` is singular at ρ = 0 but multiplies ``r_a r_b r_c r_e = O(ρ⁴)``:
+    it is set to zero there (the exact limit).
+    """
+
+    input_map = StationaryMap()
+    order = 3
+
+    def profile(self, xp, s, m):
+        rho, rho_safe, pos = safe_radius(xp, s, 14.0)
+        e = xp.exp(-rho)
+        out = [
+            (1.0 + rho * (1.0 + rho * (0.4 + rho / 15.0))) * e,
+            (-7.0 / 15.0) * (3.0 + rho * (3.0 + rho)) * e,
+            (49.0 / 15.0) * (1.0 + rho) * e,
+        ]
+        if m >= 3:
+            out.append((-343.0 / 15.0) * e)
+        if m >= 4:
+            out.append(xp.where(pos, (2401.0 / 15.0) * e / rho_safe, 0.0 * e))
         return out[: m + 1]

@@ -82,6 +82,12 @@ class Solver:
         """``log |A|``, (...,)."""
         raise NotImplementedError
 
+    def log_marginal_likelihood(self, residual):
+        """``log p(r)`` (...,) computed by the solver itself, differentiable
+        on torch (the state-space solver's linear-time adjoint), or None for
+        the default ``−½ rᵀA⁻¹r − ½ log|A| − ½ N log 2π``."""
+        return None
+
     def condition_estimate(self) -> float | None:
         """A cheap lower bound on the condition number of ``A`` (the largest
         over the batch), or None where the solver has none."""

@@ -12,8 +12,14 @@
 ``"woodbury"``
     Gradient observations at N ≤ D points of a stationary kernel:
     O(N³D + N⁶) (:mod:`gpgrad.solvers.woodbury`).
+``"statespace"``
+    Kalman filter and smoother for 1-D inputs and Matérn 1/2 … 7/2 kernels
+    (their ``Scale``, sums, a ``Constant``): exact, O(N) time and memory
+    (:mod:`gpgrad.solvers.statespace`).
 ``"auto"``
-    Woodbury where it applies and N < D; otherwise dense Cholesky when the
+    The state-space solver where it applies and N_obs ≥
+    :data:`AUTO_STATESPACE_MIN_ROWS`; else Woodbury where it applies and
+    N < D; otherwise dense Cholesky when the
     system has at most :data:`AUTO_DENSE_MAX_ROWS` rows and its matrix fits in
     half the available memory; otherwise CG where it applies.
 
@@ -35,6 +41,7 @@ from .dense import DenseCholeskySolver
 from .iterative import CG, IterativeSolver
 from .matfree import GramOperator, unsupported_reason
 from .partitioned import PartitionedOperator
+from .statespace import statespace_solver, statespace_unsupported_reason
 from .woodbury import woodbury_solver, woodbury_unsupported_reason
 
 __all__ = [
@@ -44,6 +51,7 @@ __all__ = [
     "available_memory",
     "dense_memory",
     "AUTO_DENSE_MAX_ROWS",
+    "AUTO_STATESPACE_MIN_ROWS",
 ]
 
 
@@ -57,7 +65,11 @@ class _Methods(tuple):
 
 
 #: solver names accepted by ``GP(method=...)`` (a ``CG(...)`` instance too)
-METHODS = _Methods(("auto", "cholesky", "cg", "woodbury"))
+METHODS = _Methods(("auto", "cholesky", "cg", "woodbury", "statespace"))
+
+#: ``"auto"`` uses the state-space solver (where it applies) from this many
+#: observation entries: below it dense Cholesky is as fast
+AUTO_STATESPACE_MIN_ROWS = 1_000
 
 #: ``"auto"`` uses dense Cholesky up to this many rows (when it fits in memory):
 #: beyond it a dense factorization takes minutes on a few CPU cores
@@ -142,10 +154,17 @@ def make_solver(gp, blocks, noise):
         return _iterative(gp, blocks, noise, CG())
     if method == "woodbury":
         return woodbury_solver(gp.kernel, blocks, noise)
+    if method == "statespace":
+        return statespace_solver(gp, blocks, noise)
     if method == "cholesky":
         _guard(need, like, n_obs, gp, blocks, noise)
         return _dense(gp, blocks, noise)
     # auto
+    if (
+        n_obs >= AUTO_STATESPACE_MIN_ROWS
+        and statespace_unsupported_reason(gp.kernel, blocks) is None
+    ):
+        return statespace_solver(gp, blocks, noise)
     n_pts = sum(b.n for b in blocks)
     d = blocks[0].d
     if n_pts < d and woodbury_unsupported_reason(gp.kernel, blocks, noise) is None:

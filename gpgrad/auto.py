@@ -1,0 +1,879 @@
+"""Kernel choice by evidence, and Bayesian model averaging of the posterior.
+
+:func:`fit_auto` fits a family of kernels by maximum marginal likelihood
+(:func:`gpgrad.fit`), scores each by its evidence, and returns an
+:class:`AveragedPosterior`: the mixture of the members' posteriors with
+weights proportional to their evidence. For every query the mixture's moments
+are
+
+.. math::
+
+    \\bar m = \\sum_k w_k m_k,\\qquad
+    \\bar v = \\underbrace{\\sum_k w_k v_k}_{\\text{within}}
+        + \\underbrace{\\sum_k w_k (m_k - \\bar m)^2}_{\\text{between}},
+
+so a band is wide where the candidate kernels disagree as well as where each
+is unsure.
+
+The evidence of a member is its fitted log marginal likelihood with a BIC
+correction for its ``p`` fitted hyperparameters (N scalar observations),
+
+.. math::
+
+    \\log Z_k ≈ \\log p(y \\mid \\hat θ_k, M_k) - \\tfrac{p_k}{2} \\log N,
+    \\qquad w_k ∝ π_k Z_k.
+
+The maximized likelihood alone favours the member with more hyperparameters
+(a rational quadratic always fits at least as well as the RBF it contains);
+the Laplace approximation of ``∫ p(y|θ) p(θ) dθ`` would fix that but needs the
+likelihood's Hessian in θ, which is singular or ill-conditioned exactly where
+it matters (a lengthscale or noise on a bound, the redundant scale of a
+linear trend), and a prior on θ that the data do not supply. BIC is the same
+Laplace approximation with a unit-information prior: cheap, defined at a
+bound, and consistent (it picks the true family as N grows).
+
+The search is staged so that it stays interactive: the base families are fitted
+once each on at most ``search_points`` observations (an evenly spread
+subset); refinements (an input warping, a linear trend, a periodic part when
+the data look periodic) are tried on the best bases only; members whose
+evidence trails the best by more than ``prune`` nats are dropped; only the
+best member gets ``restarts`` starts. Long series are then conditioned
+on all the data at the searched hyperparameters. Each fit goes through
+``GP(method=...)``, so when a linear-time state-space solver for 1-D Matérn
+kernels is picked by ``method="auto"``, long series use it without a change
+here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import backend as B
+from . import kernels as K
+from .exceptions import GPGradWarning, NotPositiveDefiniteError
+from .fit import FitResult, fit
+from .functionals import gradients, values
+from .gp import GP
+from .posterior import Prediction
+
+__all__ = [
+    "fit_auto",
+    "AveragedPosterior",
+    "Member",
+    "Candidate",
+    "default_candidates",
+    "estimate",
+    "DerivativeEstimate",
+]
+
+#: bounds of the Kumaraswamy concentrations when a warping is fitted
+WARP_BOUNDS = (0.25, 4.0)
+
+
+# --------------------------------------------------------------------------
+# candidates
+
+
+@dataclass
+class Candidate:
+    """A kernel to try, with what :func:`gpgrad.fit` needs to fit it.
+
+    Attributes
+    ----------
+    name : str
+    kernel : Kernel
+        The structure (starting values are chosen from the data by the fit).
+    fixed : dict
+        Hyperparameters held fixed (``{name: value}``), e.g. a linear trend's
+        redundant lengthscale.
+    bounds : dict
+        Extra bounds for :func:`gpgrad.fit`.
+    prior : float
+        Prior probability weight (relative; default 1).
+    """
+
+    name: str
+    kernel: K.Kernel
+    fixed: dict = field(default_factory=dict)
+    bounds: dict = field(default_factory=dict)
+    prior: float = 1.0
+
+
+def _base_families() -> list:
+    fam = [
+        ("Matern32", K.Matern32),
+        ("Matern52", K.Matern52),
+    ]
+    if hasattr(K, "Matern72"):
+        fam.append(("Matern72", K.Matern72))
+    fam += [("RBF", K.RBF), ("RQ", K.RationalQuadratic)]
+    return fam
+
+
+def default_candidates(X, *, period=None) -> list:
+    """The base families: Matérn 3/2, 5/2 (7/2 when available), RBF, RQ.
+
+    Refinements of the best bases (warping, trend, periodic part) are built
+    by :func:`refinements` once the bases are scored.
+
+    Parameters
+    ----------
+    X : array (n, d)
+        The inputs (unused by the base families; kept for custom families).
+    period : float, optional
+        Unused here; see :func:`refinements`.
+
+    Returns
+    -------
+    list of Candidate
+    """
+    return [Candidate(name, cls()) for name, cls in _base_families()]
+
+
+def refinements(base: Candidate, X, *, period=None) -> list:
+    """Local and global refinements of a base candidate.
+
+    * ``W(base)``: the base on Kumaraswamy-warped inputs (local features);
+    * ``base+Linear``: a linear trend (its lengthscale fixed, the variance
+      alone scales it);
+    * ``base+Periodic``: a periodic part, when ``period`` is given.
+    """
+    out = []
+    lo = np.min(X, axis=0)
+    hi = np.max(X, axis=0)
+    kern = base.kernel
+    if (
+        isinstance(kern, K.RadialKernel)
+        and not isinstance(kern, K.Warped)
+        and np.all(hi > lo)
+    ):
+        out.append(
+            Candidate(
+                f"W({base.name})",
+                K.Warped(type(kern)(), lower=lo, upper=hi),
+                bounds={
+                    "concentration1": WARP_BOUNDS,
+                    "concentration0": WARP_BOUNDS,
+                },
+            )
+        )
+    out.append(
+        Candidate(
+            f"{base.name}+Linear",
+            type(kern)() + K.Linear(),
+            fixed={"1.lengthscale": float(np.mean(np.maximum(hi - lo, 1e-12)))},
+        )
+    )
+    if period is not None:
+        out.append(
+            Candidate(
+                f"{base.name}+Periodic",
+                type(kern)() + K.Periodic(period=period),
+                bounds={"1.period": (0.8 * period, 1.25 * period)},
+            )
+        )
+    return out
+
+
+def detect_period(x, y, *, min_cycles: float = 3.0, min_share: float = 0.5):
+    """A dominant period of 1-D data, or None.
+
+    Fits a linear trend, then a sinusoid at each frequency of a grid from
+    ``min_cycles`` cycles over the span to a quarter of the mean sampling
+    rate (Lomb–Scargle); the best frequency counts when its sinusoid explains
+    at least ``min_share`` of the detrended variance.
+    """
+    from scipy.signal import lombscargle
+
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    n = x.size
+    span = float(np.ptp(x))
+    if n < 16 or span <= 0:
+        return None
+    r = y - np.polyval(np.polyfit(x, y, 1), x)
+    var = float(np.mean(r * r))
+    if var <= 0:
+        return None
+    f_lo = min_cycles / span
+    f_hi = 0.25 * (n - 1) / span
+    if f_hi <= f_lo:
+        return None
+    freqs = np.linspace(f_lo, f_hi, 400)
+    power = lombscargle(x, r - r.mean(), 2 * np.pi * freqs)
+    best = int(np.argmax(power))
+    # power of the unnormalized periodogram: amplitude² N / 4 for a sinusoid
+    share = 2.0 * power[best] / (n * var)
+    return 1.0 / freqs[best] if share >= min_share else None
+
+
+# --------------------------------------------------------------------------
+# the averaged posterior
+
+
+@dataclass
+class Member:
+    """One fitted candidate of a model average.
+
+    Attributes
+    ----------
+    name : str
+    fit : FitResult
+        The fit (hyperparameters, log marginal likelihood on the data it saw).
+    posterior : Posterior
+        The member conditioned on all observations.
+    log_marginal_likelihood : float
+        ``log p(y | θ̂)`` on all observations.
+    n_params : int
+        Fitted hyperparameters (entries).
+    log_evidence : float
+        ``log p(y | θ̂) − p/2 · log N``.
+    weight : float
+        Posterior model probability.
+    """
+
+    name: str
+    fit: FitResult
+    posterior: object
+    log_marginal_likelihood: float
+    n_params: int
+    log_evidence: float
+    weight: float = 0.0
+
+    @property
+    def kernel(self):
+        return self.posterior.kernel
+
+
+class AveragedPosterior:
+    """A mixture of GP posteriors weighted by their evidence.
+
+    Queries mirror :class:`gpgrad.Posterior`: each returns a
+    :class:`gpgrad.Prediction` whose ``mean`` and ``var`` are the mixture's
+    (within-member plus between-member variance). A query of derivatives of
+    order p averages over the members that are p times mean-square
+    differentiable (Matérn 3/2 has no second derivative), with their weights
+    renormalized.
+
+    Attributes
+    ----------
+    members : list of Member
+        Sorted by weight, largest first.
+    weights : ndarray (K,)
+        The members' weights (sum to 1).
+    log_evidence : float
+        ``log Σ_k π_k Z_k`` (priors normalized): the averaged model's evidence.
+    searched : list of (str, float)
+        Every candidate tried, with its search-stage log evidence (``-inf``
+        where the fit failed), in the order tried.
+    seconds : float
+        Wall time of :func:`fit_auto`.
+    """
+
+    def __init__(self, members, searched, log_evidence, seconds=float("nan")):
+        self.members = list(members)
+        self.searched = list(searched)
+        self.log_evidence = float(log_evidence)
+        self.seconds = seconds
+
+    @property
+    def weights(self) -> np.ndarray:
+        return np.array([m.weight for m in self.members])
+
+    @property
+    def best(self) -> Member:
+        """The member with the largest weight."""
+        return self.members[0]
+
+    def _usable(self, order):
+        ms = [m for m in self.members if m.posterior.kernel.order >= order]
+        if not ms:
+            raise ValueError(
+                f"no member of the average is {order} times mean-square "
+                "differentiable; add a smoother candidate (Matern52, RBF)"
+            )
+        w = np.array([m.weight for m in ms])
+        return ms, w / w.sum()
+
+    def _mix(self, preds, w, full_cov):
+        return mixture(preds, w, full_cov=full_cov)
+
+    def value(self, X, full_cov=False) -> Prediction:
+        """Mixture posterior of ``f`` at ``X``: mean and var (..., m)."""
+        ms, w = self._usable(0)
+        return self._mix([m.posterior.value(X, full_cov) for m in ms], w, full_cov)
+
+    def gradient(self, X, full_cov=False) -> Prediction:
+        """Mixture posterior of ``∇f`` at ``X``: mean and var (..., m, d)."""
+        ms, w = self._usable(1)
+        preds = [m.posterior.gradient(X, full_cov) for m in ms]
+        return self._mix(preds, w, full_cov)
+
+    def hessian(self, X, full_cov=False) -> Prediction:
+        """Mixture posterior of the Hessian at ``X``: (..., m, d, d)."""
+        ms, w = self._usable(2)
+        preds = [m.posterior.hessian(X, full_cov) for m in ms]
+        return self._mix(preds, w, full_cov)
+
+    def directional(self, X, U, full_cov=False) -> Prediction:
+        """Mixture posterior of ``u·∇f`` at ``X``: (..., m)."""
+        ms, w = self._usable(1)
+        preds = [m.posterior.directional(X, U, full_cov) for m in ms]
+        return self._mix(preds, w, full_cov)
+
+    def predict(self, *queries, full_cov=False) -> Prediction:
+        """Mixture posterior of a joint query set (see ``Posterior.predict``)."""
+        order = max(q.order for q in queries) if queries else 0
+        ms, w = self._usable(order)
+        preds = [m.posterior.predict(*queries, full_cov=full_cov) for m in ms]
+        return self._mix(preds, w, full_cov)
+
+    def summary(self) -> str:
+        """The members, their evidence and weights, one line each."""
+        lines = [
+            f"model average of {len(self.members)} kernels "
+            f"(log evidence {self.log_evidence:.6g}; {len(self.searched)} tried "
+            f"in {self.seconds:.2f} s)"
+        ]
+        for m in self.members:
+            lines.append(
+                f"  {m.weight:7.3f}  {m.name:<18} log ML "
+                f"{m.log_marginal_likelihood:.6g}, {m.n_params} parameters, "
+                f"log evidence {m.log_evidence:.6g}"
+            )
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return self.summary()
+
+
+def mixture(preds, weights, *, full_cov=False) -> Prediction:
+    """Moments of a mixture of Gaussian predictions.
+
+    Parameters
+    ----------
+    preds : list of Prediction
+        Member predictions of one query (same shapes).
+    weights : array (K,)
+        Non-negative, summing to 1.
+    full_cov : bool
+        Also mix the joint covariances (``mean.shape + mean.shape``).
+
+    Returns
+    -------
+    Prediction
+        ``mean = Σ w_k m_k``, ``var = Σ w_k v_k + Σ w_k (m_k − mean)²`` and,
+        with ``full_cov``, ``cov = Σ w_k [C_k + (m_k − mean)(m_k − mean)ᵀ]``.
+    """
+    return Prediction(source=_MixtureSource(preds, weights, full_cov))
+
+
+class _MixtureSource:
+    """Lazy moments of a mixture: reading ``mean`` reads only the members'
+    means (no member pays for its variances)."""
+
+    def __init__(self, preds, weights, full_cov):
+        self.preds = preds
+        self.w = [float(v) for v in weights]
+        self.full_cov = full_cov
+
+    def mean(self):
+        return sum(wk * p.mean for wk, p in zip(self.w, self.preds))
+
+    def moments(self):
+        preds, w = self.preds, self.w
+        xp = B.namespace(preds[0].mean)
+        mean = self.mean()
+        var = sum(wk * (p.var + (p.mean - mean) ** 2) for wk, p in zip(w, preds))
+        cov = None
+        if self.full_cov:
+            shape = tuple(mean.shape)
+            size = int(np.prod(shape)) if shape else 1
+            cov = 0.0
+            for wk, p in zip(w, preds):
+                dm = xp.reshape(p.mean - mean, (size,))
+                outer = xp.reshape(dm[:, None] * dm[None, :], shape + shape)
+                cov = cov + wk * (p.cov + outer)
+        return mean, var, cov
+
+
+# --------------------------------------------------------------------------
+# the search
+
+
+def _n_params(res: FitResult) -> int:
+    total = 0
+    for name in res.fitted:
+        v = res.params[name]
+        total += int(np.size(B.to_numpy(v) if B.is_tensor(v) else v))
+    return total
+
+
+def _subsample(obs, max_points, seed):
+    """An evenly spread subset of value/gradient observations, or ``obs``."""
+    n = sum(f.n for f in obs)
+    if n <= max_points:
+        return obs, False
+    if any(f.kind not in ("value", "gradient") or f.X.ndim != 2 for f in obs):
+        return obs, False
+    out = []
+    for f in obs:
+        m = max(2, int(round(max_points * f.n / n)))
+        X = B.to_numpy(f.X) if B.is_tensor(f.X) else np.asarray(f.X)
+        if X.shape[1] == 1:
+            order = np.argsort(X[:, 0], kind="stable")
+            idx = order[np.unique(np.linspace(0, f.n - 1, m).round().astype(int))]
+        else:
+            idx = np.sort(np.random.default_rng(seed).choice(f.n, m, replace=False))
+        y = B.to_numpy(f.y) if B.is_tensor(f.y) else np.asarray(f.y)
+        noise = f.noise
+        if noise is not None and np.ndim(noise) > 0:
+            noise = np.asarray(noise)[idx]
+        ctor = values if f.kind == "value" else gradients
+        out.append(ctor(X[idx], y[idx], noise=noise))
+    return out, True
+
+
+def _fit_one(cand, obs, *, backend, method, restarts, seed, ard, maxiter):
+    gp = GP(cand.kernel, backend=backend, method=method)
+    with warnings.catch_warnings():
+        # a hyperparameter on a bound is part of what the evidence weighs
+        warnings.simplefilter("ignore", GPGradWarning)
+        return fit(
+            gp,
+            *obs,
+            fixed=cand.fixed or None,
+            bounds=cand.bounds or None,
+            ard=ard,
+            restarts=restarts,
+            seed=seed,
+            maxiter=maxiter,
+        )
+
+
+def _check_candidates(candidates):
+    if candidates is None:
+        return None
+    if isinstance(candidates, (K.Kernel, Candidate)):
+        candidates = [candidates]
+    try:
+        items = list(candidates.items()) if isinstance(candidates, dict) else None
+    except AttributeError:  # pragma: no cover
+        items = None
+    out = []
+    if items is not None:
+        for name, k in items:
+            if not isinstance(k, K.Kernel):
+                raise TypeError(
+                    f"candidates[{name!r}] must be a gpgrad kernel, got "
+                    f"{type(k).__name__}"
+                )
+            out.append(Candidate(str(name), k))
+    else:
+        for c in candidates:
+            if isinstance(c, Candidate):
+                out.append(c)
+            elif isinstance(c, K.Kernel):
+                out.append(Candidate(repr(c), c))
+            else:
+                raise TypeError(
+                    "candidates must be gpgrad kernels or gpgrad.auto.Candidate, "
+                    f"got {type(c).__name__}"
+                )
+    if not out:
+        raise ValueError("candidates is empty: give at least one kernel")
+    names = [c.name for c in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"candidate names must be unique, got {names}")
+    return out
+
+
+def fit_auto(
+    *observations,
+    candidates=None,
+    backend: str = "numpy",
+    method="auto",
+    restarts: int = 2,
+    seed: int = 0,
+    ard: bool | None = None,
+    refine: bool = True,
+    periodic: bool | float | None = None,
+    prune: float = 10.0,
+    max_members: int = 4,
+    search_points: int = 120,
+    maxiter: int = 200,
+    progress: bool = False,
+) -> AveragedPosterior:
+    """Fit a family of kernels and average their posteriors by evidence.
+
+    Parameters
+    ----------
+    *observations : Functional or (X, y)
+        As for :meth:`gpgrad.GP.condition` (values, gradients, ...); no batch
+        axes.
+    candidates : list of Kernel or Candidate, or dict name -> Kernel, optional
+        The kernels to try. Default: Matérn 3/2, 5/2 (7/2 when the package has
+        it), RBF and rational quadratic, then for the best of them a
+        Kumaraswamy input warping, a linear trend and, for periodic 1-D data,
+        a periodic part, and the warping of the runner-up (``refine``).
+    backend : {"numpy", "torch"}
+        The members' backend (results are tensors with ``"torch"``).
+    method : str
+        The solver, as ``GP(method=...)``.
+    restarts : int, default 2
+        Starts for the best member (refitted on all data); the others keep
+        their single search start.
+    seed : int
+    ard : bool, optional
+        Per-dimension lengthscales (default: when the inputs have more than one
+        column).
+    refine : bool, default True
+        Try the refinements of the best base family and the warping of the
+        runner-up (default candidates only).
+    periodic : bool or float, optional
+        ``None`` detects a dominant period in 1-D value data
+        (:func:`detect_period`); ``False`` never adds a periodic part; a
+        number is the starting period.
+    prune : float, default 10
+        Drop members whose log evidence trails the best by more than this
+        (their weight would be below ``e^-prune``).
+    max_members : int, default 4
+        Keep at most this many members.
+    search_points : int, default 120
+        Candidates are scored on at most this many points (an evenly spread
+        subset of value and gradient observations); the members are then
+        conditioned on all of them.
+    maxiter : int, default 200
+        L-BFGS-B iterations per start.
+    progress : bool
+        Print a line per candidate to stderr.
+
+    Returns
+    -------
+    AveragedPosterior
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad arguments (the message says what was expected).
+    NotPositiveDefiniteError
+        When no candidate could be fitted.
+
+    Examples
+    --------
+    >>> import numpy as np, gpgrad
+    >>> x = np.linspace(0, 1, 30)
+    >>> y = np.sin(6 * x) + 0.01 * np.random.default_rng(0).normal(size=30)
+    >>> avg = gpgrad.fit_auto(x[:, None], y, refine=False)
+    >>> round(float(avg.weights.sum()), 12)
+    1.0
+    >>> avg.gradient(x[:3, None]).mean.shape
+    (3, 1)
+    """
+    t_start = time.perf_counter()
+    if backend not in ("numpy", "torch"):
+        raise ValueError(f"backend must be 'numpy' or 'torch', got {backend!r}")
+    for name, v in (
+        ("restarts", restarts),
+        ("max_members", max_members),
+        ("search_points", search_points),
+        ("maxiter", maxiter),
+    ):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not (isinstance(prune, (int, float)) and prune > 0 and math.isfinite(prune)):
+        raise ValueError(f"prune must be a positive number of nats, got {prune!r}")
+    if periodic is not None and not isinstance(periodic, (bool, int, float)):
+        raise TypeError(
+            f"periodic must be None, a bool or a period, got {type(periodic).__name__}"
+        )
+    if (
+        periodic is not None
+        and not isinstance(periodic, bool)
+        and not (periodic > 0 and math.isfinite(periodic))
+    ):
+        raise ValueError(f"periodic must be a positive period, got {periodic!r}")
+    custom = _check_candidates(candidates)
+    obs = GP(K.RBF(), backend=backend)._parse(observations)
+    if any(len(f.X.shape) != 2 for f in obs):
+        raise ValueError(
+            "fit_auto fits one problem at a time: inputs must be (n, d), got "
+            f"shapes {[tuple(f.X.shape) for f in obs]}"
+        )
+    Xall = np.concatenate(
+        [B.to_numpy(f.X) if B.is_tensor(f.X) else np.asarray(f.X) for f in obs]
+    )
+    d = Xall.shape[1]
+    if ard is None:
+        ard = d > 1
+    N = sum(f.size for f in obs)
+    search, subsampled = _subsample(obs, search_points, seed)
+    N_search = sum(f.size for f in search)
+
+    period = None
+    if periodic is True or periodic is None:
+        vals = [f for f in obs if f.kind == "value"]
+        if d == 1 and len(vals) == 1:
+            xv = np.asarray(
+                B.to_numpy(vals[0].X) if B.is_tensor(vals[0].X) else vals[0].X
+            )
+            yv = np.asarray(
+                B.to_numpy(vals[0].y) if B.is_tensor(vals[0].y) else vals[0].y
+            )
+            period = detect_period(xv[:, 0], yv)
+    elif periodic is not False:
+        period = float(periodic)
+
+    kw = dict(backend=backend, method=method, seed=seed, ard=ard, maxiter=maxiter)
+    tried = {}  # name -> (candidate, FitResult, search log evidence)
+    searched = []
+
+    def score(res):
+        return float(res.log_marginal_likelihood) - 0.5 * _n_params(res) * math.log(
+            N_search
+        )
+
+    def run(cands):
+        for c in cands:
+            if c.name in tried:
+                continue
+            t0 = time.perf_counter()
+            try:
+                res = _fit_one(c, search, restarts=1, **kw)
+                s = score(res) + math.log(c.prior)
+            except (NotPositiveDefiniteError, ValueError) as e:
+                if custom is not None and isinstance(e, ValueError):
+                    raise
+                res, s = None, -math.inf
+            tried[c.name] = (c, res, s)
+            searched.append((c.name, s))
+            if progress:
+                import sys
+
+                print(
+                    f"gpgrad.fit_auto: {c.name:<18} log evidence {s:.6g} "
+                    f"({time.perf_counter() - t0:.2f} s)",
+                    file=sys.stderr,
+                )
+
+    if custom is not None:
+        run(custom)
+    else:
+        bases = default_candidates(Xall, period=period)
+        if any(f.order >= 2 for f in obs):
+            bases = [c for c in bases if c.kernel.order >= 2]
+        run(bases)
+        if refine:
+            ranked = sorted(
+                (v for v in tried.values() if v[1] is not None), key=lambda v: -v[2]
+            )
+            # every refinement of the best base, the warping of the runner-up
+            for i, (c, _, _) in enumerate(ranked[:2]):
+                extra = refinements(c, Xall, period=period)
+                run(extra if i == 0 else [e for e in extra if e.name[:2] == "W("])
+
+    ok = [(c, r, s) for c, r, s in tried.values() if r is not None]
+    if not ok:
+        raise NotPositiveDefiniteError(
+            "no candidate kernel could be fitted: check the data for repeated "
+            "inputs with different targets, or pass candidates= explicitly"
+        )
+    ok.sort(key=lambda v: -v[2])
+    best_s = ok[0][2]
+    keep = [v for v in ok if v[2] >= best_s - prune][:max_members]
+
+    members = []
+    logN = math.log(N)
+    for rank, (c, res, _) in enumerate(keep):
+        if not subsampled and restarts > 1 and rank == 0:
+            # the leader: worth more starts
+            res2 = _fit_one(c, obs, restarts=restarts, **kw)
+            if res2.log_marginal_likelihood >= res.log_marginal_likelihood:
+                res = res2
+        if subsampled:
+            try:
+                post = res.gp.condition(*obs)
+                lml = B.to_float(post.log_marginal_likelihood())
+            except NotPositiveDefiniteError:
+                continue
+        else:
+            post = res.posterior
+            lml = float(res.log_marginal_likelihood)
+        p = _n_params(res)
+        members.append(
+            Member(
+                name=c.name,
+                fit=res,
+                posterior=post,
+                log_marginal_likelihood=lml,
+                n_params=p,
+                log_evidence=lml - 0.5 * p * logN + math.log(c.prior),
+            )
+        )
+    if not members:
+        raise NotPositiveDefiniteError(
+            "no fitted kernel could be conditioned on all observations; raise the "
+            "noise or pass search_points >= the number of points"
+        )
+    le = np.array([m.log_evidence for m in members])
+    top = le.max()
+    w = np.exp(le - top)
+    total_prior = sum(v[0].prior for v in tried.values())
+    log_ev = top + math.log(w.sum()) - math.log(total_prior)
+    w = w / w.sum()
+    for m, wk in zip(members, w):
+        m.weight = float(wk)
+    members.sort(key=lambda m: -m.weight)
+    return AveragedPosterior(
+        members, searched, log_ev, seconds=time.perf_counter() - t_start
+    )
+
+
+# --------------------------------------------------------------------------
+# derivative estimation for series: what `gpgrad estimate --kernel auto` runs
+
+
+@dataclass
+class DerivativeEstimate:
+    """Posterior mean and standard deviation of ``f``, ``f'`` and ``f''``.
+
+    Attributes
+    ----------
+    t : ndarray (m,)
+        Where the estimates hold.
+    f_mean, f_std, df_mean, df_std : ndarray (m,)
+    d2f_mean, d2f_std : ndarray (m,) or None
+        ``None`` when ``order < 2``.
+    model : AveragedPosterior
+        The averaged model (members, weights, summary()).
+    """
+
+    t: np.ndarray
+    f_mean: np.ndarray
+    f_std: np.ndarray
+    df_mean: np.ndarray
+    df_std: np.ndarray
+    d2f_mean: np.ndarray | None
+    d2f_std: np.ndarray | None
+    model: AveragedPosterior
+
+    def table(self) -> dict:
+        """The columns ``t, f_mean, f_std, df_mean, ...`` as a dict."""
+        out = {
+            "t": self.t,
+            "f_mean": self.f_mean,
+            "f_std": self.f_std,
+            "df_mean": self.df_mean,
+            "df_std": self.df_std,
+        }
+        if self.d2f_mean is not None:
+            out["d2f_mean"] = self.d2f_mean
+            out["d2f_std"] = self.d2f_std
+        return out
+
+
+def _series(v, name, n=None):
+    if isinstance(v, (str, bytes)) or v is None:
+        raise TypeError(
+            f"{name} must be a 1-D array of numbers, got {type(v).__name__}"
+        )
+    try:
+        a = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a 1-D array of numbers") from None
+    if a.ndim == 2 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    if n is not None and a.shape[0] != n:
+        raise ValueError(f"{name} has {a.shape[0]} entries but t has {n}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} has NaN or infinite entries")
+    return a
+
+
+def estimate(
+    t,
+    y,
+    dy=None,
+    *,
+    at=None,
+    order: int = 2,
+    restarts: int = 2,
+    seed: int = 0,
+    **options,
+) -> DerivativeEstimate:
+    """Derivatives of a noisy series with kernel choice by evidence and
+    Bayesian model averaging (the ``gpgrad estimate --kernel auto`` path).
+
+    Parameters
+    ----------
+    t : array (n,)
+        Sample times (any order, any spacing; at least 3 distinct).
+    y : array (n,)
+        Noisy values ``f(t_i) + ε_i``.
+    dy : array (n,), optional
+        Measured derivatives ``f'(t_i)`` (with their own fitted noise).
+    at : array (m,), optional
+        Where to estimate (default ``t``).
+    order : {1, 2}, default 2
+        Highest derivative returned (2 adds ``f''``).
+    restarts, seed :
+        As for :func:`fit_auto`.
+    **options :
+        Passed to :func:`fit_auto` (``candidates``, ``prune``, ``backend``,
+        ``search_points``, ...).
+
+    Returns
+    -------
+    DerivativeEstimate
+        Means and standard deviations of ``f``, ``f'`` and ``f''`` at ``at``,
+        and the averaged model.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpgrad.auto import estimate
+    >>> t = np.linspace(0, 1, 40)
+    >>> y = np.sin(5 * t) + 0.01 * np.random.default_rng(1).normal(size=40)
+    >>> est = estimate(t, y, refine=False)
+    >>> bool(np.max(np.abs(est.df_mean - 5 * np.cos(5 * t))) < 0.5)
+    True
+    """
+    t = _series(t, "t")
+    y = _series(y, "y", t.shape[0])
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order!r}")
+    if np.unique(t).size < 3:
+        raise ValueError(f"t needs at least 3 distinct times, got {np.unique(t).size}")
+    obs = [values(t[:, None], y)]
+    if dy is not None:
+        obs.append(gradients(t[:, None], _series(dy, "dy", t.shape[0])[:, None]))
+    P = t if at is None else _series(at, "at")
+    model = fit_auto(*obs, restarts=restarts, seed=seed, **options)
+    Q = P[:, None]
+
+    def plain(a):
+        return B.to_numpy(a) if B.is_tensor(a) else np.asarray(a)
+
+    v = model.value(Q)
+    g = model.gradient(Q)
+    out = dict(
+        t=P,
+        f_mean=plain(v.mean),
+        f_std=plain(v.std),
+        df_mean=plain(g.mean)[:, 0],
+        df_std=plain(g.std)[:, 0],
+        d2f_mean=None,
+        d2f_std=None,
+    )
+    if order >= 2:
+        h = model.hessian(Q)
+        out["d2f_mean"] = plain(h.mean)[:, 0, 0]
+        out["d2f_std"] = plain(h.std)[:, 0, 0]
+    return DerivativeEstimate(model=model, **out)

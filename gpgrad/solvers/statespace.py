@@ -1,0 +1,605 @@
+"""Exact state-space inference for 1-D Matérn kernels, in linear time.
+
+A Matérn kernel with ν = p + ½ is the covariance of the stationary solution of
+the linear SDE ``(d/dt + λ)^{p+1} f = w``, ``λ = √(2ν)/ℓ`` (Hartikainen &
+Särkkä 2010), whose state is ``(f, f′, …, f⁽ᵖ⁾)``. Sums of such kernels (each
+with its ``Scale``) and a ``Constant`` stack their states. Between two times
+``Δ`` apart the state moves by
+
+.. math::
+
+    A(Δ) = e^{FΔ} = e^{-λΔ} \\sum_{j=0}^{p} \\frac{(NλΔ)^j}{j!},\\qquad
+    Q(Δ) = P_∞ - A P_∞ A^\\top ,
+
+with ``F`` the companion matrix and ``N = F/λ + I`` nilpotent (exact, and exactly
+``I`` and ``0`` at ``Δ = 0``); ``P_∞`` is the stationary covariance, the
+kernel's derivatives at 0. Values, first and second derivatives are rows of
+the state. :mod:`gpgrad.solvers.kalman` filters, smooths and differentiates
+the chain in O(n) over associative scans.
+
+Coordinates: component ``i`` of a block is ``f⁽ⁱ⁾ / λ₀ⁱ`` with ``λ₀`` the
+current numerical value of ``λ``, so the arrays stay near unit scale and the
+observation rows do not depend on the hyperparameters (torch autograd reaches
+``λ`` through ``A`` and ``P_∞``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import backend as B
+from ..kernels.composite import Constant, Scale, Sum
+from ..kernels.stationary import Matern12, Matern32, Matern52, Matern72
+from . import kalman
+from .base import Solver
+
+__all__ = [
+    "StateSpaceSolver",
+    "statespace_solver",
+    "statespace_unsupported_reason",
+    "FULL_COV_MAX_ELEMENTS",
+]
+
+#: p of ν = p + ½ for each supported Matérn kernel
+_MATERN_P = {Matern12: 0, Matern32: 1, Matern52: 2, Matern72: 3}
+#: the profile polynomial c(u) of k = σ² e^{-u} c(u), u = λ|τ|, ascending
+_POLY = {
+    0: (1.0,),
+    1: (1.0, 1.0),
+    2: (1.0, 1.0, 1.0 / 3.0),
+    3: (1.0, 1.0, 2.0 / 5.0, 1.0 / 15.0),
+}
+#: series at least this long on a regular grid take the steady-state path
+#: (:func:`gpgrad.solvers.kalman.kalman_regular`)
+REGULAR_MIN_STEPS = 256
+#: steps equal to this relative tolerance count as one step (a grid
+#: ``t₀ + kΔ`` written in floating point); the grid is then snapped to it
+REGULAR_STEP_RTOL = 1e-9
+#: largest (observations × query entries) cross-covariance a joint
+#: ``full_cov`` query may build
+FULL_COV_MAX_ELEMENTS = 20_000_000
+
+
+# --------------------------------------------------------------------------
+# kernels as stochastic differential equations
+
+
+def _unit_pinf(p):
+    """Stationary covariance of ``(f, f′/λ, …, f⁽ᵖ⁾/λᵖ)`` for unit variance."""
+    c = np.array(_POLY[p] + (0.0,) * (p + 1))
+    d0 = []
+    for _ in range(2 * p + 1):
+        d0.append(c[0])
+        dc = np.append(c[1:] * np.arange(1, len(c)), 0.0)
+        c = dc - c
+    P = np.zeros((p + 1, p + 1))
+    for i in range(p + 1):
+        for j in range(p + 1):
+            if (i + j) % 2 == 0:
+                P[i, j] = (-1) ** j * d0[i + j]
+    return P
+
+
+def _nilpotent(p):
+    """``N = F/λ + I`` for the companion matrix ``F`` of ``(d/dt + λ)^{p+1}``."""
+    F = np.zeros((p + 1, p + 1))
+    F[np.arange(p), np.arange(1, p + 1)] = 1.0
+    F[p] = [-math.comb(p + 1, i) for i in range(p + 1)]
+    return F + np.eye(p + 1)
+
+
+class _Part:
+    """One block of the state: a Matérn (``p``) or a constant (``p = None``),
+    with its variance and lengthscale as given (float, array or tensor)."""
+
+    def __init__(self, p, variance, lengthscale=None):
+        self.p = p
+        self.variance = variance
+        self.lengthscale = lengthscale
+
+    @property
+    def size(self):
+        return 1 if self.p is None else self.p + 1
+
+
+def _parts(kernel, scale=1.0):
+    """The kernel as a list of :class:`_Part`, or a reason string."""
+    if isinstance(kernel, Sum):
+        out = []
+        for child in kernel.children:
+            sub = _parts(child, scale)
+            if isinstance(sub, str):
+                return sub
+            out.extend(sub)
+        return out
+    if isinstance(kernel, Scale):
+        return _parts(kernel.children[0], scale * kernel.scale)
+    if isinstance(kernel, Constant):
+        return [_Part(None, scale * kernel.variance)]
+    p = _MATERN_P.get(type(kernel))
+    if p is None:
+        return (
+            f"{type(kernel).__name__} has no exact state-space form (supported: "
+            "Matern12/32/52/72, their Scale, sums of them and Constant)"
+        )
+    ls = kernel.lengthscale
+    if not isinstance(ls, float) and int(np.prod(tuple(ls.shape)[-1:])) != 1:
+        return "the state-space solver takes one lengthscale (1-D inputs)"
+    return [_Part(p, scale * kernel.variance, ls)]
+
+
+def statespace_unsupported_reason(kernel, blocks):
+    """Why the state-space solver cannot take this problem (None if it can)."""
+    if blocks[0].d != 1:
+        return f"the state-space solver needs 1-D inputs, got {blocks[0].d} columns"
+    parts = _parts(kernel)
+    if isinstance(parts, str):
+        return parts
+    if all(p.p is None for p in parts):
+        return "the state-space solver needs at least one Matérn part"
+    return None
+
+
+def _member(value, b, batch, trailing=0):
+    """Batch member ``b`` of a hyperparameter (scalar or (*batch, [1]))."""
+    if isinstance(value, (int, float)):
+        return value
+    shape = tuple(value.shape)
+    core = shape[len(shape) - trailing :] if trailing else ()
+    lead = shape[: len(shape) - trailing] if trailing else shape
+    if not lead:
+        v = value
+    else:
+        full = tuple(batch) + core
+        v = value.expand(full) if B.is_tensor(value) else np.broadcast_to(value, full)
+        v = v[b] if b != () else v
+    if trailing:
+        v = v.reshape(()) if B.is_tensor(v) else np.reshape(v, ())
+    return v
+
+
+class _Model:
+    """Transitions of one problem's state (numpy, float64), and the chain rule
+    from the gradients in ``A``, ``Q``, ``P_∞`` to each part's ``λ`` and
+    variance."""
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.sizes = [p.size for p in parts]
+        self.D = sum(self.sizes)
+        self.lam0, self.var0 = [], []
+        for part in parts:
+            self.var0.append(_num(part.variance))
+            if part.p is None:
+                self.lam0.append(None)
+            else:
+                self.lam0.append(math.sqrt(2 * part.p + 1) / _num(part.lengthscale))
+
+    def _slices(self):
+        off = 0
+        for part, lam, var in zip(self.parts, self.lam0, self.var0):
+            yield part, lam, var, slice(off, off + part.size)
+            off += part.size
+
+    def rows(self, order, coef):
+        """Observation rows (n, D) for entries of derivative ``order`` (n,)
+        with coefficients ``coef`` (n,)."""
+        H = np.zeros((len(order), self.D))
+        for part, lam, _, sl in self._slices():
+            if part.p is None:
+                H[:, sl.start] = np.where(order == 0, coef, 0.0)
+            else:
+                for o in range(min(part.p, 2) + 1):
+                    H[:, sl.start + o] = np.where(order == o, coef * lam**o, 0.0)
+        return H
+
+    @staticmethod
+    def _unit_transition(p, tau):
+        """``e^{F̃τ}`` (T, p+1, p+1) in the f⁽ⁱ⁾/λⁱ coordinates."""
+        Nm = _nilpotent(p)
+        out = np.zeros((tau.shape[0], p + 1, p + 1))
+        Nj = np.eye(p + 1)
+        for j in range(p + 1):
+            out += (tau**j / math.factorial(j))[:, None, None] * Nj
+            Nj = Nj @ Nm
+        return np.exp(-tau)[:, None, None] * out
+
+    def transitions(self, dt):
+        """``A(Δ)``, ``Q(Δ)`` (T, D, D) and ``P_∞`` (D, D) for steps ``dt``."""
+        T = dt.shape[0]
+        A = np.zeros((T, self.D, self.D))
+        Pinf = np.zeros((self.D, self.D))
+        for part, lam, var, sl in self._slices():
+            if part.p is None:
+                A[:, sl, sl] = 1.0
+                Pinf[sl, sl] = var
+            else:
+                A[:, sl, sl] = self._unit_transition(part.p, lam * dt)
+                Pinf[sl, sl] = var * _unit_pinf(part.p)
+        Q = Pinf - A @ Pinf @ np.swapaxes(A, -1, -2)
+        return A, 0.5 * (Q + np.swapaxes(Q, -1, -2)), Pinf
+
+    def chain_regular(self, step, A1, Q1, Pinf, sum_gA, sum_gQ, gP0):
+        """:meth:`chain` for a regular series from the sums over steps of the
+        gradients in ``A`` and ``Q`` (every step has the same ``A``, ``Q``)."""
+        return self.chain(
+            np.array([step]), A1[None], Q1[None], Pinf, sum_gA[None], sum_gQ[None], gP0
+        )
+
+    def chain(self, dt, A, Q, Pinf, gA, gQ, gP0):
+        """``(∂ℓ/∂λ, ∂ℓ/∂σ²)`` per part (``None`` for a constant's λ) from
+        the gradients in every ``A_k``, ``Q_k`` and ``P_0 = P_∞``.
+
+        In the f⁽ⁱ⁾/λ₀ⁱ coordinates (``E = diag(0, 1, …, p)``, ``F̃`` the
+        unit-rate feedback matrix, ``W = −(F̃P_∞ + P_∞F̃ᵀ)`` the diffusion):
+
+        .. math::
+
+            ∂A/∂λ = Δ F̃A + [E, A]/λ,\\quad
+            ∂Q/∂λ = Δ A W A^\top + (EQ + QE)/λ,\\quad
+            ∂P_∞/∂λ = (EP_∞ + P_∞E)/λ,
+
+        and ``Q``, ``P_∞`` are proportional to σ². Written this way (never as
+        the difference ``∂P_∞ − ∂(AP_∞Aᵀ)``) no term cancels at small steps.
+        """
+        out = []
+        for part, lam, var, sl in self._slices():
+            a, q = A[:, sl, sl], Q[:, sl, sl]
+            ga, gq = gA[:, sl, sl], gQ[:, sl, sl]
+            gp, pinf = gP0[sl, sl], Pinf[sl, sl]
+            g_var = (
+                float(np.einsum("kij,kij->", gq, q)) + float(np.sum(gp * pinf))
+            ) / var
+            if part.p is None:
+                out.append((None, g_var))
+                continue
+            E = np.diag(np.arange(part.p + 1.0))
+            Ft = _nilpotent(part.p) - np.eye(part.p + 1)
+            W = -(Ft @ pinf + pinf @ Ft.T)
+            g_lam = float(np.einsum("kij,kij,k->", ga, Ft @ a, dt))
+            g_lam += float(np.einsum("kij,kij->", ga, E @ a - a @ E)) / lam
+            aWa = a @ W @ np.swapaxes(a, -1, -2)
+            g_lam += float(np.einsum("kij,kij,k->", gq, aWa, dt))
+            g_lam += float(np.einsum("kij,kij->", gq, E @ q + q @ E)) / lam
+            g_lam += float(np.sum(gp * (E @ pinf + pinf @ E))) / lam
+            out.append((g_lam, g_var))
+        return out
+
+
+def _num(v):
+    if B.is_tensor(v):
+        return float(v.detach().reshape(-1)[0])
+    return float(np.reshape(v, -1)[0])
+
+
+def _np(a):
+    return np.asarray(B.to_numpy(a), dtype=np.float64)
+
+
+# --------------------------------------------------------------------------
+# one conditioned series
+
+
+def _entries(blocks, b):
+    """Times, derivative orders and coefficients of every observation entry,
+    in the observations' flat order, for batch member ``b``."""
+    ts, orders, coefs = [], [], []
+    for blk in blocks:
+        X = _np(blk.X)
+        if X.ndim > 2:
+            X = np.broadcast_to(X, tuple(_bshape(blk)) + X.shape[-2:])
+            X = X[b] if b != () else X
+        X = np.reshape(X, X.shape[-2:])
+        ts.append(X[:, 0])
+        orders.append(np.full(blk.n, blk.order))
+        U = _np(blk.U)  # (nU, k=1, order, 1)
+        w = np.prod(U[:, 0, :, 0], axis=-1) if blk.order else np.ones(U.shape[0])
+        coefs.append(np.broadcast_to(w, (blk.n,)))
+    return np.concatenate(ts), np.concatenate(orders), np.concatenate(coefs)
+
+
+def _bshape(blk):
+    return tuple(blk.X.shape[:-2])
+
+
+class _Series:
+    """One problem: the sorted chain, its filter/adjoint pass, and queries."""
+
+    def __init__(self, model, t, order, coef, noise):
+        self.model = model
+        perm = np.argsort(t, kind="stable")
+        self.perm = perm
+        self.t = t[perm]
+        self.H = model.rows(order[perm], coef[perm])
+        self.R = noise[perm]
+        dt = np.diff(self.t, prepend=self.t[0])
+        self.regular = self._is_regular(dt)
+        if self.regular:
+            # a grid written as t₀ + kΔ in floating point: one exact step
+            step = (self.t[-1] - self.t[0]) / (len(self.t) - 1)
+            self.t = self.t[0] + step * np.arange(len(self.t))
+            dt = np.full(len(self.t), step)
+            dt[0] = 0.0
+        self.dt = dt
+        if self.regular:
+            # one step everywhere: one transition, broadcast (no T-sized copies)
+            A2, Q2, self.P0 = model.transitions(dt[:2])
+            shape = (len(dt),) + A2.shape[1:]
+            self.A = np.broadcast_to(A2[1], shape)
+            self.Q = np.broadcast_to(Q2[1], shape)
+        else:
+            self.A, self.Q, self.P0 = model.transitions(dt)
+        if not (np.all(np.isfinite(self.A)) and np.all(np.isfinite(self.Q))):
+            raise np.linalg.LinAlgError(
+                "the state-space transitions are not finite; check the "
+                "lengthscales and the input times"
+            )
+        self.res = None
+
+    def run(self, r):
+        """Filter and adjoint for residuals ``r`` (flat order); ``S⁻¹ r``."""
+        y = r[self.perm]
+        self.res = None
+        if self.regular:
+            self.res = kalman.kalman_regular(self.A, self.Q, self.P0, self.H, y, self.R)
+        if self.res is None:
+            self.res = kalman.kalman(self.A, self.Q, self.P0, self.H, y, self.R)
+        alpha = np.empty_like(r)
+        alpha[self.perm] = self.res.alpha
+        return alpha
+
+    def _is_regular(self, dt):
+        """One step (equal to ``REGULAR_STEP_RTOL``), one kind of observation
+        and one noise throughout: the steady-state path applies."""
+        T = len(dt)
+        if T < REGULAR_MIN_STEPS:
+            return False
+        d = dt[1:]
+        mean = (self.t[-1] - self.t[0]) / (T - 1)
+        if not (mean > 0 and np.all(np.abs(d - mean) <= REGULAR_STEP_RTOL * mean)):
+            return False
+        return bool(np.all(self.H == self.H[0]) and np.all(self.R == self.R[0]))
+
+    def solve(self, Rhs):
+        """``S⁻¹ Rhs`` for (N, k) right-hand sides (gains from :meth:`run`)."""
+        out = np.empty_like(Rhs)
+        out[self.perm] = kalman.linear_solve(self.res, Rhs[self.perm])
+        return out
+
+    def logdet(self):
+        return float(np.sum(np.log(self.res.S)))
+
+    def states(self, tq):
+        """Smoothed state mean (m, D) and covariance (m, D, D) at times tq."""
+        res = self.res
+        T = len(self.t)
+        k = np.searchsorted(self.t, tq, side="right") - 1
+        before = k < 0
+        kc = np.clip(k, 0, T - 1)
+        A1, Q1, Pinf = self.model.transitions(np.where(before, 0.0, tq - self.t[kc]))
+        mp = (A1 @ res.m[kc][:, :, None])[:, :, 0]
+        Pp = A1 @ res.P[kc] @ np.swapaxes(A1, -1, -2) + Q1
+        mp[before] = 0.0
+        Pp[before] = Pinf
+        nxt = np.clip(k + 1, 0, T - 1)
+        has_next = k + 1 < T
+        A2 = self.model.transitions(np.where(has_next, self.t[nxt] - tq, 0.0))[0]
+        A2t = np.swapaxes(A2, -1, -2)
+        lam = (A2t @ res.lam[nxt][:, :, None])[:, :, 0]
+        Lam = A2t @ res.Lam[nxt] @ A2
+        lam[~has_next] = 0.0
+        Lam[~has_next] = 0.0
+        ms = mp + (Pp @ lam[:, :, None])[:, :, 0]
+        Ps = Pp - Pp @ Lam @ Pp
+        return ms, 0.5 * (Ps + np.swapaxes(Ps, -1, -2))
+
+    def lml_tensor(self, theta, r_t, R_t):
+        """The log marginal likelihood as a tensor, with the exact O(n)
+        gradient in ``theta`` (each Matérn part's λ, then every part's
+        variance), the residuals and the noise (:class:`_KalmanLML`)."""
+        return _KalmanLML.apply(theta, r_t, R_t, self)
+
+    def grad_theta(self):
+        """∂ℓ/∂θ (θ as in :func:`_theta`), ∂ℓ/∂y and ∂ℓ/∂R in sorted order."""
+        if self.regular and self.res.regular:
+            sgA, sgQ, gP0, gy, gR = kalman.gradient_sums(self.res, self.P0)
+            g = self.model.chain_regular(
+                self.dt[1], self.A[1], self.Q[1], self.P0, sgA, sgQ, gP0
+            )
+        else:
+            gA, gQ, gP0, gy, gR = kalman.gradients(self.res, self.P0)
+            g = self.model.chain(self.dt, self.A, self.Q, self.P0, gA, gQ, gP0)
+        lam = [gl for gl, _ in g if gl is not None]
+        return np.array(lam + [gv for _, gv in g]), gy, gR
+
+
+def _lml_function():
+    import torch
+
+    class KalmanLML(torch.autograd.Function):
+        """``ℓ(θ, r, R)`` with the adjoint gradient of
+        :func:`gpgrad.solvers.kalman.gradients`."""
+
+        @staticmethod
+        def forward(ctx, theta, r, R, series):
+            ctx.series = series
+            return torch.as_tensor(series.res.loglik, dtype=torch.float64)
+
+        @staticmethod
+        def backward(ctx, g):
+            s = ctx.series
+            gt, gy, gR = s.grad_theta()
+            gr = np.empty_like(gy)
+            gr[s.perm] = gy
+            gRf = np.empty_like(gR)
+            gRf[s.perm] = gR
+
+            def t(a):
+                return g * torch.as_tensor(a, dtype=torch.float64)
+
+            return t(gt), t(gr), t(gRf), None
+
+    return KalmanLML
+
+
+class _Lazy:
+    fn = None
+
+    def apply(self, *args):
+        if _Lazy.fn is None:
+            _Lazy.fn = _lml_function()
+        return _Lazy.fn.apply(*args)
+
+
+_KalmanLML = _Lazy()
+
+
+# --------------------------------------------------------------------------
+# the solver
+
+
+class StateSpaceSolver(Solver):
+    """Kalman filter and smoother over the sorted inputs: exact GP inference
+    for 1-D Matérn kernels (and sums with a constant) in O(n).
+
+    The solver interface of :class:`gpgrad.Posterior` (``solve``,
+    ``logdet``), the likelihood with its exact adjoint gradient
+    (``log_marginal_likelihood``), and marginal predictions answered by the
+    smoother at the query times (``moments``). Batches are looped.
+    """
+
+    method = "statespace"
+    jitter = 0.0
+
+    def __init__(self, kernel, blocks, noise):
+        super().__init__(kernel, blocks, noise)
+        self.batch = tuple(noise.shape[:-1])
+        parts = _parts(kernel)
+        self.torch = B.is_tensor(noise)
+        noise_np = np.broadcast_to(_np(noise), self.batch + (noise.shape[-1],))
+        self.series = {}
+        self.parts = {}
+        for b in np.ndindex(*self.batch) if self.batch else [()]:
+            bparts = [
+                _Part(
+                    p.p,
+                    _member(p.variance, b, self.batch),
+                    None
+                    if p.lengthscale is None
+                    else _member(p.lengthscale, b, self.batch, trailing=1),
+                )
+                for p in parts
+            ]
+            t, order, coef = _entries(blocks, b)
+            self.series[b] = _Series(_Model(bparts), t, order, coef, noise_np[b])
+            self.parts[b] = bparts
+        self.like = noise
+
+    def _out(self, arr):
+        return B.to_namespace(
+            arr, self.xp, dtype=self.like.dtype, device=B.device_of(self.like)
+        )
+
+    def _members(self):
+        return list(self.series.items())
+
+    def solve(self, R):
+        """``(K + Σ)⁻¹ R`` for R (..., N, k)."""
+        Rn = _np(R)
+        Rn = np.broadcast_to(Rn, self.batch + Rn.shape[-2:])
+        out = np.empty(Rn.shape)
+        for b, s in self._members():
+            if s.res is None:
+                # the first solve (the residuals) runs the filter and adjoint
+                out[b][..., 0] = s.run(np.ascontiguousarray(Rn[b][:, 0]))
+                if Rn.shape[-1] > 1:
+                    out[b] = s.solve(np.ascontiguousarray(Rn[b]))
+            else:
+                out[b] = s.solve(np.ascontiguousarray(Rn[b]))
+        return self._out(out)
+
+    def logdet(self):
+        vals = np.array([s.logdet() for _, s in self._members()])
+        return self._out(vals.reshape(self.batch))
+
+    def log_marginal_likelihood(self, r):
+        """``log p(r)`` for the residuals given to the first solve, (...,);
+        on torch, differentiable in the hyperparameters, the residuals and
+        the noise by the adjoint pass."""
+        if not self.torch:
+            vals = np.array([s.res.loglik for _, s in self._members()])
+            return vals.reshape(self.batch) if self.batch else float(vals[0])
+        import torch
+
+        out = []
+        noise = self.noise.expand(self.batch + (self.noise.shape[-1],))
+        r = r.expand(self.batch + (r.shape[-1],))
+        for b, s in self._members():
+            theta = _theta(self.parts[b])
+            lml = s.lml_tensor(
+                theta, r[b].to(torch.float64), noise[b].to(torch.float64)
+            )
+            out.append(lml)
+        vals = torch.stack(out).reshape(self.batch)
+        return vals.to(device=self.like.device, dtype=self.like.dtype)
+
+    def moments(self, qblocks, alpha, mode):
+        """Flat mean (..., M), var (..., M) and, for ``mode="point"``, the
+        per-point blocks (..., m, 1, 1) of the queries, from the smoothed state
+        at the query times; ``"full"`` goes through O(N)-per-column solves."""
+        if mode == "full":
+            n_q = sum(qb.size for qb in qblocks)
+            if n_q * self.num_rows > FULL_COV_MAX_ELEMENTS:
+                raise ValueError(
+                    f"a joint covariance over {n_q} query entries needs their "
+                    f"cross-covariance with the {self.num_rows} observations, "
+                    "above the state-space solver's limit of "
+                    f"{FULL_COV_MAX_ELEMENTS} entries (gpgrad.solvers.statespace."
+                    "FULL_COV_MAX_ELEMENTS); ask for marginals (full_cov=False) or "
+                    "fewer query points"
+                )
+            # K_QX A⁻¹ K_XQ through O(N)-per-column solves
+            return super().moments(qblocks, alpha, mode)
+        mean, var = self._marginals(qblocks)
+        return mean, var, (var[..., None, None] if mode == "point" else None)
+
+    def mean(self, qblocks, alpha):
+        """Posterior mean of the queries (..., M) from the smoother."""
+        return self._marginals(qblocks)[0]
+
+    def _marginals(self, qblocks):
+        means, vars_ = [], []
+        for b, s in self._members():
+            t, order, coef = _entries(qblocks, b)
+            ms, Ps = s.states(t)
+            Hq = s.model.rows(order, coef)
+            means.append(np.einsum("md,md->m", Hq, ms))
+            vars_.append(np.einsum("md,mde,me->m", Hq, Ps, Hq))
+        shape = self.batch + (means[0].shape[-1],)
+        mean = self._out(np.reshape(np.stack(means), shape))
+        var = self._out(np.reshape(np.stack(vars_), shape))
+        return mean, var
+
+
+def _theta(parts):
+    """Each Matérn part's λ = √(2p+1)/ℓ, then every part's variance, as one
+    float64 tensor carrying the hyperparameters' autograd graph."""
+    import torch
+
+    def t(v):
+        if B.is_tensor(v):
+            return v.to(torch.float64).reshape(())
+        return torch.as_tensor(float(np.reshape(v, -1)[0]), dtype=torch.float64)
+
+    lam = [math.sqrt(2 * p.p + 1) / t(p.lengthscale) for p in parts if p.p is not None]
+    return torch.stack(lam + [t(p.variance) for p in parts])
+
+
+def statespace_solver(gp, blocks, noise):
+    """A :class:`StateSpaceSolver`, or ValueError naming why it cannot be."""
+    reason = statespace_unsupported_reason(gp.kernel, blocks)
+    if reason is not None:
+        raise ValueError(f"method='statespace' cannot be used here: {reason}")
+    return StateSpaceSolver(gp.kernel, blocks, noise)

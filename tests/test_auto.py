@@ -1,0 +1,195 @@
+"""Kernel choice by evidence and Bayesian model averaging (gpgrad.auto)."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import gpgrad
+from gpgrad import kernels as K
+from gpgrad.auto import Candidate, detect_period, estimate, mixture
+from gpgrad.posterior import Prediction
+
+
+def test_mixture_moments_match_a_hand_computation():
+    p1 = Prediction(np.array([1.0, 2.0]), np.array([0.5, 0.1]))
+    p2 = Prediction(np.array([3.0, 2.0]), np.array([1.5, 0.3]))
+    got = mixture([p1, p2], [0.25, 0.75])
+    # mean 0.25·1 + 0.75·3 = 2.5; within 0.25·0.5 + 0.75·1.5 = 1.25;
+    # between 0.25·(1 − 2.5)² + 0.75·(3 − 2.5)² = 0.75
+    np.testing.assert_allclose(got.mean, [2.5, 2.0])
+    np.testing.assert_allclose(got.var, [2.0, 0.25])
+    np.testing.assert_allclose(got.std, np.sqrt([2.0, 0.25]))
+
+
+def test_mixture_full_covariance_is_within_plus_between():
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(3, 3))
+    C1, C2 = A @ A.T, np.eye(3)
+    m1, m2 = rng.normal(size=3), rng.normal(size=3)
+    got = mixture(
+        [Prediction(m1, np.diag(C1), C1), Prediction(m2, np.diag(C2), C2)],
+        [0.4, 0.6],
+        full_cov=True,
+    )
+    m = 0.4 * m1 + 0.6 * m2
+    want = 0.4 * (C1 + np.outer(m1 - m, m1 - m)) + 0.6 * (C2 + np.outer(m2 - m, m2 - m))
+    np.testing.assert_allclose(got.cov, want, rtol=1e-12)
+    np.testing.assert_allclose(np.diag(got.cov), got.var, rtol=1e-12)
+
+
+def _sample(kernel, n, noise, seed):
+    x = np.linspace(0, 1, n)
+    K_ = kernel(x[:, None]) + 1e-10 * np.eye(n)
+    rng = np.random.default_rng(seed)
+    f = np.linalg.cholesky(K_) @ rng.normal(size=n)
+    return x, f + noise * rng.normal(size=n)
+
+
+CANDS = {"Matern32": K.Matern32(), "RBF": K.RBF()}
+
+
+@pytest.mark.parametrize(
+    "truth,name",
+    [(K.RBF(0.2), "RBF"), (K.Matern32(0.2), "Matern32")],
+    ids=["rbf", "matern32"],
+)
+def test_weights_sum_to_one_and_favour_the_true_kernel(truth, name):
+    x, y = _sample(truth, 60, 1e-3, seed=1)
+    avg = gpgrad.fit_auto(x[:, None], y, candidates=CANDS, restarts=1)
+    assert math.isclose(float(avg.weights.sum()), 1.0, rel_tol=1e-12)
+    assert np.all(avg.weights >= 0)
+    w = {m.name: m.weight for m in avg.members}
+    assert w.get(name, 0.0) > 0.9, avg.summary()
+    assert avg.best.name == name
+    # the weights are the softmax of the members' log evidence
+    le = np.array([m.log_evidence for m in avg.members])
+    np.testing.assert_allclose(
+        avg.weights, np.exp(le - le.max()) / np.exp(le - le.max()).sum()
+    )
+    for m in avg.members:
+        assert m.log_evidence == pytest.approx(
+            m.log_marginal_likelihood - 0.5 * m.n_params * math.log(60)
+        )
+
+
+def test_averaged_posterior_is_the_mixture_of_its_members():
+    x = np.linspace(0, 1, 25)
+    y = np.sin(5 * x) + 0.02 * np.random.default_rng(2).normal(size=25)
+    cands = {"Matern52": K.Matern52(), "RQ": K.RationalQuadratic()}
+    avg = gpgrad.fit_auto(x[:, None], y, candidates=cands, restarts=1)
+    Xs = np.array([[0.1], [0.55]])
+    g = avg.gradient(Xs)
+    preds = [m.posterior.gradient(Xs) for m in avg.members]
+    w = avg.weights
+    mean = sum(wk * p.mean for wk, p in zip(w, preds))
+    var = sum(wk * (p.var + (p.mean - mean) ** 2) for wk, p in zip(w, preds))
+    np.testing.assert_allclose(g.mean, mean)
+    np.testing.assert_allclose(g.var, var)
+    assert g.mean.shape == (2, 1) and avg.value(Xs).mean.shape == (2,)
+    assert avg.hessian(Xs).mean.shape == (2, 1, 1)
+    assert "model average of" in avg.summary()
+
+
+def test_hessian_averages_over_twice_differentiable_members_only():
+    x = np.linspace(0, 1, 20)
+    y = np.cos(4 * x)
+    cands = {"Matern32": K.Matern32(), "Matern52": K.Matern52()}
+    avg = gpgrad.fit_auto(x[:, None], y, candidates=cands, restarts=1, prune=1e3)
+    names = [m.name for m in avg.members]
+    assert "Matern32" in names and "Matern52" in names
+    m52 = next(m for m in avg.members if m.name == "Matern52")
+    h = avg.hessian(x[:2, None])
+    np.testing.assert_allclose(h.mean, m52.posterior.hessian(x[:2, None]).mean)
+    only32 = gpgrad.fit_auto(x[:, None], y, candidates={"M32": K.Matern32()})
+    with pytest.raises(ValueError, match="2 times mean-square differentiable"):
+        only32.hessian(x[:2, None])
+
+
+@pytest.mark.slow
+def test_default_search_tries_the_family_and_refinements():
+    x = np.linspace(0, 1, 30)
+    y = np.tanh(8 * (x - 0.5)) + 0.01 * np.random.default_rng(3).normal(size=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gpgrad.GPGradWarning)
+        avg = gpgrad.fit_auto(x[:, None], y, restarts=1)
+    tried = [name for name, _ in avg.searched]
+    for base in ("Matern32", "Matern52", "RBF", "RQ"):
+        assert base in tried
+    assert any(t.startswith("W(") for t in tried)
+    assert any(t.endswith("+Linear") for t in tried)
+    assert len(avg.members) <= 4
+    best = max(s for _, s in avg.searched)
+    assert all(m.log_evidence > best - 10 - 5 for m in avg.members)
+
+
+def test_estimate_returns_moments_of_f_and_its_derivatives():
+    t = np.linspace(0, 2, 30)
+    y = np.sin(3 * t) + 0.01 * np.random.default_rng(4).normal(size=30)
+    at = np.array([0.5, 1.0])
+    est = estimate(t, y, at=at, candidates={"RBF": K.RBF()}, restarts=1)
+    assert est.t.shape == (2,) and est.d2f_mean.shape == (2,)
+    np.testing.assert_allclose(est.df_mean, 3 * np.cos(3 * at), atol=0.1)
+    np.testing.assert_allclose(est.d2f_mean, -9 * np.sin(3 * at), atol=1.0)
+    assert np.all(est.df_std > 0) and set(est.table()) >= {"t", "f_mean", "d2f_std"}
+    first = estimate(t, y, order=1, candidates={"RBF": K.RBF()}, restarts=1)
+    assert first.d2f_mean is None and "d2f_mean" not in first.table()
+    # measured derivatives are used as gradient observations
+    with_dy = estimate(
+        t, y, dy=3 * np.cos(3 * t), order=1, candidates={"RBF": K.RBF()}, restarts=1
+    )
+    assert with_dy.model.best.posterior.num_observations == 60
+
+
+def test_detect_period():
+    x = np.linspace(0, 10, 200)
+    y = np.sin(2 * np.pi * x / 1.7) + 0.3 * x
+    assert detect_period(x, y) == pytest.approx(1.7, rel=0.05)
+    assert detect_period(x, 0.3 * x + np.exp(-x)) is None
+
+
+def test_validation_errors():
+    x = np.linspace(0, 1, 10)[:, None]
+    y = np.sin(x[:, 0])
+    with pytest.raises(ValueError, match="backend must be 'numpy' or 'torch'"):
+        gpgrad.fit_auto(x, y, backend="jax")
+    with pytest.raises(ValueError, match="restarts must be a positive integer"):
+        gpgrad.fit_auto(x, y, restarts=0)
+    with pytest.raises(ValueError, match="prune must be a positive number"):
+        gpgrad.fit_auto(x, y, prune=-1)
+    with pytest.raises(ValueError, match="candidates is empty"):
+        gpgrad.fit_auto(x, y, candidates=[])
+    with pytest.raises(TypeError, match="candidates must be gpgrad kernels"):
+        gpgrad.fit_auto(x, y, candidates=["RBF"])
+    with pytest.raises(TypeError, match=r"candidates\['a'\] must be a gpgrad kernel"):
+        gpgrad.fit_auto(x, y, candidates={"a": 1})
+    with pytest.raises(ValueError, match="candidate names must be unique"):
+        gpgrad.fit_auto(
+            x, y, candidates=[Candidate("a", K.RBF()), Candidate("a", K.Matern52())]
+        )
+    with pytest.raises(ValueError, match="periodic must be a positive period"):
+        gpgrad.fit_auto(x, y, periodic=-2.0)
+    with pytest.raises(ValueError, match="y has 9 entries but t has 10"):
+        estimate(x[:, 0], y[:9])
+    with pytest.raises(ValueError, match="t needs at least 3 distinct times"):
+        estimate([0.0, 0.0, 1.0], [1.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match="order must be 1 or 2"):
+        estimate(x[:, 0], y, order=3)
+    with pytest.raises(ValueError, match="t has NaN"):
+        estimate([0.0, np.nan, 1.0, 2.0], [1.0, 1.0, 2.0, 3.0])
+    with pytest.raises(TypeError, match="t must be a 1-D array of numbers"):
+        estimate("abc", y)
+
+
+def test_mixture_mean_does_not_read_member_variances():
+    class Source:
+        def mean(self):
+            return np.array([1.0])
+
+        def moments(self):
+            raise AssertionError("variances were computed")
+
+    p = Prediction(source=Source())
+    got = mixture([p, Prediction(np.array([3.0]), np.array([1.0]))], [0.5, 0.5])
+    np.testing.assert_allclose(got.mean, [2.0])

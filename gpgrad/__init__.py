@@ -13,6 +13,7 @@ from . import acquisition as acquisition
 from . import auto as auto
 from . import fit as fit  # the module is callable: gpgrad.fit(gp, X, y)
 from . import kernels
+from ._version import __version__
 from .auto import AveragedPosterior, fit_auto
 from .exceptions import GPGradWarning, JitterWarning, NotPositiveDefiniteError
 from .functionals import (
@@ -30,9 +31,8 @@ from .posterior import Posterior, Prediction
 from .solvers.iterative import CG
 from .solvers.select import InsufficientMemoryError
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "GP",
     "Posterior",
     "Prediction",

@@ -13,10 +13,17 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import backend as B
+from ._typing import Array, Device, DType, Namespace
+
+if TYPE_CHECKING:
+    from .functionals import Functional
+    from .kernels.base import Kernel
 
 __all__ = ["Block", "as_blocks", "covariance", "point_covariance"]
 
@@ -30,7 +37,9 @@ class Block:
 
     __slots__ = ("f", "X", "U", "order", "n", "k", "d")
 
-    def __init__(self, f, xp, dtype, device):
+    def __init__(
+        self, f: Functional, xp: Namespace, dtype: DType, device: Device
+    ) -> None:
         self.f = f
         self.X = B.to_namespace(f.X, xp, dtype=dtype, device=device)
         self.U = B.to_namespace(f.directions(), xp, dtype=dtype, device=device)
@@ -39,10 +48,10 @@ class Block:
         self.k = f.k
 
     @property
-    def size(self):
+    def size(self) -> int:
         return self.n * self.k
 
-    def sub(self, i0, i1):
+    def sub(self, i0: int, i1: int) -> Block:
         """The block of points ``i0:i1`` (itself when that is all of them)."""
         if i0 == 0 and i1 == self.n:
             return self
@@ -51,19 +60,21 @@ class Block:
         sub.n = i1 - i0
         return sub
 
-    def to(self, device):
+    def to(self, device: Device) -> Block:
         """The same block with its arrays on ``device`` (torch tensors)."""
         new = copy.copy(self)
         new.X, new.U = self.X.to(device), self.U.to(device)
         return new
 
-    def points(self, i0, i1):
+    def points(self, i0: int, i1: int) -> tuple[Array, Array]:
         X = self.X[..., i0:i1, :]
         U = self.U[i0:i1] if self.U.shape[0] == self.n and self.n > 1 else self.U
         return X, U
 
 
-def as_blocks(functionals, xp, dtype, device):
+def as_blocks(
+    functionals: Sequence[Functional], xp: Namespace, dtype: DType, device: Device
+) -> list[Block]:
     return [Block(f, xp, dtype, device) for f in functionals]
 
 
@@ -79,7 +90,7 @@ def _kernel_batch_shape(kernel):
     return tuple(shape)
 
 
-def batch_shape(kernel, blocks):
+def batch_shape(kernel: Kernel, blocks: Sequence[Block]) -> tuple[int, ...]:
     shape = _kernel_batch_shape(kernel)
     for b in blocks:
         shape = np.broadcast_shapes(shape, tuple(b.X.shape[:-2]))
@@ -103,7 +114,15 @@ def _split_view(xp, view, shape):
     return out
 
 
-def covariance(kernel, A, Bl=None, *, out=None, xp=None, upper_only=False):
+def covariance(
+    kernel: Kernel,
+    A: Sequence[Block],
+    Bl: Sequence[Block] | None = None,
+    *,
+    out: Array | None = None,
+    xp: Namespace | None = None,
+    upper_only: bool = False,
+) -> Array:
     """Cross-covariance matrix of two lists of :class:`Block`.
 
     Parameters
@@ -156,7 +175,7 @@ def covariance(kernel, A, Bl=None, *, out=None, xp=None, upper_only=False):
     return out
 
 
-def point_covariance(kernel, block, other=None):
+def point_covariance(kernel: Kernel, block: Block, other: Block | None = None) -> Array:
     """The prior covariance of each point's entries with themselves.
 
     Returns an array (..., n, k, k): for point p, the covariance of its k
@@ -180,7 +199,13 @@ def point_covariance(kernel, block, other=None):
         return U
 
     res = _contract_chunk(
-        kernel, xp, Xp, directions(block), Xp, directions(other), block.order,
+        kernel,
+        xp,
+        Xp,
+        directions(block),
+        Xp,
+        directions(other),
+        block.order,
         other.order,
     )
     k, k2 = block.k, other.k

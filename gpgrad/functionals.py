@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import copy
 import numbers
+from typing import Any
 
 import numpy as np
 
 from . import backend as B
+from ._typing import Array, ArrayLike, Namespace
 
 __all__ = [
     "Functional",
@@ -146,19 +148,28 @@ class Functional:
     #: arrays), saved with the observation by :func:`gpgrad.save`
     fields: tuple = ()
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         KINDS[cls.kind] = cls
 
     @classmethod
-    def build(cls, kind, X, y=None, noise=None, **fields) -> Functional:
+    def build(
+        cls,
+        kind: str,
+        X: ArrayLike,
+        y: ArrayLike | None = None,
+        noise: ArrayLike | None = None,
+        **fields: Any,
+    ) -> Functional:
         """A functional of a registered ``kind`` from its parts (the inverse
         of ``kind``, ``X``, ``y``, ``noise`` and ``fields``)."""
         if kind not in KINDS:
             raise ValueError(f"unknown functional kind {kind!r}; known: {list(KINDS)}")
         return KINDS[kind](X, y=y, noise=noise, **fields)
 
-    def __init__(self, X, y=None, noise=None):
+    def __init__(
+        self, X: ArrayLike, y: ArrayLike | None = None, noise: ArrayLike | None = None
+    ) -> None:
         self.X = _as_points(X)
         self.y = None if y is None else self._check_targets(y)
         self.noise = None if noise is None else self._check_noise(noise)
@@ -181,13 +192,13 @@ class Functional:
     def size(self) -> int:
         return self.n * self.k
 
-    def target_shape(self):
+    def target_shape(self) -> tuple[int, ...]:
         return _shape(self.X)[:-1]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.size
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         obs = "observed" if self.y is not None else "query"
         return f"{self.kind}s({obs}, n={self.n}, d={self.d})"
 
@@ -237,22 +248,24 @@ class Functional:
         return noise
 
     # -- what the covariance code needs --------------------------------------
-    def directions(self):
+    def directions(self) -> np.ndarray:
         """Direction vectors (nU, k, order, d) as a numpy array, nU ∈ {1, n}."""
         return np.zeros((1, 1, 0, self.d))
 
-    def flat_targets(self, y):
+    def flat_targets(self, y: Array) -> Array:
         """Targets (..., n, *) flattened to entries (..., n·k)."""
         return y
 
-    def flat_noise(self, noise, xp, like):
+    def flat_noise(self, noise: ArrayLike, xp: Namespace, like: Array) -> Array:
         """Per-entry noise (..., n·k) in ``like``'s namespace."""
         full = B.to_namespace(noise, xp, dtype=like.dtype, device=B.device_of(like))
         shape = self.target_shape()
         full = xp.broadcast_to(full, tuple(np.broadcast_shapes(_shape(full), shape)))
         return self.flat_targets(full)
 
-    def with_targets(self, y, noise=None) -> Functional:
+    def with_targets(
+        self, y: ArrayLike | None, noise: ArrayLike | None = None
+    ) -> Functional:
         """The same functionals at the same points with other targets (and
         noise); ``with_targets(None)`` is a query."""
         new = copy.copy(self)
@@ -279,16 +292,16 @@ class _Gradients(Functional):
     order = 1
 
     @property
-    def k(self):
+    def k(self) -> int:
         return self.d
 
-    def target_shape(self):
+    def target_shape(self) -> tuple[int, ...]:
         return _shape(self.X)
 
-    def directions(self):
+    def directions(self) -> np.ndarray:
         return np.eye(self.d)[None, :, None, :]
 
-    def flat_targets(self, y):
+    def flat_targets(self, y: Array) -> Array:
         return y.reshape(tuple(y.shape[:-2]) + (y.shape[-2] * y.shape[-1],))
 
 
@@ -302,7 +315,7 @@ class _Partials(Functional):
         self.dims = _index_array(dims, X.shape[-2], X.shape[-1], "partials dims")
         super().__init__(X, y, noise)
 
-    def directions(self):
+    def directions(self) -> np.ndarray:
         U = np.zeros((self.n, 1, 1, self.d))
         U[np.arange(self.n), 0, 0, self.dims] = 1.0
         return U
@@ -330,7 +343,7 @@ class _Directional(Functional):
         self.U = U
         super().__init__(X, y, noise)
 
-    def directions(self):
+    def directions(self) -> np.ndarray:
         return self.U[:, None, None, :]
 
 
@@ -346,19 +359,19 @@ class _SecondPartials(Functional):
         self.j = _index_array(j, n, d, "second_partials j")
         super().__init__(X, y, noise)
 
-    def directions(self):
+    def directions(self) -> np.ndarray:
         U = np.zeros((self.n, 1, 2, self.d))
         U[np.arange(self.n), 0, 0, self.i] = 1.0
         U[np.arange(self.n), 0, 1, self.j] = 1.0
         return U
 
 
-def hessian_pairs(d):
+def hessian_pairs(d: int) -> list[tuple[int, int]]:
     """The distinct Hessian entries (i, j), i ≤ j, in row-major order."""
     return [(i, j) for i in range(d) for j in range(i, d)]
 
 
-def hessian_index(d):
+def hessian_index(d: int) -> np.ndarray:
     """``idx[i, j]``: the position of entry (min(i,j), max(i,j)) among the pairs."""
     pos = {p: t for t, p in enumerate(hessian_pairs(d))}
     return np.array([[pos[(min(i, j), max(i, j))] for j in range(d)] for i in range(d)])
@@ -369,10 +382,10 @@ class _Hessians(Functional):
     order = 2
 
     @property
-    def k(self):
+    def k(self) -> int:
         return self.d * (self.d + 1) // 2
 
-    def target_shape(self):
+    def target_shape(self) -> tuple[int, ...]:
         return _shape(self.X) + (self.d,)
 
     def _check_targets(self, y):
@@ -388,7 +401,7 @@ class _Hessians(Functional):
             )
         return y
 
-    def directions(self):
+    def directions(self) -> np.ndarray:
         pairs = hessian_pairs(self.d)
         U = np.zeros((1, len(pairs), 2, self.d))
         for t, (i, j) in enumerate(pairs):
@@ -396,7 +409,7 @@ class _Hessians(Functional):
             U[0, t, 1, j] = 1.0
         return U
 
-    def flat_targets(self, y):
+    def flat_targets(self, y: Array) -> Array:
         pairs = hessian_pairs(self.d)
         ii = [p[0] for p in pairs]
         jj = [p[1] for p in pairs]
@@ -408,17 +421,26 @@ class _Hessians(Functional):
 # public constructors
 
 
-def values(X, y=None, noise=None) -> Functional:
+def values(
+    X: ArrayLike, y: ArrayLike | None = None, noise: ArrayLike | None = None
+) -> Functional:
     """Function values ``f(x_p)``; targets (..., n)."""
     return _Values(X, y, noise)
 
 
-def gradients(X, G=None, noise=None) -> Functional:
+def gradients(
+    X: ArrayLike, G: ArrayLike | None = None, noise: ArrayLike | None = None
+) -> Functional:
     """Full gradients ``∇f(x_p)``; targets (..., n, d), entry order i = 0..d−1."""
     return _Gradients(X, G, noise)
 
 
-def partials(X, dims, y=None, noise=None) -> Functional:
+def partials(
+    X: ArrayLike,
+    dims: int | ArrayLike,
+    y: ArrayLike | None = None,
+    noise: ArrayLike | None = None,
+) -> Functional:
     """One partial derivative per point, ``∂f/∂x_{dims[p]}`` at ``x_p``.
 
     ``dims`` is an int (the same coordinate everywhere) or an (n,) int array.
@@ -426,19 +448,32 @@ def partials(X, dims, y=None, noise=None) -> Functional:
     return _Partials(X, dims, y, noise)
 
 
-def directional(X, U, y=None, noise=None) -> Functional:
+def directional(
+    X: ArrayLike,
+    U: ArrayLike,
+    y: ArrayLike | None = None,
+    noise: ArrayLike | None = None,
+) -> Functional:
     """Directional derivatives ``u_pᵀ∇f(x_p)``; ``U`` is (n, d) or one (d,)
     direction for all points (not normalized: the derivative scales with |u|)."""
     return _Directional(X, U, y, noise)
 
 
-def second_partials(X, i, j, y=None, noise=None) -> Functional:
+def second_partials(
+    X: ArrayLike,
+    i: int | ArrayLike,
+    j: int | ArrayLike,
+    y: ArrayLike | None = None,
+    noise: ArrayLike | None = None,
+) -> Functional:
     """Second partial derivatives ``∂²f/∂x_i∂x_j`` at each point; ``i`` and
     ``j`` are ints or (n,) int arrays."""
     return _SecondPartials(X, i, j, y, noise)
 
 
-def hessians(X, H=None, noise=None) -> Functional:
+def hessians(
+    X: ArrayLike, H: ArrayLike | None = None, noise: ArrayLike | None = None
+) -> Functional:
     """Full Hessians; targets (..., n, d, d), symmetric. Entries are the
     d(d+1)/2 distinct ``(i, j)``, i ≤ j, row-major; noise may be given per
     (..., n, d, d) entry (only i ≤ j is used) or as a scalar."""

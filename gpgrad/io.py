@@ -39,6 +39,8 @@ import numpy as np
 
 from . import backend as B
 from . import kernels as _kernels
+from ._typing import Device
+from ._version import __version__
 from .exceptions import GPGradWarning
 from .functionals import KINDS, Functional
 from .gp import GP
@@ -206,7 +208,7 @@ def _obs_to_json(f, t, w):
     return out
 
 
-def save(obj, path):
+def save(obj: GP | Posterior, path: str | os.PathLike) -> None:
     """Write a :class:`~gpgrad.GP` or a conditioned :class:`~gpgrad.Posterior`.
 
     Parameters
@@ -279,8 +281,6 @@ def _check_path(path):
 
 
 def _version():
-    from . import __version__
-
     return __version__
 
 
@@ -332,7 +332,7 @@ def _torch_dtype(name):
     return {"float64": torch.float64, "float32": torch.float32}[name]
 
 
-def load(path, *, device=None):
+def load(path: str | os.PathLike, *, device: Device = None) -> GP | Posterior:
     """Read a GP or posterior written by :func:`save`.
 
     Parameters

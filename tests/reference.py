@@ -8,13 +8,14 @@ differences, for coincident points where autodiff of ``|x − x'|`` is NaN).
 
 from __future__ import annotations
 
+import functools
 import math
 from itertools import product
 
 import mpmath as mp
 import numpy as np
 import torch
-from torch.func import jacfwd, jacrev
+from torch.func import jacfwd, jacrev, vmap
 
 import gpgrad
 from gpgrad import kernels as K
@@ -174,8 +175,11 @@ def cases(d=2):
     return out
 
 
-def derivative_tensors(f, x, y, max_p=2, max_q=2):
-    """T[(p, q)]: the tensor of p derivatives on x then q on y of f(x, y)."""
+@functools.cache
+def _derivative_functions(f, max_p=2, max_q=2):
+    """The functions (x, y) -> T[(p, q)] for reference ``f``, built once per
+    reference function (reverse mode for the first derivative on x, forward
+    mode for the others)."""
 
     def k(a, b):
         return f(a, b, TorchOps)
@@ -190,7 +194,21 @@ def derivative_tensors(f, x, y, max_p=2, max_q=2):
             for _ in range(q):
                 h = jacfwd(h, argnums=1)
             funcs[(p, q)] = h
+    return funcs
+
+
+def derivative_tensors(f, x, y, max_p=2, max_q=2):
+    """T[(p, q)]: the tensor of p derivatives on x then q on y of f(x, y)."""
+    funcs = _derivative_functions(f, max_p, max_q)
     return {key: h(x, y).numpy(force=True) for key, h in funcs.items()}
+
+
+def derivative_tensors_batch(f, XA, XB, max_p=2, max_q=2):
+    """T[(p, q)] of shape (npairs, d, ..., d) for the point pairs (XA[i], XB[i]):
+    the same derivatives as :func:`derivative_tensors`, vectorized over the
+    pairs with ``torch.func.vmap``."""
+    funcs = _derivative_functions(f, max_p, max_q)
+    return {key: vmap(h)(XA, XB).numpy(force=True) for key, h in funcs.items()}
 
 
 def derivative_tensors_mp(f, x, y, max_p=2, max_q=2, dps=100, h="1e-20"):
@@ -203,7 +221,7 @@ def derivative_tensors_mp(f, x, y, max_p=2, max_q=2, dps=100, h="1e-20"):
         def fun(*args):
             return f(list(args[:d]), list(args[d:]), MpOps)
 
-        out = {}
+        out, done = {}, {}
         for p in range(max_p + 1):
             for q in range(max_q + 1):
                 T = np.zeros((d,) * (p + q))
@@ -211,7 +229,11 @@ def derivative_tensors_mp(f, x, y, max_p=2, max_q=2, dps=100, h="1e-20"):
                     counts = [0] * (2 * d)
                     for t, i in enumerate(idx):
                         counts[i + (d if t >= p else 0)] += 1
-                    T[idx] = float(mp.diff(fun, xs + ys, counts, h=mp.mpf(h)))
+                    # mixed partials commute: each distinct one is computed once
+                    c = tuple(counts)
+                    if c not in done:
+                        done[c] = float(mp.diff(fun, xs + ys, counts, h=mp.mpf(h)))
+                    T[idx] = done[c]
                 out[(p, q)] = T
     return out
 
@@ -247,23 +269,39 @@ def contract(T, dirsA, dirsB):
 
 
 def reference_covariance(fref, FA, FB, mp_mode=False):
-    """The cross-covariance matrix of functional lists FA, FB, entry by entry."""
+    """The cross-covariance matrix of functional lists FA, FB, entry by entry.
+
+    The derivative tensors are computed once per distinct point pair, by
+    autodiff vectorized over all pairs at once; with ``mp_mode`` (for kernels
+    not smooth at x = x') the coincident pairs by mpmath's high-precision
+    finite differences instead.
+    """
     eA = [(fi, e) for fi, F in enumerate(FA) for e in entries(F)]
     eB = [(fi, e) for fi, F in enumerate(FB) for e in entries(F)]
-    cache = {}
+
+    def point(F, p):
+        return np.asarray(F.X[p], dtype=np.float64)
+
+    pairs = {}
+    for fa, (pa, _) in eA:
+        for fb, (pb, _) in eB:
+            xa, xb = point(FA[fa], pa), point(FB[fb], pb)
+            pairs.setdefault((xa.tobytes(), xb.tobytes()), (xa, xb))
+    # autodiff of |x - x'| is NaN at x = x': those pairs go to mpmath
+    at_mp = [key for key in pairs if mp_mode and key[0] == key[1]]
+    by_ad = [key for key in pairs if not (mp_mode and key[0] == key[1])]
+    cache = {key: derivative_tensors_mp(fref, *pairs[key]) for key in at_mp}
+    if by_ad:
+        XA = torch.tensor(np.array([pairs[key][0] for key in by_ad]))
+        XB = torch.tensor(np.array([pairs[key][1] for key in by_ad]))
+        T = derivative_tensors_batch(fref, XA, XB)
+        cache.update(
+            {key: {pq: t[i] for pq, t in T.items()} for i, key in enumerate(by_ad)}
+        )
     out = np.zeros((len(eA), len(eB)))
     for a, (fa, (pa, da)) in enumerate(eA):
         for b, (fb, (pb, db)) in enumerate(eB):
-            xa = np.asarray(FA[fa].X[pa], dtype=np.float64)
-            xb = np.asarray(FB[fb].X[pb], dtype=np.float64)
-            key = (xa.tobytes(), xb.tobytes())
-            if key not in cache:
-                if mp_mode:
-                    cache[key] = derivative_tensors_mp(fref, xa, xb)
-                else:
-                    cache[key] = derivative_tensors(
-                        fref, torch.tensor(xa), torch.tensor(xb)
-                    )
+            key = (point(FA[fa], pa).tobytes(), point(FB[fb], pb).tobytes())
             T = cache[key][(len(da), len(db))]
             out[a, b] = contract(T, da, db)
     return out

@@ -59,6 +59,7 @@ def _records(doc, backend):
     return [r for r in doc["records"] if r["backend"] == backend]
 
 
+@pytest.mark.slow  # runs compare_backends.py --quick in a subprocess
 def test_quick_json_has_machine_and_one_record_per_cell(quick):
     _, doc, _ = quick
     m = doc["machine"]
@@ -89,6 +90,7 @@ def test_quick_json_has_machine_and_one_record_per_cell(quick):
         assert r["rows"] == r["N"] * (r["D"] + 1 if r["mix"] == "vg" else 1)
 
 
+@pytest.mark.slow  # runs compare_backends.py --quick in a subprocess
 def test_quick_cells_succeed_with_times_and_memory(quick):
     _, doc, _ = quick
     for r in doc["records"]:
@@ -107,6 +109,7 @@ def test_quick_cells_succeed_with_times_and_memory(quick):
         assert 20 < r["peak_rss_mb"] < 4000
 
 
+@pytest.mark.slow  # runs compare_backends.py --quick in a subprocess
 def test_quick_error_columns(quick):
     _, doc, _ = quick
     for r in _records(doc, "gpgrad numpy f64"):
@@ -131,6 +134,7 @@ def test_quick_error_columns(quick):
                 assert r["err_mean"] < 1e-4 and r["err_var"] < 1e-4
 
 
+@pytest.mark.slow  # runs compare_backends.py --quick in a subprocess
 def test_quick_table_and_plot(quick):
     out, doc, png = quick
     assert out.startswith("Machine: ")
@@ -171,6 +175,7 @@ def test_budget_overrun_is_recorded(flags, status):
     assert status in cells and cells.count("—") >= 6  # no time, no errors
 
 
+@pytest.mark.slow  # a subprocess
 def test_dense_target_runs_small(tmp_path):
     js = tmp_path / "t.json"
     out = _run(
@@ -189,6 +194,7 @@ def test_dense_target_runs_small(tmp_path):
     assert doc["meets_target"]["gpgrad numpy f64"] is True
 
 
+@pytest.mark.slow  # a subprocess
 def test_peak_rss_sees_an_allocation():
     # in a fresh interpreter: this process's high-water mark may already be
     # above what the allocation would reach

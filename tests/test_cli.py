@@ -220,6 +220,7 @@ def test_failed_plot_leaves_no_csv(tmp_path, monkeypatch, capsys):
     assert [f for f in os.listdir(tmp_path) if f.startswith(".gpgrad-")] == []
 
 
+@pytest.mark.slow  # a subprocess
 def test_console_command_exit_code(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run(

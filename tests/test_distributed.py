@@ -68,6 +68,7 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
+@pytest.mark.slow  # ~10 s: a partitioned CG run over simulated devices
 def test_devices_in_one_process_match_the_unpartitioned_solve():
     torch.manual_seed(0)
     rng = np.random.default_rng(1)
@@ -141,6 +142,7 @@ def test_a_dead_rank_ends_the_others_with_an_error(tmp_path):
     assert time.monotonic() - start < 200
 
 
+@pytest.mark.slow  # ~10 s: a partitioned CG run over simulated devices
 def test_gradients_through_devices_match_and_processes_refuse():
     rng = np.random.default_rng(0)
     X = torch.tensor(rng.uniform(0, 1, (20, 2)))

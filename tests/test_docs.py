@@ -68,9 +68,17 @@ def test_api_pages_follow_all(tmp_path, monkeypatch):
     assert "\n   NewK\n" in (tmp_path / "gpgrad.kernels.rst").read_text()
 
 
+# pages whose examples take about a minute of CPU: run in the slow pass
+SLOW_PAGES = {"long-series.md"}
+
+
 def _md_pages():
     pages = sorted((DOCS / "guide").glob("*.md")) + sorted(DOCS.glob("*.md"))
-    return [p for p in pages if re.search(r"```python\n", p.read_text("utf-8"))]
+    return [
+        pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_PAGES else p
+        for p in pages
+        if re.search(r"```python\n", p.read_text("utf-8"))
+    ]
 
 
 @pytest.mark.parametrize("page", _md_pages(), ids=lambda p: p.name)

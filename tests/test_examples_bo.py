@@ -59,6 +59,7 @@ def test_problem_minima(example):
     assert example.hartmann6_grad(xh).abs().max() < 1e-3
 
 
+@pytest.mark.slow  # runs the example's BO loops
 def test_quick_mode_runs_and_plots(example, tmp_path, capsys):
     out = tmp_path / "bo.png"
     results = example.main(["--quick", "--out", str(out)])

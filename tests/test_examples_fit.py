@@ -9,6 +9,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
 
+# every test here runs a whole example or benchmark
+pytestmark = pytest.mark.slow
+
 
 def _load(rel):
     path = ROOT / rel

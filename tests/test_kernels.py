@@ -2,6 +2,7 @@
 and, at coincident points, against high-precision finite differences."""
 
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -13,6 +14,11 @@ from gpgrad.covariance import as_blocks, covariance, point_covariance
 
 CASES = cases(2)
 IDS = [c[0] for c in CASES]
+
+
+def _seed(name):
+    # a fixed seed per case (hash() of a str changes from run to run)
+    return zlib.crc32(name.encode())
 
 
 def _order(kernel):
@@ -38,7 +44,7 @@ def _rel_err(a, b):
 
 @pytest.mark.parametrize("name,kernel,fref,smooth", CASES, ids=IDS)
 def test_cross_blocks_match_autodiff(name, kernel, fref, smooth):
-    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    rng = np.random.default_rng(_seed(name))
     XA = rng.uniform(-1, 1, (3, 2))
     XB = rng.uniform(-1, 1, (2, 2))
     FA = functional_mix(XA, _order(kernel), rng)
@@ -51,7 +57,7 @@ def test_cross_blocks_match_autodiff(name, kernel, fref, smooth):
 
 @pytest.mark.parametrize("name,kernel,fref,smooth", CASES, ids=IDS)
 def test_gram_matches_autodiff_and_is_symmetric(name, kernel, fref, smooth):
-    rng = np.random.default_rng(1 + abs(hash(name)) % 2**32)
+    rng = np.random.default_rng(1 + _seed(name))
     X = rng.uniform(-1, 1, (3, 2))
     F = functional_mix(X, _order(kernel), rng)
     got = _gp_cov(kernel, F)
@@ -95,6 +101,7 @@ def test_point_covariance_is_diagonal_of_gram(name, kernel, fref, smooth):
             )
 
 
+@pytest.mark.slow  # the costliest reference (3-D)
 def test_three_dimensional_ard_hessian_blocks():
     rng = np.random.default_rng(11)
     for name, kernel, fref, _smooth in cases(3):

@@ -4,6 +4,8 @@ import pathlib
 import re
 import textwrap
 
+import pytest
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -20,6 +22,7 @@ def test_readme_has_examples():
     assert len(_blocks()) >= 1
 
 
+@pytest.mark.slow  # runs every README example
 def test_readme_examples_run(tmp_path, monkeypatch, capsys):
     # the blocks run in order in one namespace, as a reader would run them
     monkeypatch.chdir(tmp_path)

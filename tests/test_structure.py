@@ -21,7 +21,9 @@ def _data(n=12, d=2, seed=3):
 
 @pytest.mark.parametrize("method", ["cholesky", "cg", "woodbury"])
 def test_every_solver_follows_the_protocol(method):
-    X, y, G = _data(n=4 if method == "woodbury" else 12, d=6 if method == "woodbury" else 2)
+    X, y, G = _data(
+        n=4 if method == "woodbury" else 12, d=6 if method == "woodbury" else 2
+    )
     gp = gpgrad.GP(K.RBF(0.9), noise=1e-3, method=method)
     obs = [gpgrad.gradients(X, G)] if method == "woodbury" else [gpgrad.values(X, y)]
     post = gp.condition(*obs)

@@ -38,10 +38,12 @@ import copy
 import itertools
 import math
 from functools import cache
+from typing import Any
 
 import numpy as np
 
 from .. import backend as B
+from .._typing import Array, ArrayLike, Namespace, Param
 
 __all__ = ["Kernel", "RadialKernel", "InputMap", "positive_param"]
 
@@ -52,12 +54,12 @@ __all__ = ["Kernel", "RadialKernel", "InputMap", "positive_param"]
 
 def positive_param(
     name: str,
-    value,
+    value: Param,
     *,
     allow_vector: bool = False,
     kernel: str = "",
     allow_zero: bool = False,
-):
+) -> Param:
     """Validate a positive (or, with ``allow_zero``, non-negative) finite
     hyperparameter: a number, a list or array, or a tensor (kept as it is, so
     that autograd flows through it). The one check used by every kernel."""
@@ -82,9 +84,7 @@ def positive_param(
         if arr.size == 0:
             raise ValueError(f"{kernel} {name} must not be empty")
         if not ok(arr, np.isfinite(arr), np.all):
-            raise ValueError(
-                f"{kernel} {name} must be {rule}, got {arr.tolist()}"
-            )
+            raise ValueError(f"{kernel} {name} must be {rule}, got {arr.tolist()}")
         return arr
     if isinstance(value, (str, bytes, bool)) or value is None:
         raise TypeError(
@@ -112,14 +112,14 @@ def _ndim(value) -> int:
     return 0 if isinstance(value, (int, float)) else len(value.shape)
 
 
-def batch_scalar(xp, value, like, trailing: int):
+def batch_scalar(xp: Namespace, value: Param, like: Array, trailing: int) -> Array:
     """A scalar hyperparameter (or one per batch member, shape (*b,)) shaped to
     broadcast against arrays with ``trailing`` non-batch axes."""
     v = _as(xp, value, like)
     return xp.reshape(v, tuple(v.shape) + (1,) * trailing)
 
 
-def batch_vector(xp, value, like, trailing: int):
+def batch_vector(xp: Namespace, value: Param, like: Array, trailing: int) -> Array:
     """A per-dimension hyperparameter (shape (), (d,) or (*b, d)) shaped
     (*b, 1, ..., 1, d) with ``trailing`` singleton axes before d."""
     v = _as(xp, value, like)
@@ -128,7 +128,7 @@ def batch_vector(xp, value, like, trailing: int):
     return xp.reshape(v, tuple(v.shape[:-1]) + (1,) * trailing + (v.shape[-1],))
 
 
-def vector_size(value) -> int:
+def vector_size(value: Param) -> int:
     """How many entries a per-dimension hyperparameter has (1 for a scalar)."""
     if isinstance(value, (int, float)):
         return 1
@@ -141,7 +141,7 @@ def vector_size(value) -> int:
 
 
 @cache
-def set_partitions(n: int, max_block: int) -> tuple:
+def set_partitions(n: int, max_block: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
     """All partitions of ``range(n)`` into blocks of at most ``max_block``."""
 
     def rec(items):
@@ -184,7 +184,7 @@ class Kernel:
     #: as plain values by :func:`gpgrad.save`), e.g. a polynomial's degree
     _settings: tuple = ()
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # gpgrad's own public kernel classes register themselves by name, so
         # that files written by gpgrad.save can name them (and nothing else)
@@ -194,11 +194,11 @@ class Kernel:
             REGISTRY[cls.__name__] = cls
 
     # -- hyperparameters ---------------------------------------------------
-    def parameters(self) -> dict:
+    def parameters(self) -> dict[str, Param]:
         """The hyperparameters by name (composites prefix their children's)."""
         return {name: getattr(self, name) for name in self._param_names}
 
-    def replace(self, **params) -> Kernel:
+    def replace(self, **params: Param) -> Kernel:
         """A copy with some hyperparameters replaced (names as in
         :meth:`parameters`)."""
         new = copy.copy(self)
@@ -218,11 +218,11 @@ class Kernel:
         pass
 
     @property
-    def input_dim(self):
+    def input_dim(self) -> int | None:
         """The number of input dimensions fixed by an ARD lengthscale, else None."""
         return None
 
-    def check_input_dim(self, d: int):
+    def check_input_dim(self, d: int) -> None:
         """Raise if a per-dimension hyperparameter disagrees with ``d`` columns."""
         for name, value in self.parameters().items():
             if name.rsplit(".", 1)[-1] != "lengthscale":
@@ -233,7 +233,7 @@ class Kernel:
                     f"X has {d} columns but the kernel's {name} has {size} entries"
                 )
 
-    def check_order(self, p: int, what: str = "derivative"):
+    def check_order(self, p: int, what: str = "derivative") -> None:
         """Raise unless the process is ``p`` times mean-square differentiable."""
         if p > self.order:
             names = {0: "never", 1: "once", 2: "twice"}
@@ -245,14 +245,14 @@ class Kernel:
             )
 
     # -- algebra -----------------------------------------------------------
-    def __add__(self, other):
+    def __add__(self, other: Kernel) -> Kernel:
         from .composite import Sum
 
         if not isinstance(other, Kernel):
             return NotImplemented
         return Sum(self, other)
 
-    def __mul__(self, other):
+    def __mul__(self, other: Kernel | Param) -> Kernel:
         from .composite import Product, Scale
 
         if isinstance(other, Kernel):
@@ -268,7 +268,7 @@ class Kernel:
     __rmul__ = __mul__
 
     # -- evaluation --------------------------------------------------------
-    def __call__(self, X1, X2=None):
+    def __call__(self, X1: ArrayLike, X2: ArrayLike | None = None) -> Array:
         """The value covariance matrix ``k(X1, X2)`` of shape (..., n1, n2)."""
         from ..functionals import _as_points
 
@@ -288,7 +288,7 @@ class Kernel:
     def _contract(self, ctx, dA: list, dB: list):
         raise NotImplementedError
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         args = []
         for k, v in self.parameters().items():
             if B.is_tensor(v):
@@ -330,10 +330,14 @@ class InputMap:
     #: largest number of directions with a non-zero derivative of s
     max_block: int = 2
 
-    def prepare(self, xp, XA, XB, kernel):
+    def prepare(
+        self, xp: Namespace, XA: Array, XB: Array, kernel: RadialKernel
+    ) -> tuple[Array, Any]:
         raise NotImplementedError
 
-    def derivative(self, xp, state, dirs):
+    def derivative(
+        self, xp: Namespace, state: Any, dirs: list[tuple[Array, str]]
+    ) -> Array | None:
         raise NotImplementedError
 
 
@@ -369,7 +373,9 @@ class StationaryMap(InputMap):
 
     max_block = 2
 
-    def prepare(self, xp, XA, XB, kernel):
+    def prepare(
+        self, xp: Namespace, XA: Array, XB: Array, kernel: RadialKernel
+    ) -> tuple[Array, Any]:
         ls = kernel._ls(xp, XA, 1)  # (*b, 1, d)
         ZA = XA / ls
         ZB = XB / ls
@@ -378,7 +384,9 @@ class StationaryMap(InputMap):
         s = 0.5 * xp.sum(D * D, axis=-1)
         return s[..., :, None, :, None], (D, kernel._ls(xp, XA, 2))
 
-    def derivative(self, xp, state, dirs):
+    def derivative(
+        self, xp: Namespace, state: Any, dirs: list[tuple[Array, str]]
+    ) -> Array | None:
         D, ls = state
         if len(dirs) == 1:
             ((a, side),) = dirs
@@ -402,14 +410,18 @@ class DotProductMap(InputMap):
 
     max_block = 2
 
-    def prepare(self, xp, XA, XB, kernel):
+    def prepare(
+        self, xp: Namespace, XA: Array, XB: Array, kernel: RadialKernel
+    ) -> tuple[Array, Any]:
         ls = kernel._ls(xp, XA, 1)
         ZA = XA / ls
         ZB = XB / ls
         s = ZA @ B.matrix_transpose(ZB)
         return s[..., :, None, :, None], (ZA, ZB, kernel._ls(xp, XA, 2))
 
-    def derivative(self, xp, state, dirs):
+    def derivative(
+        self, xp: Namespace, state: Any, dirs: list[tuple[Array, str]]
+    ) -> Array | None:
         ZA, ZB, ls = state
         if len(dirs) == 1:
             ((a, side),) = dirs
@@ -442,7 +454,7 @@ class RadialKernel(Kernel):
     input_map: InputMap = StationaryMap()
     _param_names = ("variance", "lengthscale")
 
-    def __init__(self, lengthscale=1.0, variance=1.0):
+    def __init__(self, lengthscale: Param = 1.0, variance: Param = 1.0) -> None:
         self.lengthscale = lengthscale
         self.variance = variance
         self._validate()
@@ -457,14 +469,14 @@ class RadialKernel(Kernel):
         )
 
     @property
-    def input_dim(self):
+    def input_dim(self) -> int | None:
         size = vector_size(self.lengthscale)
         return size if size > 1 else None
 
     def _ls(self, xp, like, trailing):
         return batch_vector(xp, self.lengthscale, like, trailing)
 
-    def profile(self, xp, s, m: int) -> list:
+    def profile(self, xp: Namespace, s: Array, m: int) -> list[Array | None]:
         """``[φ, φ', …, φ⁽ᵐ⁾]`` at ``s`` for unit variance."""
         raise NotImplementedError
 
@@ -510,7 +522,7 @@ class RadialKernel(Kernel):
 # guarded square roots for profiles that depend on |x − x'|
 
 
-def safe_radius(xp, s, scale: float):
+def safe_radius(xp: Namespace, s: Array, scale: float) -> tuple[Array, Array, Array]:
     """``ρ = √(scale·s)`` safe for autograd at s = 0: returns ``(ρ with zeros
     where s = 0, ρ of the guarded s (never 0), the mask s > 0)``.
 

@@ -18,6 +18,7 @@ import itertools
 import math
 
 from .. import backend as B
+from .._typing import Param
 from .base import Kernel, _Ctx, batch_scalar, positive_param
 
 __all__ = ["Scale", "Sum", "Product", "Constant"]
@@ -28,14 +29,14 @@ class _Composite(Kernel):
 
     children: tuple = ()
 
-    def parameters(self):
+    def parameters(self) -> dict[str, Param]:
         out = {name: getattr(self, name) for name in self._param_names}
         for i, child in enumerate(self.children):
             for name, value in child.parameters().items():
                 out[f"{i}.{name}"] = value
         return out
 
-    def replace(self, **params):
+    def replace(self, **params: Param) -> Kernel:
         own = {k: v for k, v in params.items() if "." not in k}
         new = super().replace(**own)
         children = list(self.children)
@@ -69,14 +70,14 @@ class _Composite(Kernel):
     def _prepare(self, xp, XA, XB, max_order):
         return tuple(c._prepare(xp, XA, XB, max_order) for c in self.children)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(map(repr, self.children))})"
 
 
 class Sum(_Composite):
     """``k₁ + k₂``: derivatives term by term."""
 
-    def __init__(self, *kernels):
+    def __init__(self, *kernels: Kernel) -> None:
         if len(kernels) < 2 or not all(isinstance(k, Kernel) for k in kernels):
             raise TypeError("Sum takes two or more gpgrad kernels")
         self.children = tuple(kernels)
@@ -92,7 +93,7 @@ class Sum(_Composite):
 class Product(_Composite):
     """``k₁ · k₂``: derivatives by the Leibniz rule."""
 
-    def __init__(self, *kernels):
+    def __init__(self, *kernels: Kernel) -> None:
         if len(kernels) < 2 or not all(isinstance(k, Kernel) for k in kernels):
             raise TypeError("Product takes two or more gpgrad kernels")
         if len(kernels) > 2:
@@ -125,7 +126,7 @@ class Scale(_Composite):
 
     _param_names = ("scale",)
 
-    def __init__(self, kernel, scale=1.0):
+    def __init__(self, kernel: Kernel, scale: Param = 1.0) -> None:
         if not isinstance(kernel, Kernel):
             raise TypeError(f"Scale wraps a gpgrad kernel, got {type(kernel).__name__}")
         self.children = (kernel,)
@@ -145,7 +146,7 @@ class Scale(_Composite):
         inner, scale = ctx
         return scale * self.children[0]._contract(inner, dA, dB)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Scale({self.children[0]!r}, scale={self.scale})"
 
 
@@ -155,7 +156,7 @@ class Constant(Kernel):
     order = math.inf
     _param_names = ("variance",)
 
-    def __init__(self, variance=1.0):
+    def __init__(self, variance: Param = 1.0) -> None:
         self.variance = variance
         self._validate()
 

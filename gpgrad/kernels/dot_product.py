@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 
+from .._typing import Array, Namespace, Param
 from .base import DotProductMap, RadialKernel, positive_param
 
 __all__ = ["Linear", "Polynomial"]
@@ -26,7 +27,7 @@ class Linear(RadialKernel):
     input_map = DotProductMap()
     order = math.inf
 
-    def profile(self, xp, s, m):
+    def profile(self, xp: Namespace, s: Array, m: int) -> list[Array | None]:
         out = [s, xp.ones_like(s)] + [None] * max(0, m - 1)
         return out[: m + 1]
 
@@ -45,7 +46,13 @@ class Polynomial(RadialKernel):
     _param_names = ("variance", "lengthscale", "offset")
     _settings = ("degree",)
 
-    def __init__(self, degree=2, lengthscale=1.0, variance=1.0, offset=1.0):
+    def __init__(
+        self,
+        degree: int = 2,
+        lengthscale: Param = 1.0,
+        variance: Param = 1.0,
+        offset: Param = 1.0,
+    ) -> None:
         if isinstance(degree, bool) or not isinstance(degree, numbers.Integral):
             raise TypeError(
                 f"Polynomial degree must be a positive integer, got {degree!r}"
@@ -62,10 +69,10 @@ class Polynomial(RadialKernel):
             "offset", self.offset, kernel="Polynomial", allow_zero=True
         )
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return super().__repr__().replace("(", f"(degree={self.degree}, ", 1)
 
-    def profile(self, xp, s, m):
+    def profile(self, xp: Namespace, s: Array, m: int) -> list[Array | None]:
         p = self.degree
         base = s + self.offset
         out = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+from .._typing import Array, Namespace, Param
 from .base import (
     InputMap,
     RadialKernel,
@@ -86,7 +87,9 @@ class Periodic(RadialKernel):
     order = math.inf
     _param_names = ("variance", "lengthscale", "period")
 
-    def __init__(self, lengthscale=1.0, variance=1.0, period=1.0):
+    def __init__(
+        self, lengthscale: Param = 1.0, variance: Param = 1.0, period: Param = 1.0
+    ) -> None:
         self.period = period
         super().__init__(lengthscale=lengthscale, variance=variance)
 
@@ -94,6 +97,6 @@ class Periodic(RadialKernel):
         super()._validate()
         self.period = positive_param("period", self.period, kernel="Periodic")
 
-    def profile(self, xp, s, m):
+    def profile(self, xp: Namespace, s: Array, m: int) -> list[Array | None]:
         e = xp.exp(-s)
         return [e if j % 2 == 0 else -e for j in range(m + 1)]

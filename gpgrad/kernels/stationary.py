@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from .._typing import Array, Namespace, Param
 from .base import RadialKernel, StationaryMap, positive_param, safe_radius
 
 __all__ = [
@@ -29,7 +30,7 @@ class RBF(RadialKernel):
     input_map = StationaryMap()
     order = math.inf
 
-    def profile(self, xp, s, m):
+    def profile(self, xp: Namespace, s: Array, m: int) -> list[Array | None]:
         e = xp.exp(-s)
         return [e if j % 2 == 0 else -e for j in range(m + 1)]
 
@@ -47,7 +48,9 @@ class RationalQuadratic(RadialKernel):
     order = math.inf
     _param_names = ("variance", "lengthscale", "alpha")
 
-    def __init__(self, lengthscale=1.0, variance=1.0, alpha=1.0):
+    def __init__(
+        self, lengthscale: Param = 1.0, variance: Param = 1.0, alpha: Param = 1.0
+    ) -> None:
         self.alpha = alpha
         super().__init__(lengthscale=lengthscale, variance=variance)
 
@@ -55,7 +58,7 @@ class RationalQuadratic(RadialKernel):
         super()._validate()
         self.alpha = positive_param("alpha", self.alpha, kernel="RationalQuadratic")
 
-    def profile(self, xp, s, m):
+    def profile(self, xp: Namespace, s: Array, m: int) -> list[Array | None]:
         alpha = self.alpha
         base = 1.0 + s / alpha
         out = []
@@ -75,7 +78,7 @@ class Matern12(RadialKernel):
     input_map = StationaryMap()
     order = 0
 
-    def profile(self, xp, s, m):
+    def profile(self, xp: Namespace, s: Array, m: int) -> list[Array | None]:
         rho, _, _ = safe_radius(xp, s, 2.0)
         return [xp.exp(-rho)]
 
@@ -95,7 +98,7 @@ class Matern32(RadialKernel):
     input_map = StationaryMap()
     order = 1
 
-    def profile(self, xp, s, m):
+    def profile(self, xp: Namespace, s: Array, m: int) -> list[Array | None]:
         rho, rho_safe, pos = safe_radius(xp, s, 6.0)
         e = xp.exp(-rho)
         out = [(1.0 + rho) * e, -3.0 * e, xp.where(pos, 9.0 * e / rho_safe, 0.0 * e)]
@@ -119,7 +122,7 @@ class Matern52(RadialKernel):
     input_map = StationaryMap()
     order = 2
 
-    def profile(self, xp, s, m):
+    def profile(self, xp: Namespace, s: Array, m: int) -> list[Array | None]:
         rho, rho_safe, pos = safe_radius(xp, s, 10.0)
         e = xp.exp(-rho)
         zero = 0.0 * e

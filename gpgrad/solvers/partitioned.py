@@ -272,4 +272,3 @@ def _all_gather(part: Partition, local, n_local, pad_to):
     if is_np:
         return [p.numpy() for p in parts]
     return parts
-

@@ -1,0 +1,25 @@
+"""Shared test configuration: every test starts from the same random state.
+
+Tests draw their data from seeded generators; this fixture also fixes the
+global generators (Python's ``random``, numpy's legacy ``np.random``, torch's
+default generator) that a test or a library under test may use unseeded, so
+that no test sees different data from one run to the next.
+"""
+
+import random
+
+import numpy as np
+import pytest
+
+try:
+    import torch
+except ImportError:  # the numpy-only install
+    torch = None
+
+
+@pytest.fixture(autouse=True)
+def _fixed_global_seeds():
+    random.seed(0)
+    np.random.seed(0)
+    if torch is not None:
+        torch.manual_seed(0)

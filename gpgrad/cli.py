@@ -60,6 +60,11 @@ KERNELS = {
     "rbf": "RBF",
     "rq": "RationalQuadratic",
 }
+#: ``--kernel auto`` (Bayesian model averaging over kernel families) up to
+#: this many rows; longer series fit ``matern52`` in linear time instead
+AUTO_MAX_ROWS = 5_000
+#: ``--max-minutes``: a fit estimated to take longer is refused before it starts
+MAX_MINUTES = 30.0
 #: fewest data rows the command fits a GP to
 MIN_ROWS = 3
 #: the demo data: f(t) = sin t + 0.5 sin(2.3 t + 0.4), noise sd 0.08
@@ -90,7 +95,7 @@ def _version():
 def _kernel_names():
     from . import kernels
 
-    return [n for n, cls in KERNELS.items() if hasattr(kernels, cls)]
+    return [n for n, cls in KERNELS.items() if hasattr(kernels, cls)] + ["auto"]
 
 
 # --------------------------------------------------------------------------
@@ -177,7 +182,9 @@ def _parser():
         "--kernel",
         default="matern52",
         choices=_kernel_names(),
-        help="covariance kernel (default matern52)",
+        help="covariance kernel (default matern52); 'auto' averages Matérn, RBF, "
+        "rational-quadratic and trend/warped/periodic variants by their evidence "
+        f"(up to {AUTO_MAX_ROWS:,} rows; longer series use matern52)",
     )
     est.add_argument(
         "--at",
@@ -203,6 +210,14 @@ def _parser():
     )
     est.add_argument(
         "--seed", type=int, default=0, metavar="S", help="seed of the random starts"
+    )
+    est.add_argument(
+        "--max-minutes",
+        type=float,
+        default=MAX_MINUTES,
+        metavar="M",
+        help="refuse a fit whose estimated time exceeds M minutes "
+        f"(default {MAX_MINUTES:g})",
     )
     est.add_argument(
         "--delimiter",
@@ -606,7 +621,12 @@ def _head(obs, m):
 
 
 def plan_fit(
-    kernel: str, X: np.ndarray, observations: list, restarts: int, path: str = "data"
+    kernel: str,
+    X: np.ndarray,
+    observations: list,
+    restarts: int,
+    path: str = "data",
+    max_minutes: float = math.inf,
 ) -> Plan:
     """Choose the solver and check the fit's size before any work.
 
@@ -618,16 +638,32 @@ def plan_fit(
     ------
     CLIError
         One line naming the size, the memory needed, the memory available and
-        the way out, when the fit would not fit in memory.
+        the way out, when the fit would not fit in memory; or the estimated
+        time and ``--max-minutes``, when it would take longer than that.
     """
     rows, d = X.shape
     n_obs = sum(int(np.size(args[-1])) for _, args in observations)
-    ss = _statespace_applies(kernel, X, observations)
+    note = ""
+    if kernel == "auto" and rows > AUTO_MAX_ROWS:
+        kernel = "matern52"
+        note = (
+            f"--kernel auto averages kernels up to {AUTO_MAX_ROWS:,} rows; "
+            f"{rows:,} rows are fitted with matern52"
+        )
+    ss = kernel != "auto" and _statespace_applies(kernel, X, observations)
     method = "statespace" if ss else "cholesky"
-    cost = estimate_cost(method, rows, restarts, kernel, d=d, n_obs=n_obs)
+    # auto: about five families on a subset, then up to four on all the rows
+    starts = restarts + 4 if kernel == "auto" else restarts
+    cost = estimate_cost(method, rows, starts, kernel, d=d, n_obs=n_obs)
     avail = available_memory()
-    plan = Plan(kernel, method, rows, n_obs, d, restarts, cost, avail)
+    plan = Plan(kernel, method, rows, n_obs, d, restarts, cost, avail, note)
     if cost.memory <= MEMORY_FRACTION * avail:
+        if cost.seconds > 60.0 * max_minutes:
+            raise CLIError(
+                f"{path!r}: fitting {plan.describe()} would take about "
+                f"{_fmt_time(cost.seconds)} (estimate); pass --max-minutes "
+                f"{math.ceil(cost.seconds / 60)} to run it anyway, or fit fewer rows"
+            )
         return plan
     # the way out: the rows that would fit, and a linear-time kernel if any
     per_row = n_obs / rows
@@ -721,8 +757,14 @@ def fit_model(
     """
     import gpgrad
 
-    k = _make_kernel(kernel)
     obs = [getattr(gpgrad, name)(*args) for name, args in observations]
+    if kernel == "auto":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            post = gpgrad.fit_auto(*obs, restarts=restarts, seed=seed)
+        notes = list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
+        return Fitted(post, post.summary(), notes, 2)
+    k = _make_kernel(kernel)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = gpgrad.fit(
@@ -1178,7 +1220,7 @@ def _estimate_cmd(a, out):
                 "once: use --kernel matern52, rbf or rq"
             )
         observations = _observations(X, y, G)
-        plan = plan_fit(a.kernel, X, observations, a.restarts, a.data)
+        plan = plan_fit(a.kernel, X, observations, a.restarts, a.data, a.max_minutes)
         source, P = (data, X) if at is None else (points, at)
         with _memory_errors(plan, a.data):
             model = _run_fit(
@@ -1199,10 +1241,12 @@ def _estimate_cmd(a, out):
         outputs.commit()
     n_dy = 0 if G is None else int(np.sum(~np.isnan(G)))
     print(
-        f"fitted a GP ({a.kernel}) to {X.shape[0]} rows of {a.data}"
+        f"fitted a GP ({plan.kernel}) to {X.shape[0]} rows of {a.data}"
         + ("" if not n_dy else f" with {n_dy} measured derivatives"),
         file=out,
     )
+    if plan.note:
+        print(f"  note: {plan.note}", file=out)
     print(_indent(model.summary), file=out)
     for n in model.notes:
         print(f"warning: {n}", file=out)

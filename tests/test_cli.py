@@ -688,3 +688,36 @@ def test_gp_docstring_says_noise_is_in_data_units():
     a = gpgrad.GP(k, noise=1e-2, normalize_y=True).condition(X, y).value(X).mean
     b = gpgrad.GP(k, noise=1e-2 * 100, normalize_y=True).condition(X, 10 * y)
     np.testing.assert_allclose(b.value(X).mean, 10 * a, rtol=1e-10)
+
+
+def test_a_fit_estimated_past_max_minutes_is_refused_before_work(tmp_path, capsys):
+    t = np.arange(20_000) * 0.01
+    path = tmp_path / "long.csv"
+    np.savetxt(path, np.c_[t, np.sin(t)], delimiter=",", header="t,y", comments="")
+    out = tmp_path / "o.csv"
+    code, _ = _run(
+        ["estimate", str(path), "--x", "t", "--y", "y", "--out", str(out),
+         "--max-minutes", "0.001"]
+    )  # fmt: skip
+    assert code == 2
+    assert not out.exists()
+    err = capsys.readouterr().err
+    assert "would take about" in err and "--max-minutes" in err
+
+
+def test_kernel_auto_averages_kernels(tmp_path):
+    rng = np.random.default_rng(0)
+    t = np.sort(rng.uniform(0, 6, 60))
+    y = np.sin(t) + 0.02 * rng.normal(size=60)
+    path = tmp_path / "s.csv"
+    np.savetxt(path, np.c_[t, y], delimiter=",", header="t,y", comments="")
+    out = tmp_path / "o.csv"
+    code, text = _run(
+        ["estimate", str(path), "--x", "t", "--y", "y", "--out", str(out),
+         "--kernel", "auto", "--restarts", "1"]
+    )  # fmt: skip
+    assert code == 0, text
+    assert "fitted a GP (auto)" in text and "model average of" in text
+    _, data = _read_csv(out)
+    err = data[:, 3] - np.cos(t)
+    assert np.sqrt(np.mean(err**2)) < 0.2

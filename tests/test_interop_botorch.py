@@ -237,7 +237,10 @@ def test_deepcopy_pickle_torch_save_and_dtype():
         warnings.simplefilter("ignore")  # gpgrad warns about float32 gradients
         p32 = m32.posterior(Xs.float())
     assert p32.mean.dtype == torch.float32
-    torch.testing.assert_close(p32.mean.double(), want, rtol=1e-3, atol=1e-3)
+    # float32 on a fitted value+gradient system: gpgrad warns that results may
+    # be off by ~1e-3 of the prior scale or more (its condition estimate); the
+    # copy must agree to that envelope, not to float64's
+    torch.testing.assert_close(p32.mean.double(), want, rtol=1e-2, atol=5e-3)
 
 
 def _train(n=6, seed=12):

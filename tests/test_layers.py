@@ -24,13 +24,14 @@ LAYERS = [
             "gpgrad.exceptions",
             "gpgrad._version",
             "gpgrad._typing",
+            "gpgrad._validate",
             "gpgrad.distributed",  # where the solvers' products run (ranks, devices)
         ],
     ),
     ("kernels", ["gpgrad.kernels"]),
     ("functionals, covariance", ["gpgrad.functionals", "gpgrad.covariance"]),
     ("solvers", ["gpgrad.solvers"]),
-    ("gp, posterior", ["gpgrad.gp", "gpgrad.posterior"]),
+    ("gp, posterior", ["gpgrad.gp", "gpgrad.posterior", "gpgrad.likelihood"]),
     ("fit, acquisition, io", ["gpgrad.fit", "gpgrad.acquisition", "gpgrad.io"]),
     (
         "interfaces",
@@ -48,11 +49,7 @@ LAYERS = [
 # Imports that break the layering today, each with the reason it exists. The
 # list is meant to shrink to nothing; an entry that is no longer needed fails
 # test_allowed_violations_are_still_needed, so it cannot go stale.
-ALLOWED = {
-    # Kernel.__call__ validates its points with the functionals' _as_points;
-    # the validation helper belongs in the backend layer.
-    ("gpgrad.kernels.base", "gpgrad.functionals"),
-}
+ALLOWED: set = set()
 
 
 def layer_of(module: str) -> int:

@@ -270,7 +270,7 @@ class Kernel:
     # -- evaluation --------------------------------------------------------
     def __call__(self, X1: ArrayLike, X2: ArrayLike | None = None) -> Array:
         """The value covariance matrix ``k(X1, X2)`` of shape (..., n1, n2)."""
-        from ..functionals import _as_points
+        from .._validate import _as_points
 
         X1 = _as_points(X1, "X1")
         X2 = X1 if X2 is None else _as_points(X2, "X2")

@@ -437,7 +437,17 @@ def main(argv=None):
     )
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--distributed",
+        nargs=argparse.REMAINDER,
+        help="run benchmarks/distributed.py (per-product time and communication "
+        "share on 1, 2, 4 ... ranks) with the arguments that follow",
+    )
     args = ap.parse_args(argv)
+    if args.distributed is not None:
+        import distributed
+
+        return distributed.main(args.distributed)
     if args.child:
         _child(json.loads(args.child))
         return

@@ -15,6 +15,7 @@ import os
 import pkgutil
 import re
 import shutil
+import types
 from pathlib import Path
 
 #: a star inside a shape tuple: ``(*b, n, d)``, ``(..., n, *)``
@@ -65,7 +66,7 @@ def _split_names(modname):
     own, linked, modules = [], [], []
     for name in mod.__all__:
         obj = getattr(mod, name)
-        if type(obj).__name__ == "module":
+        if isinstance(obj, types.ModuleType):  # gpgrad.fit is a callable module
             modules.append(obj.__name__)
         elif id(obj) in top:
             linked.append((name, top[id(obj)]))

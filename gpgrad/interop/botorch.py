@@ -674,7 +674,8 @@ class GradientGP(GPyTorchModel, gpytorch.models.GP, FantasizeMixin):
         return state
 
     def load_state_dict(self, state_dict, strict=True, keep_transforms=True, **kw):
-        # the transforms' constants are part of the data here; keep them
+        """Load parameters as :meth:`torch.nn.Module.load_state_dict` does; the
+        transforms' constants are part of the data here and are kept."""
         self._cache = None
         return torch.nn.Module.load_state_dict(self, state_dict, strict=strict, **kw)
 

@@ -540,7 +540,7 @@ class IterativeSolver(Solver):
         and a bound ``e`` on its error, both (…, M), with
 
         .. math:: q_i ≤ k_iᵀ(K+Σ)^{-1}k_i ≤ q_i + e_i,\\qquad
-            e_i = \frac{\\|k_i − (K+Σ)QT^{-1}Q^\top k_i\\|^2}{\\min Σ}
+            e_i = \\frac{\\|k_i − (K+Σ)QT^{-1}Q^\\top k_i\\|^2}{\\min Σ}
 
         (the Galerkin solution's error in the energy norm, bounded by the
         residual over the smallest eigenvalue of ``K + Σ``). The predictive

@@ -176,16 +176,6 @@ def _torch_float32():
     return torch.float32
 
 
-def _no_grad(xp):
-    if B.is_torch(xp):
-        import torch
-
-        return torch.no_grad()
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
 def pcg(matmul, b, precond=None, *, tol=1e-8, max_iter=1000, x0=None):
     """Preconditioned conjugate gradients for SPD systems, many columns at once.
 
@@ -264,10 +254,10 @@ def auto_preconditioner(op, sample=256, seed=0):
         return "jacobi"
     idx = np.random.default_rng(seed).permutation(n)[: min(n, sample)]
     ii = idx if B.is_numpy(xp) else B.to_namespace(idx, xp, device=B.device_of(Z))
-    Zs = _detach(xp.take(Z, ii, axis=-2))
+    Zs = B.detach(xp.take(Z, ii, axis=-2))
     diff = Zs[..., :, None, :] - Zs[..., None, :, :]
     S = 0.5 * xp.sum(diff * diff, axis=-1)
-    with _no_grad(xp):
+    with B.no_grad(xp):
         phi = op.kernel.profile(xp, S, 0)[0]
         phi0 = op.kernel.profile(xp, 0.0 * S[..., :1, :1], 0)[0]
     m = S.shape[-1]
@@ -311,8 +301,8 @@ class IterativeSolver(Solver):
         self.stats = {"solves": 0, "columns": 0, "iterations": 0}
         self._rhs = None
         self._lanczos = None
-        with _no_grad(self.xp):
-            self._diag = _detach(op.diagonal())
+        with B.no_grad(self.xp):
+            self._diag = B.detach(op.diagonal())
             self._precond = self._build_preconditioner()
 
     # -- preconditioners ---------------------------------------------------------
@@ -445,12 +435,12 @@ class IterativeSolver(Solver):
         )
         if L is None:
             return None
-        return PointCholesky(_detach(L), kdiag, noise)
+        return PointCholesky(B.detach(L), kdiag, noise)
 
     # -- the solver interface ------------------------------------------------------
     def _cg(self, R):
-        with _no_grad(self.xp):
-            Rd = _detach(R)
+        with B.no_grad(self.xp):
+            Rd = B.detach(R)
             op = self.op
 
             def mm(V):
@@ -498,9 +488,9 @@ class IterativeSolver(Solver):
         if self._variance_method(Ks) == "exact":
             if _needs_grad(Ks, self.op):
                 return Ks, self.solve(Ks)
-            with _no_grad(self.xp):
+            with B.no_grad(self.xp):
                 F, info = block_galerkin(
-                    self.op.matmul, _detach(Ks), tol=self.tol, max_dim=self.N
+                    self.op.matmul, B.detach(Ks), tol=self.tol, max_dim=self.N
                 )
             self.stats["block_steps"] = self.stats.get("block_steps", 0) + info["steps"]
             self.stats["columns"] += info["products"]
@@ -531,8 +521,8 @@ class IterativeSolver(Solver):
         error bound of :meth:`variance_bounds` (…, M) for each column.
         """
         cache = self._lanczos_cache()
-        with _no_grad(self.xp):
-            F, bound = cache.factors(_detach(Ks))
+        with B.no_grad(self.xp):
+            F, bound = cache.factors(B.detach(Ks))
         return F, bound
 
     def variance_bounds(self, Ks):
@@ -564,8 +554,8 @@ class IterativeSolver(Solver):
                     device=B.device_of(dg),
                 )
             noise = self.op.noise
-            lam_min = None if noise is None else _detach(noise)
-            with _no_grad(self.xp):
+            lam_min = None if noise is None else B.detach(noise)
+            with B.no_grad(self.xp):
                 self._lanczos = LanczosCache(
                     self.op.matmul, start, self._lanczos_steps(), lam_min
                 )
@@ -599,18 +589,18 @@ class IterativeSolver(Solver):
                 rng.standard_normal(shape), xp, dtype=dg.dtype, device=B.device_of(dg)
             )
 
-        with _no_grad(xp):
+        with B.no_grad(xp):
             Zp = self._psample(draw(batch + (N, p)), draw(batch + (N, p)))
             Pinv = self._precond if self._precond is not None else (lambda R: R)
             est = _slq(xp, op.matmul, Pinv, Zp, min(opts.lanczos_steps, N))
-            value = _detach(self._plogdet) + est
+            value = B.detach(self._plogdet) + est
         if _needs_grad(None, op):
             # Hutchinson: ∂ log|A| = tr(A⁻¹ ∂A) ≈ mean_j (A⁻¹z_j)ᵀ ∂A z_j
             Zr = draw(batch + (N, p))
-            U = _detach(self._cg(Zr))
+            U = B.detach(self._cg(Zr))
             AZ = op.matmul(Zr)
             sur = xp.sum(U * AZ, axis=(-2, -1)) / p
-            value = value + (sur - _detach(sur))
+            value = value + (sur - B.detach(sur))
         return value
 
 
@@ -889,22 +879,9 @@ def _slq(xp, matmul, pinv, Z, m):
     return B.to_namespace(est, xp, dtype=Z.dtype, device=B.device_of(Z))
 
 
-def _detach(a):
-    return a.detach() if B.is_tensor(a) else a
-
-
 def _needs_grad(R, op):
-    if not B.is_torch(op.xp):
-        return False
-    import torch
-
-    if not torch.is_grad_enabled():
-        return False
-    if R is not None and R.requires_grad:
-        return True
     params = list(op.kernel.parameters().values())
-    arrays = params + [b.X for b in op.blocks] + [op.noise]
-    return any(B.is_tensor(a) and a.requires_grad for a in arrays)
+    return B.requires_grad(R, *params, *[b.X for b in op.blocks], op.noise)
 
 
 def _solve_fn(solver):

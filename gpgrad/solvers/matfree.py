@@ -186,7 +186,7 @@ class GramOperator:
         """``[Φ₀, Φ₁, Φ₂]`` (…, nA, nB) with the variance applied."""
         xp = self.xp
         nA, nB, d = ZA.shape[-2], ZB.shape[-2], ZA.shape[-1]
-        if self.stationary and not _needs_graph(xp, ZA, ZB, self.ls):
+        if self.stationary and not B.requires_grad(ZA, ZB, self.ls):
             # one GEMM instead of an nA·nB·d difference array
             S = _half_sq_dist(xp, ZA, ZB, same)
         elif self.stationary:
@@ -214,7 +214,7 @@ class GramOperator:
     def _group_profiles(self, ga, gb):
         # profiles made under torch.no_grad (inside CG) carry no graph: keep
         # them apart from the differentiable ones
-        key = (id(ga), id(gb), _grad_enabled(self.xp))
+        key = (id(ga), id(gb), B.grad_enabled(self.xp))
         if key not in self._phi:
             self._phi[key] = self._profiles(ga.Z, gb.Z, ga is gb)
         return self._phi[key]
@@ -439,17 +439,6 @@ class GramOperator:
         return dg
 
 
-def _needs_graph(xp, *arrays):
-    """Whether torch must record a graph through any of ``arrays``."""
-    if not B.is_torch(xp):
-        return False
-    import torch
-
-    return torch.is_grad_enabled() and any(
-        B.is_tensor(a) and a.requires_grad for a in arrays
-    )
-
-
 def _fast_ok(xp, ZA, ZB, v, W, ls):
     """The GEMM-blocked, in-place product applies: 2-D points (no batch axes)
     and nothing that autograd has to follow."""
@@ -458,7 +447,7 @@ def _fast_ok(xp, ZA, ZB, v, W, ls):
     for a in (v, W):
         if a is not None and a.ndim != (2 if a is v else 3):
             return False
-    return not _needs_graph(xp, ZA, ZB, v, W, ls)
+    return not B.requires_grad(ZA, ZB, v, W, ls)
 
 
 def _half_sq_dist(xp, ZA, ZB, same):
@@ -567,14 +556,6 @@ def _pair_fast(phi, ZA, ZB, v, W, want_y, want_G):
                     del C
                 G = G - xp.stack(corr, axis=0)
     return y, G
-
-
-def _grad_enabled(xp):
-    if B.is_torch(xp):
-        import torch
-
-        return torch.is_grad_enabled()
-    return False
 
 
 def posterior_mean(post, *queries):

@@ -201,9 +201,46 @@ def test_warped_validation():
     assert math.isinf(K.RBF().order) and k.order == 2
 
 
-def test_saving_a_warped_model_is_refused(tmp_path):
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_warped_model_round_trips_through_save_and_load(tmp_path, backend):
+    # ARD box, a non-default margin, and a Warped kernel inside a sum
+    rng = np.random.default_rng(3)
+    X = rng.uniform(LO, HI, (12, 2))
+    y = np.sin(3 * X[:, 0]) + X[:, 1] ** 2
+    kern = _kernel("rq") + K.Linear(variance=0.2)
+    post = gpgrad.GP(kern, noise=1e-3, backend=backend).condition(
+        gpgrad.values(X, y), gpgrad.gradients(X[:3], rng.normal(size=(3, 2)))
+    )
+    gpgrad.save(post, tmp_path / "m.gpgrad")
+    back = gpgrad.load(tmp_path / "m.gpgrad")
+    w = back.kernel.children[0]
+    assert isinstance(w, K.Warped) and w.margin == M
+    assert np.array_equal(w.lower, LO) and np.array_equal(w.upper, HI)
+    assert repr(back.kernel) == repr(post.kernel)
+    Xs = rng.uniform(LO, HI, (5, 2))
+    a, b = post.gradient(Xs), back.gradient(Xs)
+    for u, v in ((a.mean, b.mean), (a.var, b.var)):
+        u = u.numpy() if torch.is_tensor(u) else u
+        v = v.numpy() if torch.is_tensor(v) else v
+        np.testing.assert_array_equal(u, v)
+
+
+def test_a_damaged_warped_box_is_refused(tmp_path):
+    import json
+    import zipfile
+
     post = gpgrad.GP(K.Warped(K.RBF()), noise=1e-4).condition(
         np.array([[0.2], [0.7]]), np.array([1.0, 2.0])
     )
-    with pytest.raises(TypeError, match="cannot save a kernel of class"):
-        gpgrad.save(post, tmp_path / "m.gpgrad")
+    path = tmp_path / "m.gpgrad"
+    gpgrad.save(post, path)
+    with zipfile.ZipFile(path) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    meta = json.loads(files["gpgrad.json"])
+    del meta["gp"]["kernel"]["box"]["margin"]
+    files["gpgrad.json"] = json.dumps(meta).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in files.items():
+            z.writestr(n, data)
+    with pytest.raises(ValueError, match="expected a box with lower, upper"):
+        gpgrad.load(path)

@@ -163,10 +163,6 @@ class Warped(RadialKernel):
 
     input_map = _KumaraswamyMap()
     _param_names = ("concentration1", "concentration0")
-    #: the box and margin are not part of the model file format yet, so
-    #: ``gpgrad.save`` refuses a Warped kernel instead of writing a file that
-    #: cannot be loaded back
-    _saveable = False
 
     def __init__(
         self,

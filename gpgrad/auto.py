@@ -59,6 +59,7 @@ from .exceptions import GPGradWarning, NotPositiveDefiniteError
 from .fit import FitResult, fit
 from .functionals import gradients, values
 from .gp import GP
+from .kernels.base import DotProductMap, StationaryMap
 from .posterior import Prediction
 
 __all__ = [
@@ -95,6 +96,9 @@ class Candidate:
         Extra bounds for :func:`gpgrad.fit`.
     prior : float
         Prior probability weight (relative; default 1).
+    start : dict
+        Starting values for :func:`gpgrad.fit` (``{name: value}``; the others
+        start from the data).
     """
 
     name: str
@@ -102,6 +106,7 @@ class Candidate:
     fixed: dict = field(default_factory=dict)
     bounds: dict = field(default_factory=dict)
     prior: float = 1.0
+    start: dict = field(default_factory=dict)
 
 
 def _base_families() -> list:
@@ -132,26 +137,59 @@ def default_candidates(X, *, period=None) -> list:
     -------
     list of Candidate
     """
-    return [Candidate(name, cls()) for name, cls in _base_families()]
+    out = [Candidate(name, cls()) for name, cls in _base_families()]
+    X = np.asarray(X, dtype=float)
+    span = np.ptp(X, axis=0)
+    if X.ndim == 2 and X.shape[1] == 1 and span[0] > 0:
+        p = float(span[0])
+        # a function periodic over the window (both ends continue each other)
+        out.append(
+            Candidate(
+                "Periodic",
+                K.Periodic(period=p),
+                bounds={"period": (0.5 * p, 1.5 * p)},
+            )
+        )
+    # a cubic polynomial (Bayesian cubic regression)
+    out.append(Candidate("Cubic", K.Polynomial(degree=3)))
+    return out
 
 
-def refinements(base: Candidate, X, *, period=None) -> list:
+def _prefixed(d: dict, prefix: str) -> dict:
+    return {f"{prefix}{k}": v for k, v in d.items()}
+
+
+def refinements(base: Candidate, X, *, period=None, fitted=None) -> list:
     """Local and global refinements of a base candidate.
 
     * ``W(base)``: the base on Kumaraswamy-warped inputs (local features);
+    * ``base+base``: a second part of the same family, started at a fifth of
+      the fitted lengthscale (two scales: a slow signal and a fast ripple);
     * ``base+Linear``: a linear trend (its lengthscale fixed, the variance
       alone scales it);
     * ``base+Periodic``: a periodic part, when ``period`` is given.
+
+    The warping and the second scale apply to stationary bases only.
+
+    Parameters
+    ----------
+    base : Candidate
+    X : array (n, d)
+    period : float, optional
+    fitted : FitResult, optional
+        The base's fit (the second scale starts from its hyperparameters).
     """
     out = []
+    X = np.asarray(X, dtype=float)
     lo = np.min(X, axis=0)
     hi = np.max(X, axis=0)
     kern = base.kernel
-    if (
+    stationary = (
         isinstance(kern, K.RadialKernel)
+        and isinstance(kern.input_map, StationaryMap)
         and not isinstance(kern, K.Warped)
-        and np.all(hi > lo)
-    ):
+    )
+    if stationary and np.all(hi > lo):
         out.append(
             Candidate(
                 f"W({base.name})",
@@ -162,14 +200,33 @@ def refinements(base: Candidate, X, *, period=None) -> list:
                 },
             )
         )
-    out.append(
-        Candidate(
-            f"{base.name}+Linear",
-            type(kern)() + K.Linear(),
-            fixed={"1.lengthscale": float(np.mean(np.maximum(hi - lo, 1e-12)))},
+    if stationary and fitted is not None:
+        p = fitted.params
+        ls = np.asarray(B.to_numpy(p["lengthscale"]), dtype=float)
+        var = float(B.to_float(p["variance"]))
+        start = {
+            "0.lengthscale": ls,
+            "1.lengthscale": ls / 5.0,
+            "0.variance": var,
+            "1.variance": var / 25.0,
+        }
+        out.append(
+            Candidate(
+                f"{base.name}+{base.name}",
+                type(kern)() + type(kern)(),
+                start=start,
+            )
         )
-    )
-    if period is not None:
+    if not isinstance(kern.input_map, DotProductMap):
+        out.append(
+            Candidate(
+                f"{base.name}+Linear",
+                kern + K.Linear(),
+                fixed={"1.lengthscale": float(np.mean(np.maximum(hi - lo, 1e-12)))},
+                bounds=_prefixed(base.bounds, "0."),
+            )
+        )
+    if period is not None and stationary:
         out.append(
             Candidate(
                 f"{base.name}+Periodic",
@@ -448,6 +505,7 @@ def _fit_one(cand, obs, *, backend, method, restarts, seed, ard, maxiter):
             gp,
             *obs,
             fixed=cand.fixed or None,
+            start=cand.start or None,
             bounds=cand.bounds or None,
             ard=ard,
             restarts=restarts,
@@ -673,8 +731,8 @@ def fit_auto(
                 (v for v in tried.values() if v[1] is not None), key=lambda v: -v[2]
             )
             # every refinement of the best base, the warping of the runner-up
-            for i, (c, _, _) in enumerate(ranked[:2]):
-                extra = refinements(c, Xall, period=period)
+            for i, (c, res, _) in enumerate(ranked[:2]):
+                extra = refinements(c, Xall, period=period, fitted=res)
                 run(extra if i == 0 else [e for e in extra if e.name[:2] == "W("])
 
     ok = [(c, r, s) for c, r, s in tried.values() if r is not None]

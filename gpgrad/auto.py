@@ -74,6 +74,9 @@ __all__ = [
 
 #: bounds of the Kumaraswamy concentrations when a warping is fitted
 WARP_BOUNDS = (0.25, 4.0)
+#: share of the identity in the warping: the effective lengthscale at the
+#: box's ends stays within 10× of the unwarped one (see ``Warped(floor=)``)
+WARP_FLOOR = 0.1
 
 
 # --------------------------------------------------------------------------
@@ -193,7 +196,7 @@ def refinements(base: Candidate, X, *, period=None, fitted=None) -> list:
         out.append(
             Candidate(
                 f"W({base.name})",
-                K.Warped(type(kern)(), lower=lo, upper=hi),
+                K.Warped(type(kern)(), lower=lo, upper=hi, floor=WARP_FLOOR),
                 bounds={
                     "concentration1": WARP_BOUNDS,
                     "concentration0": WARP_BOUNDS,

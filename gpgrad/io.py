@@ -128,6 +128,7 @@ def _kernel_to_json(k, w, path="kernel"):
             "lower": w.value(f"{path}.lower", k.lower),
             "upper": w.value(f"{path}.upper", k.upper),
             "margin": w.value(f"{path}.margin", k.margin),
+            "floor": w.value(f"{path}.floor", k.floor),
         }
     elif hasattr(k, "children"):
         out["children"] = [
@@ -157,9 +158,11 @@ def _kernel_from_json(spec, r, path="kernel"):
     params = {p: r.value(v) for p, v in spec.get("params", {}).items()}
     if "box" in spec:
         box = spec["box"]
-        if not isinstance(box, dict) or set(box) != {"lower", "upper", "margin"}:
+        need = {"lower", "upper", "margin"}
+        if not isinstance(box, dict) or not need <= set(box) <= need | {"floor"}:
             raise ValueError(
-                f"{path}: expected a box with lower, upper and margin, got {box!r}"
+                f"{path}: expected a box with lower, upper, margin (and floor), "
+                f"got {box!r}"
             )
         (child,) = children
         return cls(child, **params, **{b: r.value(v) for b, v in box.items()})

@@ -151,6 +151,10 @@ def default_candidates(X, *, period=None) -> list:
                 "Periodic",
                 K.Periodic(period=p),
                 bounds={"period": (0.5 * p, 1.5 * p)},
+                # the periodic lengthscale is relative to the period: start
+                # smooth within one period (the data-driven start, a fifth
+                # of the span, would be many wiggles per period)
+                start={"lengthscale": 1.0},
             )
         )
     # a cubic polynomial (Bayesian cubic regression)

@@ -99,9 +99,10 @@ class Candidate:
         Extra bounds for :func:`gpgrad.fit`.
     prior : float
         Prior probability weight (relative; default 1).
-    start : dict
+    start : dict or list of dict
         Starting values for :func:`gpgrad.fit` (``{name: value}``; the others
-        start from the data).
+        start from the data). A list fits from each (an empty dict: the
+        data-driven start) and keeps the best.
     """
 
     name: str
@@ -109,7 +110,7 @@ class Candidate:
     fixed: dict = field(default_factory=dict)
     bounds: dict = field(default_factory=dict)
     prior: float = 1.0
-    start: dict = field(default_factory=dict)
+    start: dict | list = field(default_factory=dict)
 
 
 def _base_families() -> list:
@@ -151,10 +152,10 @@ def default_candidates(X, *, period=None) -> list:
                 "Periodic",
                 K.Periodic(period=p),
                 bounds={"period": (0.5 * p, 1.5 * p)},
-                # the periodic lengthscale is relative to the period: start
-                # smooth within one period (the data-driven start, a fifth
-                # of the span, would be many wiggles per period)
-                start={"lengthscale": 1.0},
+                # the periodic lengthscale is relative to the period: one
+                # start smooth within a period, one from the data (a fifth of
+                # the span: many harmonics); their optima differ
+                start=[{"lengthscale": 1.0}, {}],
             )
         )
     # a cubic polynomial (Bayesian cubic regression)
@@ -231,6 +232,11 @@ def refinements(base: Candidate, X, *, period=None, fitted=None) -> list:
                 kern + K.Linear(),
                 fixed={"1.lengthscale": float(np.mean(np.maximum(hi - lo, 1e-12)))},
                 bounds=_prefixed(base.bounds, "0."),
+                start=(
+                    [_prefixed(st, "0.") for st in base.start]
+                    if isinstance(base.start, list)
+                    else _prefixed(base.start, "0.")
+                ),
             )
         )
     if period is not None and stationary:
@@ -504,21 +510,31 @@ def _subsample(obs, max_points, seed):
 
 
 def _fit_one(cand, obs, *, backend, method, restarts, seed, ard, maxiter):
+    """Fit a candidate; a list of starts fits from each, the best one wins."""
     gp = GP(cand.kernel, backend=backend, method=method)
+    starts = cand.start if isinstance(cand.start, list) else [cand.start]
+    best = None
     with warnings.catch_warnings():
         # a hyperparameter on a bound is part of what the evidence weighs
         warnings.simplefilter("ignore", GPGradWarning)
-        return fit(
-            gp,
-            *obs,
-            fixed=cand.fixed or None,
-            start=cand.start or None,
-            bounds=cand.bounds or None,
-            ard=ard,
-            restarts=restarts,
-            seed=seed,
-            maxiter=maxiter,
-        )
+        for start in starts:
+            res = fit(
+                gp,
+                *obs,
+                fixed=cand.fixed or None,
+                start=start or None,
+                bounds=cand.bounds or None,
+                ard=ard,
+                restarts=restarts,
+                seed=seed,
+                maxiter=maxiter,
+            )
+            if (
+                best is None
+                or res.log_marginal_likelihood > best.log_marginal_likelihood
+            ):
+                best = res
+    return best
 
 
 def _check_candidates(candidates):

@@ -220,14 +220,20 @@ def test_refinements_by_kind_of_base():
     assert start["1.lengthscale"] == pytest.approx(0.4 / 5)
     assert start["1.variance"] == pytest.approx(2.0 / 25)
     per = gpgrad.auto.refinements(
-        Candidate("Periodic", K.Periodic(period=2.0), bounds={"period": (1.0, 3.0)}),
+        Candidate(
+            "Periodic",
+            K.Periodic(period=2.0),
+            bounds={"period": (1.0, 3.0)},
+            start=[{"lengthscale": 1.0}, {}],
+        ),
         x,
         fitted=Fitted(),
     )
     # no warping or second scale of a non-stationary kernel; the trend keeps
-    # the base's bounds
+    # the base's bounds and starts
     assert [c.name for c in per] == ["Periodic+Linear"]
     assert per[0].bounds == {"0.period": (1.0, 3.0)}
+    assert per[0].start == [{"0.lengthscale": 1.0}, {}]
     cubic = Candidate("Cubic", K.Polynomial(degree=3))
     assert gpgrad.auto.refinements(cubic, x) == []
 

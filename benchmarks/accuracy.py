@@ -389,7 +389,9 @@ def table(results):
         cov = "/".join(f"{100 * r['coverage_levels'][str(lv)]:.0f}" for lv in LEVELS)
         ratio = r["rmse"]["gpgrad"] / r["rmse"][ORACLE]
         lines.append(
-            f"| {r['function']} | {r['noise']:g} | {r['n']} | "
+            # a "|" inside a cell would end it in Markdown
+            f"| {r['function'].replace('|', chr(92) + '|')} | {r['noise']:g} | "
+            f"{r['n']} | "
             + " | ".join(cells)
             + f" | {ratio:.2f} | {cov} | {r['z_mean']:+.2f} ± {r['z_std']:.2f} |"
         )

@@ -125,10 +125,12 @@ def _base_families() -> list:
 
 
 def default_candidates(X, *, period=None) -> list:
-    """The base families: Matérn 3/2, 5/2 (7/2 when available), RBF, RQ.
+    """The base families: Matérn 3/2, 5/2 (7/2 when available), RBF, RQ,
+    for one input column a periodic kernel over the window (period starting
+    at the span, within 0.5–1.5 × span), and a cubic polynomial.
 
-    Refinements of the best bases (warping, trend, periodic part) are built
-    by :func:`refinements` once the bases are scored.
+    Refinements of the best bases (warping, second scale, trend, periodic
+    part) are built by :func:`refinements` once the bases are scored.
 
     Parameters
     ----------
@@ -599,9 +601,11 @@ def fit_auto(
         axes.
     candidates : list of Kernel or Candidate, or dict name -> Kernel, optional
         The kernels to try. Default: Matérn 3/2, 5/2 (7/2 when the package has
-        it), RBF and rational quadratic, then for the best of them a
-        Kumaraswamy input warping, a linear trend and, for periodic 1-D data,
-        a periodic part, and the warping of the runner-up (``refine``).
+        it), RBF, rational quadratic, a periodic kernel over the window (1-D)
+        and a cubic polynomial (:func:`default_candidates`), then for the best
+        of them a Kumaraswamy input warping (floor ``WARP_FLOOR``), a second
+        lengthscale, a linear trend and, for periodic 1-D data, a periodic
+        part, and the warping of the runner-up (``refine``).
     backend : {"numpy", "torch"}
         The members' backend (results are tensors with ``"torch"``).
     method : str

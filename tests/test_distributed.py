@@ -1,12 +1,11 @@
 """The matrix-free solver partitioned across devices and processes."""
 
+import multiprocessing as mp
 import os
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
+import _distributed_worker as W
 import numpy as np
 import pytest
 import torch
@@ -15,8 +14,6 @@ import gpgrad
 import gpgrad.distributed as gd
 from gpgrad import kernels as K
 from gpgrad.solvers.partitioned import PartitionedOperator, partition_rows
-
-WORKER = Path(__file__).with_name("_distributed_worker.py")
 
 
 @pytest.fixture(autouse=True)
@@ -92,54 +89,120 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(world, backend, out, *extra, timeout=30):
-    env = dict(os.environ)
-    env.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        WORLD_SIZE=str(world),
-        GPGRAD_TEST_TIMEOUT=str(timeout),
-        OMP_NUM_THREADS="1",
-    )
-    procs = []
-    for r in range(world):
-        env_r = dict(env, RANK=str(r))
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), backend, str(out), *extra],
-                env=env_r,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    return procs
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("world, backend", [(2, "torch"), (3, "numpy"), (3, "torch")])
-def test_processes_match_one_process(tmp_path, world, backend):
-    out = tmp_path / "res.npz"
-    procs = _launch(world, backend, out)
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs
-    r = np.load(out)
-    for key in ("mean", "value_mean", "lml", "alpha"):
-        a, b = r[f"multi_{key}"], r[f"single_{key}"]
-        assert np.max(np.abs(a - b)) <= 1e-12 * np.max(np.abs(b)), key
-    a, b = r["multi_var"], r["single_var"]
-    assert np.max(np.abs(a - b)) <= 1e-11 * np.max(np.abs(b))
-
-
-@pytest.mark.slow
-def test_a_dead_rank_ends_the_others_with_an_error(tmp_path):
-    procs = _launch(2, "torch", tmp_path / "res.npz", "die", timeout=20)
+def _spawn(world, task, out, timeout=30, wait=120):
+    """Fork ``world`` ranks of tests/_distributed_worker.py (forked, so they
+    share this process's imports: no second torch start-up); returns their
+    exit codes (None: still running at ``wait`` s, then killed) and the
+    seconds until the last one ended."""
+    ctx = mp.get_context("fork")
+    port = _free_port()
+    procs = [
+        ctx.Process(target=W.run_rank, args=(r, world, port, task, str(out), timeout))
+        for r in range(world)
+    ]
     start = time.monotonic()
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert procs[1].returncode == 3
-    assert procs[0].returncode == 7, logs[0]
-    assert "another rank has died or did not answer" in logs[0]
-    assert time.monotonic() - start < 200
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(max(0.1, wait - (time.monotonic() - start)))
+    codes = [p.exitcode for p in procs]
+    elapsed = time.monotonic() - start
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return codes, elapsed
+
+
+def _normwise(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.fixture(scope="module")
+def single_answers():
+    """The one-process answers, computed once per world size when asked."""
+    cache = {}
+
+    def get(world):
+        if world not in cache:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as in the ranks
+            try:
+                cache[world] = W.single(world)
+            finally:
+                torch.set_num_threads(threads)
+        return cache[world]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "world",
+    [2, pytest.param(3, marks=pytest.mark.slow)],  # 3 ranks: ~10 s
+)
+def test_processes_match_one_process(tmp_path, single_answers, world):
+    """Rows split unevenly (23 and 14 points over 2 or 3 ranks) and whole
+    batch members spread unevenly (3 over 2, 4 over 3), numpy and torch, CG
+    and dense Cholesky: every rank holds the whole batch's answers, equal on
+    all ranks and within 1e-12 (normwise relative) of one process."""
+    codes, _ = _spawn(world, "agree", tmp_path)
+    assert codes == [0] * world
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(world)]
+    one = single_answers(world)
+    checked = 0
+    for name, *_ in W.cases(world):
+        for key, want in one[name].items():
+            got = ranks[0][f"{name}/{key}"]
+            if key == "method":
+                assert str(got) == str(want)
+                continue
+            assert got.shape == want.shape, (name, key)
+            assert _normwise(got, want) <= 1e-12, (name, key, _normwise(got, want))
+            for other in ranks[1:]:  # every rank holds the same full answer
+                np.testing.assert_array_equal(other[f"{name}/{key}"], got)
+            checked += 1
+    assert checked == 6 * len(W.cases(world))
+    assert W.MEMBERS[world] % world != 0  # the batch really is uneven
+
+
+@pytest.mark.parametrize("task", ["die", pytest.param("hang", marks=pytest.mark.slow)])
+def test_a_failed_rank_ends_the_others_with_an_error(tmp_path, task):
+    """A rank that exits (or stops answering) after joining the group: the
+    other two raise DistributedError (exit code 7) within the timeout."""
+    timeout = 4
+    codes, elapsed = _spawn(3, task, tmp_path, timeout=timeout, wait=60)
+    assert codes[:2] == [7, 7], codes
+    assert codes[2] == (3 if task == "die" else None)
+    assert elapsed < 8 * timeout + 10
+
+
+def test_batch_split_validates():
+    part = gd.Partition(rank=0, world_size=4, split="batch")
+    X = np.zeros((3, 5, 2))
+    gp = gpgrad.GP(K.RBF(1.0), backend="torch")
+    gd._use(part)
+    with pytest.raises(ValueError, match="split='batch' needs at least one batch"):
+        gp.condition(torch.tensor(X), torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="split must be one of"):
+        gd.Partition(split="members")
+
+
+def test_memory_is_checked_per_worker_before_allocating(monkeypatch):
+    """Each worker's profiles (its points × all points, three matrices) are
+    compared with the available memory before any product."""
+    import gpgrad.solvers.select as sel
+    from gpgrad.solvers.partitioned import per_worker_memory
+
+    X = torch.tensor(np.random.default_rng(0).uniform(0, 1, (30, 3)))
+    obs = (gpgrad.values(X, X.sum(-1)), gpgrad.gradients(X, torch.ones(30, 3)))
+    gp = gpgrad.GP(K.Matern52(1.0), noise=1e-2, method="cg", backend="torch")
+    gd._use(gd.Partition(devices=["cpu", "cpu"]))
+    one = per_worker_memory(15, 30, 8)  # points, not the 120 entries
+    monkeypatch.setattr(sel, "available_memory", lambda like=None: 2 * one - 1)
+    with pytest.raises(sel.InsufficientMemoryError, match="workers' row slice"):
+        gp.condition(*obs)
+    monkeypatch.setattr(sel, "available_memory", lambda like=None: 2 * one)
+    assert gp.condition(*obs).solver.op.part.workers == 2
 
 
 @pytest.mark.slow  # ~10 s: a partitioned CG run over simulated devices

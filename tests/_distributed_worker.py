@@ -55,6 +55,8 @@ def problem(backend, members, method):
     }
     out = {k: np.asarray(gpgrad.backend.to_numpy(v)) for k, v in out.items()}
     out["method"] = np.asarray(post.method)
+    op = getattr(post.solver, "op", None)
+    out["solver"] = np.asarray(f"{type(post.solver).__name__}/{type(op).__name__}")
     return out
 
 

@@ -585,7 +585,10 @@ def _to_torch(a, device=None):
 
     if B.is_tensor(a):
         return a
-    t = torch.from_numpy(np.ascontiguousarray(np.asarray(a, dtype=np.float64)))
+    if isinstance(a, np.ndarray):
+        # contiguous and writable (a broadcast view is not), in its dtype
+        return torch.from_numpy(np.require(a, requirements=["C", "W"]))
+    t = torch.tensor(a, dtype=torch.float64)
     return t if device is None else t.to(device)
 
 

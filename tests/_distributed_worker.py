@@ -45,7 +45,15 @@ def problem(backend, members, method):
     gp = gpgrad.GP(K.Matern52(0.8), noise=1e-2, method=method, backend=backend)
     post = gp.condition(gpgrad.values(X, y), gpgrad.gradients(X[:, :14], G[:, :14]))
     g = post.gradient(Xs)
+    # the solver's cross factors (as acquisition functions use them): rank
+    # differs by process under split="batch", so their data term is compared
+    mean, P, Q = post.solver.cross(
+        post.query_blocks(gpgrad.values(Xs[0])), post.weights, joint=True
+    )
     out = {
+        "cross_mean": mean,
+        "cross_data": gpgrad.backend.matrix_transpose(P) @ Q,
+        "value_cov": post.value(Xs[0], full_cov=True).cov,
         "mean": g.mean,
         "var": g.var,
         "value_mean": post.value(Xs[0]).mean,  # queries shared by all members

@@ -176,7 +176,7 @@ def test_processes_match_one_process(tmp_path, single_answers, world):
             for other in ranks[1:]:  # every rank holds the same full answer
                 np.testing.assert_array_equal(other[f"{name}/{key}"], got)
             checked += 1
-    assert checked == 6 * len(W.cases(world))  # the six keys of problem()
+    assert checked == 9 * len(W.cases(world))  # the nine arrays of problem()
     assert W.MEMBERS[world] % world != 0  # the batch really is uneven
 
 

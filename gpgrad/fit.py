@@ -775,11 +775,14 @@ class _Objective:
         self.n_obs = sum(f.size for f in obs) * max(1, int(np.prod(batch)))
         self._last = None
         self.gradient = gradient
+        self._dense = None
         if gradient == "autograd":
             import torch
 
             self.torch = torch
             self.device = gp.device if gp.backend == "torch" else torch.device("cpu")
+            # points and targets become float64 tensors once, not per evaluation
+            self.obs_t = [_to_torch(f, torch.float64, self.device) for f in obs]
 
     def _lml(self, theta):
         """``log p(y)`` per problem at ``θ`` (a float64 tensor or an array)."""
@@ -787,8 +790,15 @@ class _Objective:
             gp = self.space.model(
                 self.gp, theta, "torch", self.torch.float64, self.device
             )
-            # dense systems: the closed-form backward pass of gpgrad.likelihood
-            return gp.log_marginal_likelihood(*self.obs)
+            if self.torch.is_grad_enabled():
+                from .likelihood import dense_applies, dense_log_marginal_likelihood
+
+                if self._dense is None:
+                    self._dense = dense_applies(gp, self.obs_t)
+                if self._dense:
+                    # dense systems: the closed-form backward pass
+                    return dense_log_marginal_likelihood(gp, self.obs_t)
+            return gp.log_marginal_likelihood(*self.obs_t)
         gp = self.space.model(self.gp, theta, "numpy")
         return gp.log_marginal_likelihood(*self.obs)
 
@@ -858,6 +868,26 @@ class _Objective:
         out = np.broadcast_to(member, self.batch).copy()
         out[~np.isfinite(out)] = -np.inf
         return out
+
+
+def _to_torch(f, dtype, device):
+    """The functional ``f`` with its points, targets and direction fields as
+    tensors of ``dtype`` on ``device`` (integer fields kept)."""
+    import torch
+
+    def conv(a):
+        if a is None:
+            return None
+        if isinstance(a, np.ndarray) and not np.issubdtype(a.dtype, np.floating):
+            return a
+        if B.is_tensor(a) and not a.is_floating_point():
+            return a
+        if not (isinstance(a, np.ndarray) or B.is_tensor(a)):
+            return a
+        return torch.as_tensor(a, dtype=dtype, device=device)
+
+    fields = {name: conv(getattr(f, name)) for name in f.fields}
+    return type(f).build(f.kind, conv(f.X), conv(f.y), f.noise, **fields)
 
 
 class _few_threads:

@@ -255,6 +255,8 @@ def test_memory_errors_propagate_instead_of_counting_as_bad_parameters(monkeypat
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(gpgrad.GP, "log_marginal_likelihood", boom)
+    # the fit's objective calls the dense closed form directly
+    monkeypatch.setattr(likelihood, "dense_log_marginal_likelihood", boom)
     Xd, y = _data(n=8)
     with pytest.raises(MemoryError, match="can't allocate memory"):
         gpgrad.fit(gpgrad.GP(K.RBF()), Xd, y, restarts=1)

@@ -277,3 +277,28 @@ def test_batched_starts_match_sequential_starts():
     assert float(bat.log_marginal_likelihood) == pytest.approx(max(bat.restarts))
     with pytest.raises(ValueError, match="batch_starts=True needs GP"):
         gpgrad.fit(gpgrad.GP(K.RBF()), Xd, y, restarts=2, batch_starts=True)
+
+
+@pytest.mark.parametrize("kname", ["RBF", "Sum"])
+def test_fit_objective_matches_autograd_through_the_posterior(kname):
+    # the fit's objective (tensors converted once, the closed form called
+    # directly) against autograd through condition(), every observation kind
+    from gpgrad import fit as fit_module
+
+    kernel = KERNELS[kname]()
+    gp = gpgrad.GP(kernel)
+    obs = gp._parse(_observations(kernel))
+    specs, fixed = fit_module._specs(gp, obs, (), None, None, True, True)
+    objective = fit_module._Objective(gp, obs, specs, fixed, (), "autograd", False)
+    theta = objective.space.start() + 0.1 * np.random.default_rng(3).normal(
+        size=objective.space.lo.shape
+    )
+    f, g = objective(theta)
+    assert objective._dense is True
+
+    t = torch.tensor(theta, requires_grad=True)
+    model = objective.space.model(gp, t, "torch", torch.float64, None)
+    lml = model.condition(*obs).log_marginal_likelihood()
+    (g_ref,) = torch.autograd.grad(-lml / objective.n_obs, t)
+    assert f == pytest.approx(-float(lml.detach()) / objective.n_obs, rel=1e-10)
+    np.testing.assert_allclose(g, g_ref.numpy(), rtol=1e-7, atol=1e-10)

@@ -291,6 +291,8 @@ def measure(
     ev_g, _ = timed(gpgrad_evaluation(res, X, y, G), reps)
     ev_f, _ = timed(floor_evaluation(res, X, y, G), reps)
     rec.update(gpgrad_eval_s=ev_g, floor_eval_s=ev_f, eval_over_floor=ev_g / ev_f)
+    # what is measured so far, in case GPyTorch's evaluation does not finish
+    print("partial:", json.dumps(rec), flush=True)
     if rows <= gpytorch_eval_max_rows:
         ev_t, _ = timed(gpytorch_fit(X, y, G, evaluation_only=True), reps)
         rec.update(gpytorch_eval_s=ev_t)

@@ -208,7 +208,7 @@ def fit(
         result, for example the last fit of a Bayesian-optimization loop, or
         ``{name: value}``), clipped into the bounds; names it lacks keep the
         data-driven start.
-    tol : float, default 1e-7
+    tol : float, default 1e-6
         A start ends when an iteration changes ``log p(y) / N`` by less than
         ``tol`` relative to ``max(|log p(y)| / N, 1)``.
 

@@ -775,7 +775,6 @@ class _Objective:
         self.n_obs = sum(f.size for f in obs) * max(1, int(np.prod(batch)))
         self._last = None
         self.gradient = gradient
-        self._dense = None
         if gradient == "autograd":
             import torch
 
@@ -790,14 +789,7 @@ class _Objective:
             gp = self.space.model(
                 self.gp, theta, "torch", self.torch.float64, self.device
             )
-            if self.torch.is_grad_enabled():
-                from .likelihood import dense_applies, dense_log_marginal_likelihood
-
-                if self._dense is None:
-                    self._dense = dense_applies(gp, self.obs_t)
-                if self._dense:
-                    # dense systems: the closed-form backward pass
-                    return dense_log_marginal_likelihood(gp, self.obs_t)
+            # dense systems: the closed-form backward pass of gpgrad.likelihood
             return gp.log_marginal_likelihood(*self.obs_t)
         gp = self.space.model(self.gp, theta, "numpy")
         return gp.log_marginal_likelihood(*self.obs)

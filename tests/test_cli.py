@@ -98,6 +98,7 @@ def test_measured_derivatives_narrow_the_bands(tmp_path):
     data, _ = _series(tmp_path, noise=0.05)
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
     base = ["estimate", data, "--x", "x", "--y", "y", "--restarts", "1"]
+    base += ["--kernel", "matern52"]  # one kernel: the default average is tested apart
     assert _run(base + ["--out", str(a)])[0] == 0
     assert _run(base + ["--dy", "dy", "--out", str(b)])[0] == 0
     _, ra = _read_csv(a)
@@ -190,7 +191,7 @@ def test_bad_input_one_line_exit_2_no_output(tmp_path, capsys, label, extra, mat
     assert leftovers == []
 
 
-def test_failed_plot_leaves_no_csv(tmp_path, monkeypatch, capsys):
+def test_failed_plot_leaves_no_csv(tmp_path, monkeypatch, capsys, quick_fit):
     data, _ = _series(tmp_path)
     out, png = tmp_path / "out.csv", tmp_path / "fig.png"
     import matplotlib.figure

@@ -124,6 +124,10 @@ def _child(spec):
             out["relative_residual"] = float(
                 np.linalg.norm(np.asarray(res)) / np.linalg.norm(np.asarray(r))
             )
+            # one more product, timed alone: the per-iteration cost
+            t4 = time.perf_counter()
+            op.matmul(post._alpha[..., None])
+            out["product_s"] = time.perf_counter() - t4
         if spec["query"] == "meanstd":
             t3 = time.perf_counter()
             std = np.asarray(pred.std)
@@ -221,7 +225,7 @@ def part_large(args):
     """N = 2,000, D = 50: the plain API, numpy (default) and torch backends."""
     rows = []
     for backend in args.backends.split(","):
-        for kernel in ("rbf", "matern52"):
+        for kernel in args.kernels.split(","):
             s = spec(N=args.large_n, D=50, M=100, kernel=kernel, backend=backend)
             r = run(s, args.repeats_large)
             rows.append({"kernel": kernel, **s, **r})
@@ -435,6 +439,10 @@ def main(argv=None):
         help="kernel of the growth curves (RBF at ℓ = 0.5√D needs ~1000 CG "
         "iterations already at N = 100, D = 10)",
     )
+    ap.add_argument(
+        "--kernels", default="rbf,matern52", help="kernels of the large part"
+    )
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument(
@@ -468,7 +476,7 @@ def main(argv=None):
         path = os.path.join(args.out, "scaling.png")
         plot_growth(results["growth"], path)
         print("plot:", path)
-    name = "scaling" + (f"_{args.only}" if args.only else "") + ".json"
+    name = "scaling" + (f"_{args.only}" if args.only else "") + args.tag + ".json"
     with open(os.path.join(args.out, name), "w") as fh:
         json.dump(results, fh, indent=1, default=str)
 

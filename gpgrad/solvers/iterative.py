@@ -44,6 +44,7 @@ hyperparameter fitting on this path is stochastic. The data-fit term
 from __future__ import annotations
 
 import math
+import time
 import warnings
 
 import numpy as np
@@ -301,9 +302,12 @@ class IterativeSolver(Solver):
         self.stats = {"solves": 0, "columns": 0, "iterations": 0}
         self._rhs = None
         self._lanczos = None
+        t0 = time.perf_counter()
         with B.no_grad(self.xp):
             self._diag = B.detach(op.diagonal())
             self._precond = self._build_preconditioner()
+        #: seconds spent building the preconditioner
+        self.stats["preconditioner_s"] = time.perf_counter() - t0
 
     # -- preconditioners ---------------------------------------------------------
     def _build_preconditioner(self):

@@ -236,7 +236,7 @@ def part_large(args):
 def part_huge(args):
     """N = 5,000 and 10,000 in D = 100, Matérn 5/2, the plain API."""
     rows = []
-    for N in (5000, 10000):
+    for N in [int(n) for n in args.huge_n.split(",")]:
         s = spec(N=N, D=100, M=100, kernel="matern52")
         r = run(s, 1)
         rows.append({**s, **r})
@@ -429,6 +429,9 @@ def main(argv=None):
     ap.add_argument("--repeats-large", type=int, default=1)
     ap.add_argument("--tol", type=float, default=1e-8, help="CG tolerance")
     ap.add_argument("--large-n", type=int, default=2000)
+    ap.add_argument(
+        "--huge-n", default="5000,10000", help="point counts of the huge part"
+    )
     ap.add_argument(
         "--backends", default="numpy,torch", help="backends of the large part"
     )

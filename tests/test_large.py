@@ -516,7 +516,7 @@ def test_memory_guard_refuses_matrix_free_before_allocating(monkeypatch):
     monkeypatch.setattr(select, "available_memory", lambda like=None: 1000)
     monkeypatch.setattr(select, "MATFREE_GUARD_MIN_BYTES", 0)
     # values and gradients at the same 10 points: one 10×10 set of profiles
-    assert select.matfree_memory(10, 8) == 3520 > 1000
+    assert select.matfree_memory(10, 8) == 4320 > 1000
     with pytest.raises(
         select.InsufficientMemoryError, match="profile matrices for 10 points need"
     ):

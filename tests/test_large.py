@@ -549,3 +549,29 @@ def test_cg_float32_torch_uses_a_reachable_tolerance():
     mean = post.gradient(Xs).mean
     assert mean.dtype == torch.float32
     assert _rel(mean, ref.gradient(Xs).mean) < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_merged_value_gradient_product_matches_dense(backend, monkeypatch):
+    # values and gradients at the same points take the merged Φ₁ GEMM; the
+    # separate products (MERGE_VALUE_GRADIENT = False) must agree with it
+    from gpgrad.solvers import matfree
+
+    rng = np.random.default_rng(3)
+    X = rng.uniform(-1, 1, (30, 4))
+    xp = gpgrad.GP(K.RBF(), backend=backend).xp
+    dtype = np.float64 if backend == "numpy" else torch.float64
+    for kernel in (K.RBF(lengthscale=[0.6, 0.8, 1.0, 1.2]), K.Matern52(0.9)):
+        bl = as_blocks([gpgrad.values(X), gpgrad.gradients(X)], xp, dtype, None)
+        Kd = covariance(kernel, bl)
+        V = rng.normal(size=(Kd.shape[0], 2))
+        if backend == "torch":
+            V = torch.as_tensor(V)
+        op = GramOperator(kernel, bl, None)
+        merged = op.matmul(V)
+        assert any(key[0] == "p0z" for key in op._phi)
+        monkeypatch.setattr(matfree, "MERGE_VALUE_GRADIENT", False)
+        separate = GramOperator(kernel, bl, None).matmul(V)
+        monkeypatch.setattr(matfree, "MERGE_VALUE_GRADIENT", True)
+        assert _rel(merged, Kd @ V) < 1e-13
+        assert _rel(separate, Kd @ V) < 1e-13

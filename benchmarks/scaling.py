@@ -143,6 +143,12 @@ def _child(spec):
             out["product_s"] = time.perf_counter() - t4
             out["product_cpu_s"] = time.process_time() - c4
             out["preconditioner_s"] = stats.get("preconditioner_s")
+            # iterations the same run needed to reach looser tolerances
+            hist = solver.info.get("history") or []
+            out["iterations_to"] = {
+                f"{t:.0e}": next((i for i, h in enumerate(hist) if h <= t), None)
+                for t in (1e-4, 1e-6, 1e-8)
+            }
         if spec["query"] == "meanstd":
             c3, t3 = time.process_time(), time.perf_counter()
             std = np.asarray(pred.std)
@@ -479,6 +485,8 @@ def _fmt_row(name, r):
         )
     if r.get("warnings"):
         it += f", warnings: {', '.join(r['warnings'])}"
+    if r.get("iterations_to"):
+        it += ", iterations to 1e-6: " + str(r["iterations_to"].get("1e-06"))
     if "product_s" in r:
         it += f", one product {r['product_s']:.3f} s ({r['product_cpu_s']:.3f} s CPU)"
     cpu = f", {r['cpu_s']:.2f} s CPU" if "cpu_s" in r else ""

@@ -194,7 +194,9 @@ def pcg(matmul, b, precond=None, *, tol=1e-8, max_iter=1000, x0=None):
     -------
     x : array (…, N, k)
     info : dict
-        ``iterations`` and the largest final ``relative_residual``.
+        ``iterations``, the largest final ``relative_residual`` and its
+        ``history`` (the largest relative residual before each iteration and
+        after the last).
     """
     xp = B.namespace(b)
     bnorm = xp.sqrt(xp.sum(b * b, axis=-2, keepdims=True))
@@ -207,6 +209,7 @@ def pcg(matmul, b, precond=None, *, tol=1e-8, max_iter=1000, x0=None):
     it = 0
     rel = xp.sqrt(xp.sum(r * r, axis=-2, keepdims=True)) / bnorm
     worst = B.to_float(xp.max(rel))
+    history = [worst]
     while worst > tol and it < max_iter:
         Ap = matmul(p)
         pAp = xp.sum(p * Ap, axis=-2, keepdims=True)
@@ -223,8 +226,9 @@ def pcg(matmul, b, precond=None, *, tol=1e-8, max_iter=1000, x0=None):
         rz = rz_new
         rel = xp.sqrt(xp.sum(r * r, axis=-2, keepdims=True)) / bnorm
         worst = B.to_float(xp.max(rel))
+        history.append(worst)
         it += 1
-    return x, {"iterations": it, "relative_residual": worst}
+    return x, {"iterations": it, "relative_residual": worst, "history": history}
 
 
 #: mean kernel correlation between observed points above which plain CG

@@ -96,6 +96,10 @@ def _child(spec):
             preconditioner=spec["precond"],
             variance=spec.get("variance", "exact"),
         )
+    if method == "default" and spec.get("max_iter"):
+        # a probe: the default options with an iteration cap, for the cost
+        # of setup and of one iteration where the full solve would not fit
+        method = CG(max_iter=spec["max_iter"])
     if method != "default":
         kw["method"] = method
     if spec.get("backend"):
@@ -310,7 +314,7 @@ def part_huge(args):
     """N = 5,000 and 10,000 in D = 100, Matérn 5/2, the plain API."""
     rows = []
     for N in [int(n) for n in args.huge_n.split(",")]:
-        s = spec(N=N, D=100, M=100, kernel="matern52")
+        s = spec(N=N, D=100, M=100, kernel="matern52", max_iter=args.max_iter)
         r = run(s, 1)
         rows.append({**s, **r})
         print(_fmt_row(f"huge matern52 N={N} D=100", r), flush=True)
@@ -510,6 +514,13 @@ def main(argv=None):
     ap.add_argument("--large-n", type=int, default=2000)
     ap.add_argument(
         "--huge-n", default="5000,10000", help="point counts of the huge part"
+    )
+    ap.add_argument(
+        "--max-iter",
+        type=int,
+        default=None,
+        help="huge part: cap the CG iterations (a probe of setup and per-"
+        "iteration cost where the whole solve would take too long)",
     )
     ap.add_argument(
         "--backends", default="numpy,torch", help="backends of the large part"

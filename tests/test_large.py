@@ -575,3 +575,21 @@ def test_merged_value_gradient_product_matches_dense(backend, monkeypatch):
         monkeypatch.setattr(matfree, "MERGE_VALUE_GRADIENT", True)
         assert _rel(merged, Kd @ V) < 1e-13
         assert _rel(separate, Kd @ V) < 1e-13
+
+
+def test_merged_product_keeps_the_variance_gradient():
+    # a product made under no_grad (inside CG) must not lend its cached
+    # matrices to a later product that autograd records (implicit solve step)
+    rng = np.random.default_rng(4)
+    X = torch.tensor(rng.uniform(-1, 1, (12, 3)))
+    V = torch.tensor(rng.normal(size=(48, 1)))
+    W = torch.tensor(rng.normal(size=(48, 1)))
+    var = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    kernel = K.RBF(lengthscale=0.8, variance=var)
+    bl = as_blocks([gpgrad.values(X), gpgrad.gradients(X)], torch, torch.float64, None)
+    op = GramOperator(kernel, bl, None)
+    with torch.no_grad():
+        op.matmul(V)
+    got = torch.autograd.grad((W * op.matmul(V)).sum(), var)[0]
+    want = torch.autograd.grad((W * (covariance(kernel, bl) @ V)).sum(), var)[0]
+    assert _rel(got, want) < 1e-12

@@ -226,7 +226,8 @@ class GramOperator:
     def _group_p0z(self, ga, gb, phi):
         """``Φ₀ + Φ₁ ⊙ Z_A Z_Bᵀ`` (nA, nB), cached: with it the value rows of a
         product need ``Φ₁`` only once, on ``v ⊙ Z_B + W`` (see :func:`_pair_fast`)."""
-        key = ("p0z", id(ga), id(gb))
+        # like the profiles, kept apart by whether autograd records
+        key = ("p0z", id(ga), id(gb), B.grad_enabled(self.xp))
         if key not in self._phi:
             p0z = ga.Z @ B.matrix_transpose(gb.Z)
             if B.is_torch(self.xp):

@@ -247,8 +247,11 @@ class GramOperator:
             start += s
         return out
 
-    def _coefficients(self, groups, blocks, udirs, pieces):
-        """Per group: v (…, k, n) or None and W (…, k, n, d) or None (z-space)."""
+    def _coefficients(self, groups, blocks, udirs, pieces, inputs=None):
+        """Per group: v (…, k, n) or None and W (…, k, n, d) or None (z-space).
+
+        ``inputs="values"`` or ``"derivatives"`` leaves out the other kind of
+        coefficient (as if it were zero, without its work)."""
         xp = self.xp
         coef = []
         for g in groups:
@@ -256,7 +259,10 @@ class GramOperator:
             for i, kind in g.parts:
                 b, c = blocks[i], pieces[i]
                 if kind == "value":
-                    v = c
+                    if inputs != "derivatives":
+                        v = c
+                    continue
+                if inputs == "values":
                     continue
                 k = b.k
                 c = xp.reshape(c, tuple(c.shape[:-1]) + (b.n, k))
@@ -276,6 +282,8 @@ class GramOperator:
         for g, (y, G) in zip(groups, results):
             for i, kind in g.parts:
                 b = blocks[i]
+                if (y if kind == "value" else G) is None:
+                    continue  # no coefficients reached it: filled with zeros
                 if kind == "value":
                     out[i] = y
                 elif kind == "grad":
@@ -344,6 +352,8 @@ class GramOperator:
         for ga in out_groups:
             y = G = None
             for gb, (v, W) in zip(in_groups, coef):
+                if v is None and W is None:
+                    continue
                 if same:
                     phi = self._group_profiles(ga, gb)
                 else:
@@ -383,9 +393,17 @@ class GramOperator:
         per = max(1, 3 * nA * nA)
         return max(1, RHS_CHUNK_ELEMENTS // per)
 
-    def matmul(self, V, *, with_noise=True):
-        """``(K + diag(noise)) V`` for V (…, N, k); returns (…, N, k)."""
+    def matmul(self, V, *, with_noise=True, inputs=None):
+        """``(K + diag(noise)) V`` for V (…, N, k); returns (…, N, k).
+
+        ``inputs="values"`` (``"derivatives"``) treats the derivative (value)
+        entries of V as zeros and skips their share of the work.
+        """
         xp = self.xp
+        if inputs not in (None, "values", "derivatives"):
+            raise ValueError(
+                f"inputs must be None, 'values' or 'derivatives', got {inputs!r}"
+            )
         Vt = B.matrix_transpose(V)  # (…, k, N)
         k = Vt.shape[-2]
         nA = sum(g.Z.shape[-2] for g in self.groups)
@@ -394,9 +412,15 @@ class GramOperator:
         for c0 in range(0, k, step):
             Vc = Vt[..., c0 : c0 + step, :]
             pieces = self._split(Vc, self.sizes)
-            coef = self._coefficients(self.groups, self.blocks, self._udirs, pieces)
+            coef = self._coefficients(
+                self.groups, self.blocks, self._udirs, pieces, inputs
+            )
             res = self._apply(self.groups, self.groups, coef, True)
             parts = self._outputs(self.groups, self.blocks, self._udirs, res)
+            parts = [
+                xp.zeros_like(pieces[i]) if p is None else p
+                for i, p in enumerate(parts)
+            ]
             outs.append(xp.concat(parts, axis=-1))
         KV = B.matrix_transpose(outs[0] if len(outs) == 1 else xp.concat(outs, axis=-2))
         if with_noise and self.noise is not None:

@@ -100,6 +100,9 @@ def _child(spec):
         # a probe: the default options with an iteration cap, for the cost
         # of setup and of one iteration where the full solve would not fit
         method = CG(max_iter=spec["max_iter"])
+    if method == "cg-no-elimination":
+        # the default options but plain CG on the whole system
+        method = CG(eliminate_values=False)
     if method != "default":
         kw["method"] = method
     if spec.get("backend"):
@@ -132,6 +135,7 @@ def _child(spec):
         stats = dict(getattr(solver, "stats", {}) or {})
         if stats:
             out["iterations"] = stats["iterations"]
+            out["eliminated_values"] = solver.info.get("eliminated_values", 0)
             out["solves_for_mean"] = stats["solves"]
             out["preconditioner"] = str(solver.preconditioner)
             # the relative residual of the weights, recomputed independently
@@ -252,10 +256,19 @@ def part_large(args):
     rows = []
     for backend in args.backends.split(","):
         for kernel in args.kernels.split(","):
-            s = spec(N=args.large_n, D=50, M=100, kernel=kernel, backend=backend)
-            r = run(s, args.repeats_large)
-            rows.append({"kernel": kernel, **s, **r})
-            print(_fmt_row(f"large {backend} {kernel} N={s['N']} D=50", r), flush=True)
+            for method in args.large_methods.split(","):
+                s = spec(
+                    N=args.large_n,
+                    D=50,
+                    M=100,
+                    kernel=kernel,
+                    backend=backend,
+                    method=method,
+                )
+                r = run(s, args.repeats_large)
+                rows.append({"kernel": kernel, **s, **r})
+                name = f"large {backend} {kernel} N={s['N']} D=50 {method}"
+                print(_fmt_row(name, r), flush=True)
     return rows
 
 
@@ -534,6 +547,12 @@ def main(argv=None):
     )
     ap.add_argument(
         "--kernels", default="rbf,matern52", help="kernels of the large part"
+    )
+    ap.add_argument(
+        "--large-methods",
+        default="default",
+        help="large part: 'default' (the plain API) and/or 'cg-no-elimination' "
+        "(CG on the whole system, value elimination off), side by side",
     )
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))

@@ -84,12 +84,13 @@ class CG:
     max_iter : int or None
         Iteration cap (default ``max(1000, 2·√N)``); a warning names the
         remedy when it is reached.
-    preconditioner : {"jacobi", "pivchol", "kronecker", None}, default "jacobi"
+    preconditioner : {"auto", "jacobi", "pivchol", "kronecker", None}, default "auto"
         Which helps depends on the lengthscale (measured, Matérn 5/2, 300
         points in 5-D, values and gradients, noise 1e-4; iterations for
         ℓ = 0.15 / 0.5 / 2: none 64 / 760 / 2006, jacobi 23 / 393 / 2723,
-        pivchol 23 / 358 / 718, kronecker 23 / 136 / 1316). Jacobi is the
-        cheap default; try "pivchol" for long lengthscales.
+        pivchol 23 / 358 / 718, kronecker 23 / 136 / 1316). "auto" picks
+        plain CG for strongly correlated points and Jacobi otherwise
+        (:func:`auto_preconditioner`).
     rank : int, default 100
         Rank of the pivoted Cholesky preconditioner.
     probes : int, default 16

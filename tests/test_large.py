@@ -657,3 +657,25 @@ def test_value_elimination_option_is_validated():
     op = GramOperator(K.RBF(), bl, None)
     with pytest.raises(ValueError, match="inputs must be None, 'values'"):
         op.matmul(np.ones((2, 1)), inputs="gradients")
+
+
+def test_value_elimination_with_values_at_several_point_sets():
+    # value blocks in different point groups: the eliminated block is
+    # assembled from the profiles between the groups
+    rng = np.random.default_rng(5)
+    X1, X2 = rng.uniform(-1, 1, (10, 3)), rng.uniform(-1, 1, (7, 3))
+    obs = [
+        gpgrad.values(X1, _f(X1)),
+        gpgrad.gradients(X2, _g(X2)),
+        gpgrad.values(X2, _f(X2)),
+        gpgrad.partials(X1[:4], [0, 1, 2, 0], _g(X1[:4])[np.arange(4), [0, 1, 2, 0]]),
+    ]
+    Xs = rng.uniform(-1, 1, (3, 3))
+    kernel = K.Matern52(lengthscale=1.5)
+    post = gpgrad.GP(
+        kernel, noise=1e-3, method=CG(tol=1e-10, eliminate_values=True)
+    ).condition(*obs)
+    assert post._solver._schur is not None
+    assert post._solver.info["eliminated_values"] == 17
+    ref = gpgrad.GP(kernel, noise=1e-3, method="cholesky").condition(*obs)
+    assert _rel(post.gradient(Xs).mean, ref.gradient(Xs).mean) < 1e-8

@@ -500,7 +500,16 @@ class IterativeSolver(Solver):
         def index(a):
             return a if B.is_numpy(xp) else B.to_namespace(a, xp, device=dev)
 
-        A = covariance(op.kernel, [op.blocks[i] for i in vb])
+        # the value block from the operator's own profile matrices (Φ₀ between
+        # the groups the value blocks belong to): no closed-form assembly
+        vgroups = [next(g for g in op.groups if (i, "value") in g.parts) for i in vb]
+        A = xp.concat(
+            [
+                xp.concat([op._group_profiles(ga, gb)[0] for gb in vgroups], axis=-1)
+                for ga in vgroups
+            ],
+            axis=-2,
+        )
         if op.noise is not None:
             nv = xp.take(op.noise, index(iv), axis=-1)
             A = A + nv[..., :, None] * xp.eye(len(iv), dtype=A.dtype, device=dev)

@@ -157,7 +157,7 @@ def _child(spec):
                 f"{t:.0e}": next((i for i, h in enumerate(hist) if h <= t), None)
                 for t in (1e-4, 1e-6, 1e-8)
             }
-        if spec["query"] == "meanstd":
+        if spec["query"] in ("meanstd", "meanvar"):
             c3, t3 = time.process_time(), time.perf_counter()
             std = np.asarray(pred.std)
             out["std_s"] = time.perf_counter() - t3
@@ -506,6 +506,8 @@ def _fmt_row(name, r):
         it += ", iterations to 1e-6: " + str(r["iterations_to"].get("1e-06"))
     if "product_s" in r:
         it += f", one product {r['product_s']:.3f} s ({r['product_cpu_s']:.3f} s CPU)"
+    if "std_s" in r:
+        it += f", then the variances {r['std_s']:.2f} s"
     cpu = f", {r['cpu_s']:.2f} s CPU" if "cpu_s" in r else ""
     return (
         f"{name}: {r['method']}, condition {r['condition_s']:.2f} s + query "

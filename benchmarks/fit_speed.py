@@ -15,13 +15,22 @@ inputs at ``n`` points (``n·(d+1)`` rows), with noise of standard deviation
   the backward pass of both through torch autograd (the least an
   autograd-based likelihood-and-gradient evaluation does).
 
-For each size it prints the whole-fit time (median of ``--repeats``), the
-final log marginal likelihood of both fits, the number of likelihood
+For each size it prints the whole-fit time (median of ``--repeats``, the
+two libraries' fits interleaved so that a change of the machine's load hits
+both), the ratio of the median times with the range of the per-pair ratios
+and the ratio of the median CPU times (``time.process_time``: the work done,
+less sensitive than wall time to other jobs on a shared machine),
+the final log marginal likelihood of both fits, the number of likelihood
 evaluations, and one evaluation's time (likelihood and gradient, median of a
 few) of gpgrad, of GPyTorch and of the floor. Whole fits above
 ``--fit-max-rows`` are skipped (only the one-evaluation columns are measured,
 at the hyperparameters of a two-iteration gpgrad fit), and so is GPyTorch's
-one evaluation above ``--gpytorch-eval-max-rows``.
+one evaluation above ``--gpytorch-eval-max-rows``. Above
+``--gpytorch-fit-max-rows`` only GPyTorch's whole fit is skipped; the record
+then gives ``gpytorch_evaluations_for_third``, the number of GPyTorch
+evaluations (at the measured one-evaluation time) that would take three times
+gpgrad's whole fit, to compare with the counts GPyTorch needs at the sizes
+where it was run.
 ``--bo`` adds a Bayesian-optimization loop that refits at every step, cold
 (three starts, ``fit``'s default) and warm-started (``gpgrad.fit(...,
 start=previous)``, one start), and prints each iteration's fit time.
@@ -32,12 +41,15 @@ shared machine quote the ratios, not the absolute times.
     python benchmarks/fit_speed.py                          # all sizes
     python benchmarks/fit_speed.py --rows 140 700 --repeats 3 --bo \\
         --json benchmarks/results/fit_speed.json --md benchmarks/results/fit_speed.md
+    python benchmarks/fit_speed.py --rows 5500 --gpytorch-fit-max-rows 2200
+    python benchmarks/fit_speed.py --rows --bo              # the BO loop only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -227,23 +239,51 @@ def timed(fn, repeats):
     return M.median(times), out
 
 
-def measure(rows, repeats, eval_repeats, fit_max_rows, gpytorch_eval_max_rows):
+def measure(
+    rows,
+    repeats,
+    eval_repeats,
+    fit_max_rows,
+    gpytorch_eval_max_rows,
+    gpytorch_fit_max_rows=10**9,
+):
     n, d = SIZES[rows]
     repeats = repeats if rows <= 1000 else 1
     X, y, G = problem(n, d)
     rec = {"rows": rows, "n": n, "d": d}
     if rows <= fit_max_rows:
-        t_g, res = timed(lambda: gpgrad_fit(X, y, G), repeats)
-        t_t, (lml_t, evals_t) = timed(lambda: gpytorch_fit(X, y, G), repeats)
+        # interleaved: gpgrad, GPyTorch, gpgrad, GPyTorch, ...
+        run_t = rows <= gpytorch_fit_max_rows
+        t_g, t_t, c_g, c_t, res, out_t = [], [], [], [], None, None
+        for _ in range(repeats):
+            c0 = time.process_time()
+            t, res = timed(lambda: gpgrad_fit(X, y, G), 1)
+            c_g.append(time.process_time() - c0)
+            t_g.append(t)
+            if run_t:
+                c0 = time.process_time()
+                t, out_t = timed(lambda: gpytorch_fit(X, y, G), 1)
+                c_t.append(time.process_time() - c0)
+                t_t.append(t)
         rec.update(
-            gpgrad_fit_s=t_g,
-            gpytorch_fit_s=t_t,
-            fit_ratio=t_g / t_t,
+            gpgrad_fit_s=M.median(t_g),
+            gpgrad_fit_all_s=t_g,
+            gpgrad_fit_cpu_s=M.median(c_g),
             gpgrad_lml=float(res.log_marginal_likelihood),
-            gpytorch_lml=lml_t,
             gpgrad_evaluations=res.n_evaluations,
-            gpytorch_evaluations=evals_t,
         )
+        if run_t:
+            lml_t, evals_t = out_t
+            rec.update(
+                gpytorch_fit_s=M.median(t_t),
+                gpytorch_fit_all_s=t_t,
+                fit_ratio=M.median(t_g) / M.median(t_t),
+                fit_ratio_pairs=[a / b for a, b in zip(t_g, t_t)],
+                gpytorch_fit_cpu_s=M.median(c_t),
+                fit_cpu_ratio=M.median(c_g) / M.median(c_t),
+                gpytorch_lml=lml_t,
+                gpytorch_evaluations=evals_t,
+            )
     else:
         # one evaluation at the data-driven starting point's short fit
         res = _few_iterations_fit(X, y, G)
@@ -251,9 +291,14 @@ def measure(rows, repeats, eval_repeats, fit_max_rows, gpytorch_eval_max_rows):
     ev_g, _ = timed(gpgrad_evaluation(res, X, y, G), reps)
     ev_f, _ = timed(floor_evaluation(res, X, y, G), reps)
     rec.update(gpgrad_eval_s=ev_g, floor_eval_s=ev_f, eval_over_floor=ev_g / ev_f)
+    # what is measured so far, in case GPyTorch's evaluation does not finish
+    print("partial:", json.dumps(rec), flush=True)
     if rows <= gpytorch_eval_max_rows:
         ev_t, _ = timed(gpytorch_fit(X, y, G, evaluation_only=True), reps)
         rec.update(gpytorch_eval_s=ev_t)
+        if "gpgrad_fit_s" in rec and "gpytorch_fit_s" not in rec:
+            rec.update(gpytorch_evaluations_for_third=3 * rec["gpgrad_fit_s"] / ev_t)
+    rec["load_average_after"] = list(os.getloadavg())
     return rec
 
 
@@ -327,18 +372,30 @@ def _ms(seconds):
 def markdown(machine, records, bo):
     out = [f"Machine: {machine}", ""]
     out.append(
-        "| rows (n, d) | gpgrad fit | GPyTorch fit | ratio | gpgrad LML | "
+        "| rows (n, d) | gpgrad fit | GPyTorch fit | ratio (range; CPU time) | "
+        "gpgrad LML | "
         "GPyTorch LML | evaluations (gpgrad / GPyTorch) | one evaluation: gpgrad "
         "| GPyTorch | floor | gpgrad / floor |"
     )
     out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
-        if "gpgrad_fit_s" in r:
+        if "gpytorch_fit_s" in r:
+            pairs = r.get("fit_ratio_pairs", [r["fit_ratio"]])
+            spread = f" ({min(pairs):.2f}–{max(pairs):.2f})" if len(pairs) > 1 else ""
+            cpu = r.get("fit_cpu_ratio")
+            cpu = "" if cpu is None else f"; CPU time {cpu:.2f}"
             fitcols = (
                 f"{r['gpgrad_fit_s']:.3g} s | {r['gpytorch_fit_s']:.3g} s | "
-                f"**{r['fit_ratio']:.2f}** | {r['gpgrad_lml']:.2f} | "
+                f"**{r['fit_ratio']:.2f}**{spread}{cpu} | {r['gpgrad_lml']:.2f} | "
                 f"{r['gpytorch_lml']:.2f} | {r['gpgrad_evaluations']} / "
                 f"{r['gpytorch_evaluations']}"
+            )
+        elif "gpgrad_fit_s" in r:
+            need = r.get("gpytorch_evaluations_for_third")
+            need = "" if need is None else f" (⅓ if it needs ≥ {need:.1f} evaluations)"
+            fitcols = (
+                f"{r['gpgrad_fit_s']:.3g} s | not run{need} | | "
+                f"{r['gpgrad_lml']:.2f} | | {r['gpgrad_evaluations']} / "
             )
         else:
             fitcols = "not run | not run | | | | "
@@ -369,7 +426,13 @@ def markdown(machine, records, bo):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", type=int, nargs="+", default=sorted(SIZES))
+    ap.add_argument(
+        "--rows",
+        type=int,
+        nargs="*",
+        default=sorted(SIZES),
+        help="sizes to measure (none: only the --bo loop)",
+    )
     ap.add_argument(
         "--repeats", type=int, default=3, help="whole fits per size (1 above 1000 rows)"
     )
@@ -380,6 +443,12 @@ def main(argv=None):
         type=int,
         default=10**9,
         help="time GPyTorch's one evaluation only up to this many rows",
+    )
+    ap.add_argument(
+        "--gpytorch-fit-max-rows",
+        type=int,
+        default=10**9,
+        help="run GPyTorch's whole fit only up to this many rows",
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bo", action="store_true")
@@ -410,6 +479,7 @@ def main(argv=None):
             args.eval_repeats,
             args.fit_max_rows,
             args.gpytorch_eval_max_rows,
+            args.gpytorch_fit_max_rows,
         )
         records.append(rec)
         print(json.dumps(rec), flush=True)
@@ -417,6 +487,8 @@ def main(argv=None):
     for b in bo:
         print(json.dumps(b), flush=True)
     md = markdown(machine, records, bo)
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    md += f"\n\nLoad average (1, 5, 15 min) at the end: {load}."
     print(md)
     info = {
         "machine": info,

@@ -59,6 +59,7 @@ from .exceptions import GPGradWarning, NotPositiveDefiniteError
 from .fit import FitResult, fit
 from .functionals import gradients, values
 from .gp import GP
+from .kernels.base import DotProductMap, StationaryMap
 from .posterior import Prediction
 
 __all__ = [
@@ -73,6 +74,9 @@ __all__ = [
 
 #: bounds of the Kumaraswamy concentrations when a warping is fitted
 WARP_BOUNDS = (0.25, 4.0)
+#: share of the identity in the warping: the effective lengthscale at the
+#: box's ends stays within 10× of the unwarped one (see ``Warped(floor=)``)
+WARP_FLOOR = 0.1
 
 
 # --------------------------------------------------------------------------
@@ -95,6 +99,10 @@ class Candidate:
         Extra bounds for :func:`gpgrad.fit`.
     prior : float
         Prior probability weight (relative; default 1).
+    start : dict or list of dict
+        Starting values for :func:`gpgrad.fit` (``{name: value}``; the others
+        start from the data). A list fits from each (an empty dict: the
+        data-driven start) and keeps the best.
     """
 
     name: str
@@ -102,6 +110,7 @@ class Candidate:
     fixed: dict = field(default_factory=dict)
     bounds: dict = field(default_factory=dict)
     prior: float = 1.0
+    start: dict | list = field(default_factory=dict)
 
 
 def _base_families() -> list:
@@ -116,10 +125,12 @@ def _base_families() -> list:
 
 
 def default_candidates(X, *, period=None) -> list:
-    """The base families: Matérn 3/2, 5/2 (7/2 when available), RBF, RQ.
+    """The base families: Matérn 3/2, 5/2 (7/2 when available), RBF, RQ,
+    for one input column a periodic kernel over the window (period starting
+    at the span, within 0.5–1.5 × span), and a cubic polynomial.
 
-    Refinements of the best bases (warping, trend, periodic part) are built
-    by :func:`refinements` once the bases are scored.
+    Refinements of the best bases (warping, second scale, trend, periodic
+    part) are built by :func:`refinements` once the bases are scored.
 
     Parameters
     ----------
@@ -132,44 +143,105 @@ def default_candidates(X, *, period=None) -> list:
     -------
     list of Candidate
     """
-    return [Candidate(name, cls()) for name, cls in _base_families()]
+    out = [Candidate(name, cls()) for name, cls in _base_families()]
+    X = np.asarray(X, dtype=float)
+    span = np.ptp(X, axis=0)
+    if X.ndim == 2 and X.shape[1] == 1 and span[0] > 0:
+        p = float(span[0])
+        # a function periodic over the window (both ends continue each other)
+        out.append(
+            Candidate(
+                "Periodic",
+                K.Periodic(period=p),
+                bounds={"period": (0.5 * p, 1.5 * p)},
+                # the periodic lengthscale is relative to the period: one
+                # start smooth within a period, one from the data (a fifth of
+                # the span: many harmonics); their optima differ
+                start=[{"lengthscale": 1.0}, {}],
+            )
+        )
+    # a cubic polynomial (Bayesian cubic regression)
+    out.append(Candidate("Cubic", K.Polynomial(degree=3)))
+    return out
 
 
-def refinements(base: Candidate, X, *, period=None) -> list:
+def _prefixed(d: dict, prefix: str) -> dict:
+    return {f"{prefix}{k}": v for k, v in d.items()}
+
+
+def refinements(base: Candidate, X, *, period=None, fitted=None) -> list:
     """Local and global refinements of a base candidate.
 
     * ``W(base)``: the base on Kumaraswamy-warped inputs (local features);
+    * ``base+base``: a second part of the same family, started at a fifth of
+      the fitted lengthscale (two scales: a slow signal and a fast ripple);
     * ``base+Linear``: a linear trend (its lengthscale fixed, the variance
       alone scales it);
     * ``base+Periodic``: a periodic part, when ``period`` is given.
+
+    The warping and the second scale apply to stationary bases only.
+
+    Parameters
+    ----------
+    base : Candidate
+    X : array (n, d)
+    period : float, optional
+    fitted : FitResult, optional
+        The base's fit (the second scale starts from its hyperparameters).
     """
     out = []
+    X = np.asarray(X, dtype=float)
     lo = np.min(X, axis=0)
     hi = np.max(X, axis=0)
     kern = base.kernel
-    if (
+    stationary = (
         isinstance(kern, K.RadialKernel)
+        and isinstance(kern.input_map, StationaryMap)
         and not isinstance(kern, K.Warped)
-        and np.all(hi > lo)
-    ):
+    )
+    if stationary and np.all(hi > lo):
         out.append(
             Candidate(
                 f"W({base.name})",
-                K.Warped(type(kern)(), lower=lo, upper=hi),
+                K.Warped(type(kern)(), lower=lo, upper=hi, floor=WARP_FLOOR),
                 bounds={
                     "concentration1": WARP_BOUNDS,
                     "concentration0": WARP_BOUNDS,
                 },
             )
         )
-    out.append(
-        Candidate(
-            f"{base.name}+Linear",
-            type(kern)() + K.Linear(),
-            fixed={"1.lengthscale": float(np.mean(np.maximum(hi - lo, 1e-12)))},
+    if stationary and fitted is not None:
+        p = fitted.params
+        ls = np.asarray(B.to_numpy(p["lengthscale"]), dtype=float)
+        var = float(B.to_float(p["variance"]))
+        start = {
+            "0.lengthscale": ls,
+            "1.lengthscale": ls / 5.0,
+            "0.variance": var,
+            "1.variance": var / 25.0,
+        }
+        out.append(
+            Candidate(
+                f"{base.name}+{base.name}",
+                type(kern)() + type(kern)(),
+                start=start,
+            )
         )
-    )
-    if period is not None:
+    if not isinstance(kern.input_map, DotProductMap):
+        out.append(
+            Candidate(
+                f"{base.name}+Linear",
+                kern + K.Linear(),
+                fixed={"1.lengthscale": float(np.mean(np.maximum(hi - lo, 1e-12)))},
+                bounds=_prefixed(base.bounds, "0."),
+                start=(
+                    [_prefixed(st, "0.") for st in base.start]
+                    if isinstance(base.start, list)
+                    else _prefixed(base.start, "0.")
+                ),
+            )
+        )
+    if period is not None and stationary:
         out.append(
             Candidate(
                 f"{base.name}+Periodic",
@@ -440,20 +512,31 @@ def _subsample(obs, max_points, seed):
 
 
 def _fit_one(cand, obs, *, backend, method, restarts, seed, ard, maxiter):
+    """Fit a candidate; a list of starts fits from each, the best one wins."""
     gp = GP(cand.kernel, backend=backend, method=method)
+    starts = cand.start if isinstance(cand.start, list) else [cand.start]
+    best = None
     with warnings.catch_warnings():
         # a hyperparameter on a bound is part of what the evidence weighs
         warnings.simplefilter("ignore", GPGradWarning)
-        return fit(
-            gp,
-            *obs,
-            fixed=cand.fixed or None,
-            bounds=cand.bounds or None,
-            ard=ard,
-            restarts=restarts,
-            seed=seed,
-            maxiter=maxiter,
-        )
+        for start in starts:
+            res = fit(
+                gp,
+                *obs,
+                fixed=cand.fixed or None,
+                start=start or None,
+                bounds=cand.bounds or None,
+                ard=ard,
+                restarts=restarts,
+                seed=seed,
+                maxiter=maxiter,
+            )
+            if (
+                best is None
+                or res.log_marginal_likelihood > best.log_marginal_likelihood
+            ):
+                best = res
+    return best
 
 
 def _check_candidates(candidates):
@@ -518,9 +601,11 @@ def fit_auto(
         axes.
     candidates : list of Kernel or Candidate, or dict name -> Kernel, optional
         The kernels to try. Default: Matérn 3/2, 5/2 (7/2 when the package has
-        it), RBF and rational quadratic, then for the best of them a
-        Kumaraswamy input warping, a linear trend and, for periodic 1-D data,
-        a periodic part, and the warping of the runner-up (``refine``).
+        it), RBF, rational quadratic, a periodic kernel over the window (1-D)
+        and a cubic polynomial (:func:`default_candidates`), then for the best
+        of them a Kumaraswamy input warping (floor ``WARP_FLOOR``), a second
+        lengthscale, a linear trend and, for periodic 1-D data, a periodic
+        part, and the warping of the runner-up (``refine``).
     backend : {"numpy", "torch"}
         The members' backend (results are tensors with ``"torch"``).
     method : str
@@ -673,8 +758,8 @@ def fit_auto(
                 (v for v in tried.values() if v[1] is not None), key=lambda v: -v[2]
             )
             # every refinement of the best base, the warping of the runner-up
-            for i, (c, _, _) in enumerate(ranked[:2]):
-                extra = refinements(c, Xall, period=period)
+            for i, (c, res, _) in enumerate(ranked[:2]):
+                extra = refinements(c, Xall, period=period, fitted=res)
                 run(extra if i == 0 else [e for e in extra if e.name[:2] == "W("])
 
     ok = [(c, r, s) for c, r, s in tried.values() if r is not None]

@@ -180,11 +180,12 @@ def _parser():
     )
     est.add_argument(
         "--kernel",
-        default="matern52",
+        default="auto",
         choices=_kernel_names(),
-        help="covariance kernel (default matern52); 'auto' averages Matérn, RBF, "
-        "rational-quadratic and trend/warped/periodic variants by their evidence "
-        f"(up to {AUTO_MAX_ROWS:,} rows; longer series use matern52)",
+        help="covariance kernel; 'auto' (the default) averages Matérn, RBF, "
+        "rational-quadratic, periodic and cubic models and their trend, two-scale "
+        "and warped variants by their evidence (up to "
+        f"{AUTO_MAX_ROWS:,} rows; longer series use matern52)",
     )
     est.add_argument(
         "--at",

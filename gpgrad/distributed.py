@@ -21,12 +21,19 @@ Several devices in one process::
     gpgrad.distributed.init(devices=["cuda:0", "cuda:1"])
 
 On one process without devices, :func:`init` does nothing and returns None.
+A batch of independent problems (leading batch axis of ``X``, one member per
+problem) with at least as many members as processes is spread instead: each
+rank solves whole batch members with any solver (no communication while it
+solves), and the answers are all-gathered so that every rank holds the full
+batch (``init(split=...)`` chooses).
+
 A rank that dies or stops answering ends the others' collectives with a
 :class:`DistributedError` within ``timeout`` seconds (no hang).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -61,14 +68,26 @@ class Partition:
     timeout : float
         Seconds a collective may wait before it fails.
     group : the torch.distributed process group, or None
+    split : {"auto", "rows", "batch"}
+        How a batch of independent problems is shared by the processes (see
+        :func:`init`).
     """
 
-    def __init__(self, rank=0, world_size=1, devices=None, timeout=60.0, group=None):
+    def __init__(
+        self,
+        rank=0,
+        world_size=1,
+        devices=None,
+        timeout=60.0,
+        group=None,
+        split="auto",
+    ):
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.devices = list(devices) if devices else None
         self.timeout = float(timeout)
         self.group = group
+        self.split = _check_split(split)
 
     @property
     def workers(self) -> int:
@@ -77,7 +96,17 @@ class Partition:
 
     def __repr__(self):
         dev = f", devices={self.devices}" if self.devices else ""
-        return f"Partition(rank={self.rank}, world_size={self.world_size}{dev})"
+        split = "" if self.split == "auto" else f", split={self.split!r}"
+        return f"Partition(rank={self.rank}, world_size={self.world_size}{dev}{split})"
+
+
+_SPLITS = ("auto", "rows", "batch")
+
+
+def _check_split(split):
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+    return split
 
 
 _CURRENT: Partition | None = None
@@ -93,6 +122,7 @@ def init(
     devices=None,
     backend: str | None = None,
     timeout: float = 60.0,
+    split: str = "auto",
 ) -> Partition | None:
     """Set up the partition from the environment (``torchrun``'s variables).
 
@@ -107,6 +137,16 @@ def init(
     timeout : float, default 60
         Seconds any collective may wait; past it every rank raises
         :class:`DistributedError`.
+    split : {"auto", "rows", "batch"}, default "auto"
+        How a batch of independent problems (the leading batch axis of the
+        inputs, ``b`` members) is shared by the ``P`` processes. ``"rows"``:
+        every process computes a row slice of every member's Gram products
+        (CG only; one all-gather per product). ``"batch"``: every process
+        owns whole members (contiguous, as even as possible; any solver) and
+        solves them alone; solves, means, variances and log marginal
+        likelihoods are all-gathered at the end, so every process holds the
+        full batch's answers; needs ``b ≥ P``. ``"auto"``: ``"batch"`` when
+        ``b ≥ P``, else ``"rows"``. Devices of one process always share rows.
 
     Returns
     -------
@@ -125,6 +165,7 @@ def init(
         raise ValueError(
             f"timeout must be a positive number of seconds, got {timeout!r}"
         )
+    _check_split(split)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world <= 1 and not devices:
@@ -153,7 +194,7 @@ def init(
                 timeout=datetime.timedelta(seconds=timeout),
             )
         group = dist.group.WORLD
-    _CURRENT = Partition(rank, world, devices, timeout, group)
+    _CURRENT = Partition(rank, world, devices, timeout, group, split)
     return _CURRENT
 
 
@@ -172,3 +213,15 @@ def _use(partition):
     """Put ``partition`` in force (for tests and for in-process use)."""
     global _CURRENT
     _CURRENT = partition
+
+
+@contextlib.contextmanager
+def _using(partition):
+    """``partition`` in force inside the block (a rank's own batch members
+    are solved with its devices only, never across processes)."""
+    global _CURRENT
+    saved, _CURRENT = _CURRENT, partition
+    try:
+        yield
+    finally:
+        _CURRENT = saved

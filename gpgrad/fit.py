@@ -208,7 +208,7 @@ def fit(
         result, for example the last fit of a Bayesian-optimization loop, or
         ``{name: value}``), clipped into the bounds; names it lacks keep the
         data-driven start.
-    tol : float, default 1e-7
+    tol : float, default 1e-6
         A start ends when an iteration changes ``log p(y) / N`` by less than
         ``tol`` relative to ``max(|log p(y)| / N, 1)``.
 
@@ -780,6 +780,8 @@ class _Objective:
 
             self.torch = torch
             self.device = gp.device if gp.backend == "torch" else torch.device("cpu")
+            # points and targets become float64 tensors once, not per evaluation
+            self.obs_t = [_to_torch(f, torch.float64, self.device) for f in obs]
 
     def _lml(self, theta):
         """``log p(y)`` per problem at ``θ`` (a float64 tensor or an array)."""
@@ -788,7 +790,7 @@ class _Objective:
                 self.gp, theta, "torch", self.torch.float64, self.device
             )
             # dense systems: the closed-form backward pass of gpgrad.likelihood
-            return gp.log_marginal_likelihood(*self.obs)
+            return gp.log_marginal_likelihood(*self.obs_t)
         gp = self.space.model(self.gp, theta, "numpy")
         return gp.log_marginal_likelihood(*self.obs)
 
@@ -858,6 +860,26 @@ class _Objective:
         out = np.broadcast_to(member, self.batch).copy()
         out[~np.isfinite(out)] = -np.inf
         return out
+
+
+def _to_torch(f, dtype, device):
+    """The functional ``f`` with its points, targets and direction fields as
+    tensors of ``dtype`` on ``device`` (integer fields kept)."""
+    import torch
+
+    def conv(a):
+        if a is None:
+            return None
+        if isinstance(a, np.ndarray) and not np.issubdtype(a.dtype, np.floating):
+            return a
+        if B.is_tensor(a) and not a.is_floating_point():
+            return a
+        if not (isinstance(a, np.ndarray) or B.is_tensor(a)):
+            return a
+        return torch.as_tensor(a, dtype=dtype, device=device)
+
+    fields = {name: conv(getattr(f, name)) for name in f.fields}
+    return type(f).build(f.kind, conv(f.X), conv(f.y), f.noise, **fields)
 
 
 class _few_threads:

@@ -121,7 +121,16 @@ def _kernel_to_json(k, w, path="kernel"):
             p: w.value(f"{path}.{p}", getattr(k, p)) for p in k._param_names
         }
     out.update({s: int(getattr(k, s)) for s in k._settings})
-    if hasattr(k, "children"):
+    if isinstance(k, _kernels.Warped):
+        # the wrapped kernel, and the box the inputs are rescaled from
+        out["children"] = [_kernel_to_json(k.kernel, w, f"{path}.kernel")]
+        out["box"] = {
+            "lower": w.value(f"{path}.lower", k.lower),
+            "upper": w.value(f"{path}.upper", k.upper),
+            "margin": w.value(f"{path}.margin", k.margin),
+            "floor": w.value(f"{path}.floor", k.floor),
+        }
+    elif hasattr(k, "children"):
         out["children"] = [
             _kernel_to_json(c, w, f"{path}.{i}") for i, c in enumerate(k.children)
         ]
@@ -146,9 +155,19 @@ def _kernel_from_json(spec, r, path="kernel"):
     if issubclass(cls, _kernels.Scale):
         (child,) = children
         return cls(child, r.value(spec["scale"]))
+    params = {p: r.value(v) for p, v in spec.get("params", {}).items()}
+    if "box" in spec:
+        box = spec["box"]
+        need = {"lower", "upper", "margin"}
+        if not isinstance(box, dict) or not need <= set(box) <= need | {"floor"}:
+            raise ValueError(
+                f"{path}: expected a box with lower, upper, margin (and floor), "
+                f"got {box!r}"
+            )
+        (child,) = children
+        return cls(child, **params, **{b: r.value(v) for b, v in box.items()})
     if children:
         return cls(*children)
-    params = {p: r.value(v) for p, v in spec["params"].items()}
     return cls(**params, **settings)
 
 

@@ -68,11 +68,12 @@ def dense_log_marginal_likelihood(gp, observations):
     blocks, r, noise, _shift, scale = gp._prepare(observations)
     kparams = gp.kernel.parameters()
     names = [k for k, v in kparams.items() if torch.is_tensor(v) and v.requires_grad]
-    if not names or _graph_size(gp.kernel, blocks) <= GRAPH_ELEMENTS:
+    closed = bool(names) and _radial_applies(gp.kernel, blocks)
+    if not names or (not closed and _graph_size(gp.kernel, blocks) <= GRAPH_ELEMENTS):
         # one assembly, its graph kept for the backward pass
         K = covariance(gp.kernel, blocks, upper_only=True)
     else:
-        gram = _Gram(gp.kernel, blocks, names)
+        gram = _Gram(gp.kernel, blocks, names, closed)
         K = _functions()[0].apply(gram, *[kparams[k] for k in names])
     lml = _functions()[1].apply(K, r, noise)
     N = r.shape[-1]
@@ -103,23 +104,30 @@ def _graph_size(kernel, blocks):
 
 
 class _Gram:
-    """The kernel and observation blocks of a Gram matrix, and the names of
-    the kernel hyperparameters that need gradients."""
+    """The kernel and observation blocks of a Gram matrix, the names of the
+    kernel hyperparameters that need gradients, and whether the closed form
+    of :func:`_radial_vjp` applies."""
 
-    __slots__ = ("kernel", "blocks", "names")
+    __slots__ = ("kernel", "blocks", "names", "closed")
 
-    def __init__(self, kernel, blocks, names):
+    def __init__(self, kernel, blocks, names, closed=False):
         self.kernel, self.blocks, self.names = kernel, blocks, names
+        self.closed = closed
 
     def vjp(self, G, params):
         """``Σ_ij G_ij ∂K_ij/∂p`` for each tensor ``p`` in ``params``, with ``G``
         (…, N, N) weighting the upper triangle (K's lower one is not read).
 
-        The Gram matrix is rebuilt chunk by chunk as in
+        In closed form (:func:`_radial_vjp`) where it applies; otherwise the
+        Gram matrix is rebuilt chunk by chunk as in
         :func:`gpgrad.covariance.covariance`, and each chunk's vector-Jacobian
         product is taken at once, so autograd never holds more than one chunk.
         """
         import torch
+
+        if self.closed:
+            grads = _radial_vjp(self.kernel, self.blocks, G)
+            return [grads[name].reshape(p.shape) for name, p in zip(self.names, params)]
 
         leaves = [p.detach().requires_grad_(True) for p in params]
         kernel = self.kernel.replace(**dict(zip(self.names, leaves)))
@@ -154,6 +162,124 @@ class _Gram:
                             if g is not None:
                                 acc += g
         return grads
+
+
+def _radial_applies(kernel, blocks) -> bool:
+    """Whether :func:`_radial_vjp` covers this Gram matrix: a stationary
+    radial kernel of infinite smoothness whose only hyperparameters are the
+    variance and the lengthscale (RBF), values and full gradients, no batch
+    axes."""
+    from .kernels.base import RadialKernel, StationaryMap
+
+    if not isinstance(kernel, RadialKernel):
+        return False
+    if not isinstance(kernel.input_map, StationaryMap) or kernel.order != math.inf:
+        return False
+    params = kernel.parameters()
+    if set(params) != {"variance", "lengthscale"}:
+        return False
+    if batch_shape(kernel, blocks) or np.ndim(_plain(params["variance"])) != 0:
+        return False
+    if np.ndim(_plain(params["lengthscale"])) > 1:
+        return False
+    return all(b.f.kind in ("value", "gradient") for b in blocks)
+
+
+def _plain(v):
+    return v.detach() if hasattr(v, "detach") else np.asarray(v)
+
+
+def _radial_vjp(kernel, blocks, G):
+    """``Σ_ij G_ij ∂K_ij/∂θ`` for the variance and the lengthscale of a radial
+    kernel ``k = σ² φ(s)``, ``s = ½|u|²``, ``u = (x − x')/ℓ``, on values and
+    gradients, in closed form from the profile's derivatives (no autograd).
+
+    With ``ũ = u/ℓ`` and ``φ_j = σ² φ⁽ʲ⁾(s)``, the blocks are ``φ_0`` (value,
+    value), ``−φ_1 ũ_b`` (value, ∂_b), ``φ_1 ũ_a`` (∂_a, value) and
+    ``−φ_2 ũ_a ũ_b − φ_1 δ_ab/ℓ_a²`` (∂_a, ∂_b); since ``∂s/∂log ℓ_k =
+    −u_k²`` and ``∂ũ_a/∂log ℓ_k = −2 ũ_a δ_ak``,
+
+    .. math::
+
+        \frac{∂K_{vv}}{∂\\log ℓ_k} = -φ_1 u_k^2,\\qquad
+        \frac{∂K_{v,b}}{∂\\log ℓ_k} = φ_2 u_k^2 ũ_b + 2 φ_1 ũ_k δ_{bk},
+
+        \frac{∂K_{ab}}{∂\\log ℓ_k} = φ_3 u_k^2 ũ_a ũ_b
+            + 2 φ_2 ũ_a ũ_b (δ_{ak} + δ_{bk})
+            + φ_2 u_k^2 δ_{ab}/ℓ_a^2 + 2 φ_1 δ_{ab} δ_{ak}/ℓ_a^2,
+
+    and ``∂K/∂σ² = K/σ²``. Each block pair is contracted with its part of
+    ``G`` point pair by point pair (O(d²) per pair, as the assembly), chunk
+    by chunk.
+
+    Returns
+    -------
+    dict
+        ``{"variance": (), "lengthscale": (d,) or ()}`` tensors, shaped like
+        the kernel's hyperparameters.
+    """
+    import torch
+
+    params = kernel.parameters()
+    like = blocks[0].X
+    opts = {"dtype": like.dtype, "device": like.device}
+    ls_param = torch.as_tensor(_plain(params["lengthscale"]), **opts)
+    var = torch.as_tensor(_plain(params["variance"]), **opts)
+    d = blocks[0].d
+    ls = ls_param.reshape(-1).expand(d)
+    il2 = 1.0 / (ls * ls)
+    g_log = torch.zeros(d, **opts)
+    S = torch.zeros((), **opts)
+    off = np.cumsum([0] + [b.size for b in blocks])
+    for ia, ba in enumerate(blocks):
+        for ib in range(ia, len(blocks)):
+            bb = blocks[ib]
+            Gab = G[off[ia] : off[ia + 1], off[ib] : off[ib + 1]]
+            Gab = Gab.view(ba.n, ba.k, bb.n, bb.k)
+            step = max(1, CHUNK_ELEMENTS // max(1, ba.k * bb.n * bb.k))
+            ga, gb = ba.f.kind == "gradient", bb.f.kind == "gradient"
+            for i0 in range(0, ba.n, step):
+                i1 = min(ba.n, i0 + step)
+                w = Gab[i0:i1]  # (c, kA, m, kB)
+                u = (ba.X[i0:i1, None, :] - bb.X[None, :, :]) / ls  # (c, m, d)
+                u2 = u * u
+                s = 0.5 * u2.sum(-1)
+                phi = [
+                    torch.zeros_like(s) if p is None else var * p
+                    for p in kernel.profile(torch, s, 3)
+                ]
+                ut = u / ls
+                if not ga and not gb:
+                    wv = w[:, 0, :, 0]
+                    S = S + (phi[0] * wv).sum()
+                    w2 = -phi[1] * wv
+                elif not ga:  # value, gradient
+                    wb = w[:, 0, :, :]
+                    a = (wb * ut).sum(-1)
+                    S = S - (phi[1] * a).sum()
+                    w2 = phi[2] * a
+                    g_log += 2 * torch.einsum("cm,cmk->k", phi[1], wb * ut)
+                elif not gb:  # gradient, value
+                    wa = w[:, :, :, 0].transpose(1, 2)
+                    c = (wa * ut).sum(-1)
+                    S = S + (phi[1] * c).sum()
+                    w2 = -phi[2] * c
+                    g_log -= 2 * torch.einsum("cm,cmk->k", phi[1], wa * ut)
+                else:
+                    wu = torch.einsum("camb,cmb->cma", w, ut)
+                    wtu = torch.einsum("camb,cma->cmb", w, ut)
+                    diag = torch.diagonal(w, dim1=1, dim2=3)  # (c, m, d)
+                    q = (wu * ut).sum(-1)
+                    dg = (diag * il2).sum(-1)
+                    S = S - (phi[2] * q + phi[1] * dg).sum()
+                    w2 = phi[3] * q + phi[2] * dg
+                    g_log += 2 * torch.einsum("cm,cmk->k", phi[2], ut * (wu + wtu))
+                    g_log += 2 * torch.einsum("cm,cmk->k", phi[1], diag) * il2
+                g_log += torch.einsum("cm,cmk->k", w2, u2)
+    g_ls = g_log / ls
+    if ls_param.numel() == 1:
+        g_ls = g_ls.sum()
+    return {"variance": S / var, "lengthscale": g_ls.reshape(ls_param.shape)}
 
 
 _FUNCTIONS = []

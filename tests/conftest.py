@@ -6,6 +6,7 @@ default generator) that a test or a library under test may use unseeded, so
 that no test sees different data from one run to the next.
 """
 
+import os
 import random
 
 import numpy as np
@@ -15,6 +16,11 @@ try:
     import torch
 except ImportError:  # the numpy-only install
     torch = None
+
+if torch is not None and os.environ.get("PYTEST_XDIST_WORKER"):
+    # the suite runs in one process per core (pytest-xdist): one torch thread
+    # each, so that the workers do not oversubscribe the cores
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

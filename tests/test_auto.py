@@ -193,3 +193,71 @@ def test_mixture_mean_does_not_read_member_variances():
     p = Prediction(source=Source())
     got = mixture([p, Prediction(np.array([3.0]), np.array([1.0]))], [0.5, 0.5])
     np.testing.assert_allclose(got.mean, [2.0])
+
+
+def test_default_candidates_add_a_window_periodic_and_a_cubic():
+    x = np.linspace(2.0, 5.0, 20)[:, None]
+    cands = {c.name: c for c in gpgrad.auto.default_candidates(x)}
+    assert {"Matern32", "Matern52", "RBF", "RQ", "Periodic", "Cubic"} <= set(cands)
+    assert cands["Periodic"].kernel.period == pytest.approx(3.0)
+    assert cands["Periodic"].bounds["period"] == pytest.approx((1.5, 4.5))
+    assert cands["Cubic"].kernel.degree == 3
+    # a period over the window only means something for one input column
+    two = gpgrad.auto.default_candidates(np.hstack([x, x**2]))
+    assert "Periodic" not in [c.name for c in two]
+
+
+def test_refinements_by_kind_of_base():
+    class Fitted:  # what refinements reads of a fit
+        params = {"lengthscale": 0.4, "variance": 2.0}
+
+    x = np.linspace(0.0, 2.0, 10)[:, None]
+    rbf = {c.name: c for c in gpgrad.auto.refinements(Candidate("RBF", K.RBF()), x,
+                                                      fitted=Fitted())}  # fmt: skip
+    assert set(rbf) == {"W(RBF)", "RBF+RBF", "RBF+Linear"}
+    assert rbf["W(RBF)"].kernel.floor == gpgrad.auto.WARP_FLOOR == 0.1
+    start = rbf["RBF+RBF"].start
+    assert start["1.lengthscale"] == pytest.approx(0.4 / 5)
+    assert start["1.variance"] == pytest.approx(2.0 / 25)
+    per = gpgrad.auto.refinements(
+        Candidate(
+            "Periodic",
+            K.Periodic(period=2.0),
+            bounds={"period": (1.0, 3.0)},
+            start=[{"lengthscale": 1.0}, {}],
+        ),
+        x,
+        fitted=Fitted(),
+    )
+    # no warping or second scale of a non-stationary kernel; the trend keeps
+    # the base's bounds and starts
+    assert [c.name for c in per] == ["Periodic+Linear"]
+    assert per[0].bounds == {"0.period": (1.0, 3.0)}
+    assert per[0].start == [{"0.lengthscale": 1.0}, {}]
+    cubic = Candidate("Cubic", K.Polynomial(degree=3))
+    assert gpgrad.auto.refinements(cubic, x) == []
+
+
+@pytest.mark.parametrize(
+    "f, winner",
+    [(lambda x: x**3 - x, "Cubic"), (lambda x: np.sin(2 * np.pi * x), "Periodic")],
+)
+def test_evidence_picks_the_cubic_and_the_window_periodic(f, winner):
+    x = np.linspace(0.0, 1.0, 40)
+    y = f(x) + 1e-3 * np.random.default_rng(5).normal(size=40)
+    cands = {c.name: c for c in gpgrad.auto.default_candidates(x[:, None])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gpgrad.GPGradWarning)
+        avg = gpgrad.fit_auto(
+            x[:, None], y, candidates=[cands["RBF"], cands[winner]], restarts=1
+        )
+    assert avg.best.name == winner and avg.best.weight > 0.99
+
+
+def test_estimate_command_defaults_to_the_average():
+    from gpgrad.cli import _parser
+
+    a = _parser().parse_args(
+        ["estimate", "d.csv", "--x", "t", "--y", "y", "--out", "o"]
+    )
+    assert a.kernel == "auto"

@@ -275,3 +275,96 @@ def test_batched_starts_match_sequential_starts():
     assert float(bat.log_marginal_likelihood) == pytest.approx(max(bat.restarts))
     with pytest.raises(ValueError, match="batch_starts=True needs GP"):
         gpgrad.fit(gpgrad.GP(K.RBF()), Xd, y, restarts=2, batch_starts=True)
+
+
+@pytest.mark.parametrize("kname", ["RBF", "Sum"])
+def test_fit_objective_matches_autograd_through_the_posterior(kname):
+    # the fit's objective (tensors converted once) against autograd through
+    # condition(), every observation kind
+    from gpgrad import fit as fit_module
+
+    kernel = KERNELS[kname]()
+    gp = gpgrad.GP(kernel)
+    obs = gp._parse(_observations(kernel))
+    specs, fixed = fit_module._specs(gp, obs, (), None, None, True, True)
+    objective = fit_module._Objective(gp, obs, specs, fixed, (), "autograd", False)
+    theta = objective.space.start() + 0.1 * np.random.default_rng(3).normal(
+        size=objective.space.lo.shape
+    )
+    f, g = objective(theta)
+
+    t = torch.tensor(theta, requires_grad=True)
+    model = objective.space.model(gp, t, "torch", torch.float64, None)
+    lml = model.condition(*obs).log_marginal_likelihood()
+    (g_ref,) = torch.autograd.grad(-lml / objective.n_obs, t)
+    assert f == pytest.approx(-float(lml.detach()) / objective.n_obs, rel=1e-10)
+    np.testing.assert_allclose(g, g_ref.numpy(), rtol=1e-7, atol=1e-10)
+
+
+def _radial_observations():
+    """Values at X (with a coincident pair) and gradients at X and at other
+    points: every block pair of the closed form, two point sets."""
+    X2 = RNG.uniform(-1, 1, (3, D))
+    return [
+        gpgrad.values(X, np.sin(X[:, 0])),
+        gpgrad.gradients(X, RNG.normal(size=(5, D))),
+        gpgrad.gradients(X2, RNG.normal(size=(3, D))),
+    ]
+
+
+@pytest.mark.parametrize(
+    "kernel",
+    [K.RBF(lengthscale=[0.7, 1.3], variance=1.5), K.RBF(lengthscale=0.8)],
+    ids=["ARD", "scalar"],
+)
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_radial_closed_form_matches_autograd(kernel, chunk, monkeypatch):
+    # ∂K/∂θ of values and gradients in closed form from the profile, against
+    # autograd through the Cholesky factorization (chunk: several row chunks)
+    if chunk is not None:
+        monkeypatch.setattr(likelihood, "CHUNK_ELEMENTS", chunk)
+    calls = []
+    real = likelihood._radial_vjp
+    monkeypatch.setattr(
+        likelihood, "_radial_vjp", lambda *a: calls.append(1) or real(*a)
+    )
+    obs = _radial_observations()
+    theta = _theta0(kernel, ["value", "gradient"], seed=4)
+    (lf, gf), (lr, gr) = _both(kernel, obs, theta)
+    assert calls, "the closed form was not used"
+    torch.testing.assert_close(lf, lr, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gf, gr, rtol=1e-7, atol=1e-8)
+    assert gf[:-3].abs().min() > 1e-4  # every kernel gradient is compared
+
+
+def test_radial_closed_form_matches_central_differences():
+    kernel = K.RBF(lengthscale=[0.9, 0.6], variance=0.8)
+    obs = _radial_observations()
+    kinds = ["value", "gradient"]
+    theta = _theta0(kernel, kinds, seed=5)
+    (_, g), _ = _both(kernel, obs, theta)
+
+    def lml(t):
+        gp = _model(kernel, t, kinds)
+        return float(likelihood.dense_log_marginal_likelihood(gp, gp._parse(obs)))
+
+    h = 1e-5
+    fd = [
+        (lml(theta + h * e) - lml(theta - h * e)) / (2 * h)
+        for e in torch.eye(theta.numel(), dtype=torch.float64)
+    ]
+    np.testing.assert_allclose(g.numpy(), fd, rtol=1e-5, atol=1e-6)
+
+
+def test_radial_closed_form_applies_only_where_it_is_exact():
+    gp = gpgrad.GP(K.RBF(lengthscale=[0.7, 1.3]), backend="torch")
+    blocks = gp._prepare(gp._parse(_radial_observations()))[0]
+    assert likelihood._radial_applies(gp.kernel, blocks)
+    # other kernels, other observation kinds and batches take the generic path
+    assert not likelihood._radial_applies(K.Matern52(), blocks)
+    assert not likelihood._radial_applies(K.RationalQuadratic(), blocks)
+    assert not likelihood._radial_applies(2.0 * K.RBF(), blocks)
+    hess = gp._prepare(gp._parse([KINDS["hessians"][1]()]))[0]
+    assert not likelihood._radial_applies(gp.kernel, hess)
+    batched = gp._prepare(gp._parse([gpgrad.values(np.stack([X, X]), np.ones((2, 5)))]))
+    assert not likelihood._radial_applies(gp.kernel, batched[0])

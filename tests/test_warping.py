@@ -18,11 +18,12 @@ A = 2.5
 BB = 0.6
 LS = np.array([0.4, 0.7])
 M = 0.05
+FLOOR = 0.1
 
 
-def _warp_ref(x):
+def _warp_ref(x, floor=0.0):
     t = M + (1 - 2 * M) * (x - torch.tensor(LO)) / torch.tensor(HI - LO)
-    return 1 - (1 - t**A) ** BB
+    return floor * t + (1 - floor) * (1 - (1 - t**A) ** BB)
 
 
 def _base_ref(name):
@@ -44,20 +45,20 @@ def _base_ref(name):
     return m52
 
 
-def _kernel(name):
+def _kernel(name, floor=0.0):
     base = {
         "rbf": K.RBF(LS, 1.3),
         "rq": K.RationalQuadratic(LS, 1.3, alpha=0.7),
         "m52": K.Matern52(LS, 1.3),
     }[name]
-    return K.Warped(base, A, BB, lower=LO, upper=HI, margin=M)
+    return K.Warped(base, A, BB, lower=LO, upper=HI, margin=M, floor=floor)
 
 
-def _reference(name, FA, FB):
+def _reference(name, FA, FB, floor=0.0):
     base = _base_ref(name)
 
     def fref(x, y, o):
-        return base(_warp_ref(x), _warp_ref(y))
+        return base(_warp_ref(x, floor), _warp_ref(y, floor))
 
     return reference_covariance(fref, FA, FB)
 
@@ -74,22 +75,23 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize(
-    "name",
+    "name, floor",
     [
-        "rbf",
-        pytest.param("rq", marks=pytest.mark.slow),
-        pytest.param("m52", marks=pytest.mark.slow),
+        ("rbf", 0.0),
+        ("rbf", FLOOR),
+        pytest.param("rq", 0.0, marks=pytest.mark.slow),
+        pytest.param("m52", FLOOR, marks=pytest.mark.slow),
     ],
 )
-def test_warped_cross_blocks_match_autodiff(name):
+def test_warped_cross_blocks_match_autodiff(name, floor):
     # nested torch.func derivatives up to (2, 2) are slow: one pair of points
     rng = np.random.default_rng(3)
     XA = rng.uniform(LO, HI, (1, 2))
     XB = rng.uniform(LO, HI, (1, 2))
     FA = functional_mix(XA, 2, rng)
     FB = functional_mix(XB, 2, rng)
-    got = _cov(_kernel(name), FA, FB)
-    want = _reference(name, FA, FB)
+    got = _cov(_kernel(name, floor), FA, FB)
+    want = _reference(name, FA, FB, floor)
     assert got.shape == want.shape
     assert _rel(got, want) <= 1e-9
 
@@ -193,6 +195,8 @@ def test_warped_validation():
         K.Warped(K.RBF(), concentration1=-1.0)
     with pytest.raises(ValueError, match="has no hyperparameter 'period'"):
         K.Warped(K.RBF()).replace(period=2.0)
+    with pytest.raises(ValueError, match=r"floor must lie in \[0, 1\), got 1.0"):
+        K.Warped(K.RBF(), floor=1.0)
     with pytest.raises(ValueError, match="concentration0 must be a scalar"):
         K.Warped(K.RBF(), concentration0=[1.0, 2.0])
     k = K.Warped(K.RBF(), lower=[0.0, 0.0], upper=[1.0, 1.0])
@@ -201,9 +205,46 @@ def test_warped_validation():
     assert math.isinf(K.RBF().order) and k.order == 2
 
 
-def test_saving_a_warped_model_is_refused(tmp_path):
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_warped_model_round_trips_through_save_and_load(tmp_path, backend):
+    # ARD box, a non-default margin, and a Warped kernel inside a sum
+    rng = np.random.default_rng(3)
+    X = rng.uniform(LO, HI, (12, 2))
+    y = np.sin(3 * X[:, 0]) + X[:, 1] ** 2
+    kern = _kernel("rq", FLOOR) + K.Linear(variance=0.2)
+    post = gpgrad.GP(kern, noise=1e-3, backend=backend).condition(
+        gpgrad.values(X, y), gpgrad.gradients(X[:3], rng.normal(size=(3, 2)))
+    )
+    gpgrad.save(post, tmp_path / "m.gpgrad")
+    back = gpgrad.load(tmp_path / "m.gpgrad")
+    w = back.kernel.children[0]
+    assert isinstance(w, K.Warped) and w.margin == M and w.floor == FLOOR
+    assert np.array_equal(w.lower, LO) and np.array_equal(w.upper, HI)
+    assert repr(back.kernel) == repr(post.kernel)
+    Xs = rng.uniform(LO, HI, (5, 2))
+    a, b = post.gradient(Xs), back.gradient(Xs)
+    for u, v in ((a.mean, b.mean), (a.var, b.var)):
+        u = u.numpy() if torch.is_tensor(u) else u
+        v = v.numpy() if torch.is_tensor(v) else v
+        np.testing.assert_array_equal(u, v)
+
+
+def test_a_damaged_warped_box_is_refused(tmp_path):
+    import json
+    import zipfile
+
     post = gpgrad.GP(K.Warped(K.RBF()), noise=1e-4).condition(
         np.array([[0.2], [0.7]]), np.array([1.0, 2.0])
     )
-    with pytest.raises(TypeError, match="cannot save a kernel of class"):
-        gpgrad.save(post, tmp_path / "m.gpgrad")
+    path = tmp_path / "m.gpgrad"
+    gpgrad.save(post, path)
+    with zipfile.ZipFile(path) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    meta = json.loads(files["gpgrad.json"])
+    del meta["gp"]["kernel"]["box"]["margin"]
+    files["gpgrad.json"] = json.dumps(meta).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in files.items():
+            z.writestr(n, data)
+    with pytest.raises(ValueError, match="expected a box with lower, upper, margin"):
+        gpgrad.load(path)

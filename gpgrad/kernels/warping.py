@@ -7,7 +7,7 @@ the Kumaraswamy CDF, as BoTorch's ``Warp`` input transform does,
 .. math::
 
     t_i = m + (1 - 2m)\\frac{x_i - l_i}{h_i - l_i},\\qquad
-    u_i = W(t_i) = 1 - (1 - t_i^{a})^{b},
+    u_i = λ t_i + (1 - λ) W(t_i),\\qquad W(t) = 1 - (1 - t^{a})^{b},
 
 continued as a straight line outside the box. Where ``u'`` is large the
 process varies faster: the warping's Jacobian acts like a local inverse
@@ -32,7 +32,8 @@ coordinate ``i``):
         u^{(p)}_i(x)\\, u^{(q)}_i(x') / ℓ_i^2 \\quad (p, q ≥ 1),
 
 so up to two derivatives on each side need ``u'`` and ``u''`` only:
-``u' = c W'(t)``, ``u'' = c² W''(t)`` with ``c = (1 − 2m)/(h − l)`` and
+``u' = c [λ + (1 − λ) W'(t)]``, ``u'' = c² (1 − λ) W''(t)`` with
+``c = (1 − 2m)/(h − l)`` (``λ``, the ``floor``, bounds the slope below) and
 
 .. math::
 
@@ -134,7 +135,7 @@ class Warped(RadialKernel):
     .. math::
 
         k_W(x, x') = k\bigl(u(x), u(x')\bigr),\qquad
-        u_i(x) = 1 - \bigl(1 - t_i(x)^{a}\bigr)^{b}
+        u_i(x) = λ t_i(x) + (1 - λ)\Bigl[1 - \bigl(1 - t_i(x)^{a}\bigr)^{b}\Bigr]
 
     Parameters
     ----------
@@ -152,6 +153,13 @@ class Warped(RadialKernel):
     margin : float, default 0.05
         The box maps to ``[margin, 1 − margin]``, which keeps ``W'`` finite
         for concentrations below 1.
+    floor : float, default 0
+        A share ``λ`` of the identity mixed into the warping,
+        ``u = λ t + (1 − λ) W(t)``, so its slope never falls below ``λ`` (of
+        the unwarped slope): concentrations above 1 flatten the Kumaraswamy
+        CDF at the box's ends, and without a floor the effective lengthscale
+        there grows without bound (the process is taken as constant near the
+        edges, with overconfident derivatives). ``gpgrad.fit_auto`` uses 0.1.
 
     Notes
     -----
@@ -163,10 +171,6 @@ class Warped(RadialKernel):
 
     input_map = _KumaraswamyMap()
     _param_names = ("concentration1", "concentration0")
-    #: the box and margin are not part of the model file format yet, so
-    #: ``gpgrad.save`` refuses a Warped kernel instead of writing a file that
-    #: cannot be loaded back
-    _saveable = False
 
     def __init__(
         self,
@@ -176,6 +180,7 @@ class Warped(RadialKernel):
         lower=0.0,
         upper=1.0,
         margin: float = 0.05,
+        floor: float = 0.0,
     ):
         if not isinstance(kernel, RadialKernel) or not isinstance(
             kernel.input_map, StationaryMap
@@ -206,6 +211,10 @@ class Warped(RadialKernel):
         if not 0.0 < margin < 0.5:
             raise ValueError(f"Warped margin must lie in (0, 0.5), got {margin}")
         self.margin = margin
+        floor = float(floor)
+        if not 0.0 <= floor < 1.0:
+            raise ValueError(f"Warped floor must lie in [0, 1), got {floor}")
+        self.floor = floor
         self._validate()
 
     def _validate(self):
@@ -296,6 +305,11 @@ class Warped(RadialKernel):
         W = 1.0 - one_m**b
         W1 = a * b * ta / tc * one_m ** (b - 1.0)
         W2 = W1 * ((a - 1.0) / tc - a * (b - 1.0) * ta / tc / one_m)
+        lam = self.floor
+        if lam > 0.0:
+            W = lam * tc + (1.0 - lam) * W
+            W1 = lam + (1.0 - lam) * W1
+            W2 = (1.0 - lam) * W2
         u = W + W1 * (t - tc)
         u1 = c * W1
         u2 = xp.where(inside, c * c * W2, 0.0 * W2)
@@ -308,7 +322,8 @@ class Warped(RadialKernel):
             v = np.asarray(v, dtype=float)
             return float(f"{float(v):.6g}") if v.ndim == 0 else np.round(v, 6).tolist()
 
+        floor = f", floor={self.floor:g}" if self.floor else ""
         return (
             f"Warped({self.kernel!r}, concentration1={show(self.concentration1)}, "
-            f"concentration0={show(self.concentration0)})"
+            f"concentration0={show(self.concentration0)}{floor})"
         )

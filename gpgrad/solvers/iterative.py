@@ -333,6 +333,10 @@ class IterativeSolver(Solver):
         self.stats = {"solves": 0, "columns": 0, "iterations": 0}
         self._rhs = None
         self._lanczos = None
+        #: ``(lo, hi, b)`` when this solver holds members lo:hi of a batch of b
+        #: spread over processes: probes are drawn for all b members and
+        #: sliced, so each member's estimate equals the whole batch's
+        self.batch_members = None
         t0 = time.perf_counter()
         with B.no_grad(self.xp):
             self._diag = B.detach(op.diagonal())
@@ -753,9 +757,12 @@ class IterativeSolver(Solver):
         rng = np.random.default_rng(opts.seed)
 
         def draw(shape):
-            return B.to_namespace(
-                rng.standard_normal(shape), xp, dtype=dg.dtype, device=B.device_of(dg)
-            )
+            part = self.batch_members
+            if part is None:
+                z = rng.standard_normal(shape)
+            else:
+                z = rng.standard_normal((part[2],) + shape[1:])[part[0] : part[1]]
+            return B.to_namespace(z, xp, dtype=dg.dtype, device=B.device_of(dg))
 
         with B.no_grad(xp):
             Zp = self._psample(draw(batch + (N, p)), draw(batch + (N, p)))

@@ -11,17 +11,34 @@ products (posterior means) are split the same way over the query points.
 Communication per product: each worker receives ``N·k`` numbers (the whole
 result), whatever the number of workers; computation per worker falls as
 ``1/workers``.
+
+A batch of independent problems can instead be spread by whole members
+(:class:`BatchSpreadSolver`): each process builds the solver ``"auto"`` or the
+GP's method picks for its own members and solves them alone; only the answers
+(weights, means, variances, log-determinants) are all-gathered, once per call.
 """
 
 from __future__ import annotations
 
+import copy
+import zlib
+
 import numpy as np
 
 from .. import backend as B
-from ..distributed import DistributedError, Partition
+from ..covariance import _kernel_batch_shape, batch_shape
+from ..distributed import DistributedError, Partition, _using
+from .base import Solver
 from .matfree import RHS_CHUNK_ELEMENTS, GramOperator, _groups
 
-__all__ = ["PartitionedOperator", "partition_rows", "per_worker_memory"]
+__all__ = [
+    "PartitionedOperator",
+    "BatchSpreadSolver",
+    "partition_rows",
+    "partition_batch",
+    "per_worker_memory",
+    "spreads_batch",
+]
 
 
 def partition_rows(sizes_n, workers):
@@ -46,10 +63,26 @@ def partition_rows(sizes_n, workers):
     return out
 
 
-def per_worker_memory(n_rows, n_cols, itemsize, batch=1):
-    """Bytes of one worker's cached profiles (three n_rows × n_cols matrices)
-    plus a pass's temporaries."""
-    return int(batch * (3 * n_rows * n_cols + RHS_CHUNK_ELEMENTS) * itemsize)
+def per_worker_memory(n_points, n_all, itemsize, batch=1):
+    """Bytes of one worker's cached profiles plus a pass's temporaries.
+
+    Parameters
+    ----------
+    n_points : int
+        Distinct points of the worker's rows (a point observed as a value and
+        a gradient counts once).
+    n_all : int
+        Distinct points of all observations.
+    itemsize : int
+    batch : int
+
+    Returns
+    -------
+    int
+        ``batch · (3 n_points n_all + RHS_CHUNK_ELEMENTS) · itemsize``: the
+        three profile matrices Φ₀, Φ₁, Φ₂ of its points against all points.
+    """
+    return int(batch * (3 * n_points * n_all + RHS_CHUNK_ELEMENTS) * itemsize)
 
 
 class _Rows:
@@ -144,17 +177,27 @@ class PartitionedOperator:
 
         like = self.op.like
         itemsize = like.element_size() if B.is_tensor(like) else like.dtype.itemsize
-        batch = int(np.prod(like.shape[:-2])) if like.ndim > 2 else 1
-        need = per_worker_memory(self.max_rows, self.op.N, itemsize, batch)
-        need *= len(self.local)
-        avail = available_memory(like)
-        if need > avail:
-            raise InsufficientMemoryError(
-                f"each of the {self.part.workers} workers' row slice of the "
-                f"{self.op.N}-row Gram operator needs {_fmt(need // len(self.local))}"
-                f" ({_fmt(need)} for this process) but only {_fmt(avail)} is "
-                "available; use more processes or devices"
-            )
+        batch = int(np.prod(batch_shape(self.op.kernel, self.op.blocks)))
+        n_all = sum(int(g.X.shape[-2]) for g in self.op.groups)
+        # each device holds its workers' profiles (the host all of a CPU
+        # process's workers): compare every device's share with its memory
+        per_device = {}
+        for rows in self.local:
+            n_pts = sum(int(g.X.shape[-2]) for g in rows.groups)
+            need = per_worker_memory(n_pts, n_all, itemsize, batch)
+            dev = str(B.device_of(rows.op.like)) if B.is_tensor(like) else "cpu"
+            total, _, most = per_device.get(dev, (0, rows.op.like, 0))
+            per_device[dev] = (total + need, rows.op.like, max(most, need))
+        for dev, (need, dev_like, most) in per_device.items():
+            avail = available_memory(dev_like)
+            if need > avail:
+                raise InsufficientMemoryError(
+                    f"each of the {self.part.workers} workers' row slice of the "
+                    f"{self.op.N}-row Gram operator needs up to {_fmt(most)} "
+                    f"({_fmt(need)} on {dev} for this process) but only "
+                    f"{_fmt(avail)} is available there; use more processes or "
+                    "devices"
+                )
 
     # -- products ------------------------------------------------------------
     def matmul(self, V, *, with_noise=True):
@@ -237,38 +280,326 @@ def _on_device(op: GramOperator, device):
 def _all_gather(part: Partition, local, n_local, pad_to):
     """Every process's (…, n_p, k) slice (padded to ``pad_to`` rows for the
     collective), in rank order; raises DistributedError on a failed rank."""
+    t = _pad(_to_torch(local), -2, pad_to)
+    parts = _gather_rows(part, t, "the Gram product's row slices")
+    if not B.is_tensor(local):
+        return [p.numpy() for p in parts]
+    return parts
+
+
+def _gather_rows(part: Partition, t, what):
+    """Every process's tensor ``t`` (the same shape on all), in rank order.
+
+    Raises
+    ------
+    ValueError
+        ``t`` needs a gradient: each process holds the graph of its own rows
+        or batch members only, so a parameter's gradient would need an
+        all-reduce over processes that autograd cannot place.
+    DistributedError
+        The collective failed or timed out (another process died).
+    """
     import torch
     import torch.distributed as dist
 
-    is_np = not B.is_tensor(local)
-    t = torch.from_numpy(np.ascontiguousarray(local)) if is_np else local
-    if t.shape[-2] < pad_to:
-        pad = torch.zeros(
-            tuple(t.shape[:-2]) + (pad_to - t.shape[-2], t.shape[-1]),
-            dtype=t.dtype,
-            device=t.device,
-        )
-        t = torch.cat([t, pad], dim=-2)
-    t = t.contiguous()
     if t.requires_grad and torch.is_grad_enabled():
-        # each rank holds the graph of its own rows only, so a parameter's
-        # gradient would need an all-reduce over ranks that autograd cannot
-        # place; refuse rather than return a partial gradient
         raise ValueError(
-            "gradients through a Gram product partitioned across processes are "
-            "not supported: fit hyperparameters on one process (or on several "
+            "gradients through results partitioned across processes are not "
+            "supported: fit hyperparameters on one process (or on several "
             "devices of one process, gpgrad.distributed.init(devices=[...])) and "
             "condition the partitioned GP on the fitted values"
         )
+    t = t.contiguous()
     try:
         parts = [torch.empty_like(t) for _ in range(part.world_size)]
         dist.all_gather(parts, t, group=part.group)
     except Exception as exc:  # gloo/NCCL raise RuntimeError or DistBackendError
         raise DistributedError(
-            f"rank {part.rank} of {part.world_size}: gathering the Gram product's "
-            f"row slices failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-            f"another rank has died or did not answer within {part.timeout:g} s"
+            f"rank {part.rank} of {part.world_size}: gathering {what} failed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0]}); another rank "
+            f"has died or did not answer within {part.timeout:g} s"
         ) from exc
-    if is_np:
-        return [p.numpy() for p in parts]
     return parts
+
+
+# -- whole batch members per process ------------------------------------------
+def partition_batch(members, world_size):
+    """The batch members ``[lo, hi)`` of every process.
+
+    Parameters
+    ----------
+    members : int
+        Length of the leading batch axis.
+    world_size : int
+
+    Returns
+    -------
+    list of (lo, hi)
+        Contiguous, near-equal ranges in rank order.
+    """
+    edges = np.linspace(0, members, world_size + 1).round().astype(int)
+    return [(int(edges[r]), int(edges[r + 1])) for r in range(world_size)]
+
+
+def spreads_batch(part: Partition | None, kernel, blocks) -> bool:
+    """Whether ``part`` spreads this problem's batch members over processes.
+
+    ``split="batch"`` always (a ValueError when there are fewer members than
+    processes), ``"rows"`` never, ``"auto"`` when the leading batch axis has at
+    least as many members as there are processes.
+    """
+    if part is None or part.world_size <= 1 or part.split == "rows":
+        return False
+    shape = batch_shape(kernel, blocks)
+    members = shape[0] if shape else 1
+    if members >= part.world_size:
+        return True
+    if part.split == "batch":
+        raise ValueError(
+            f"split='batch' needs at least one batch member per process: the "
+            f"leading batch axis has {members} member(s) for {part.world_size} "
+            "processes; use split='rows' or 'auto' (rows of every member's "
+            "products are then shared), or fewer processes"
+        )
+    return False
+
+
+class BatchSpreadSolver(Solver):
+    """Independent problems of a batch solved by whole members per process.
+
+    Process ``r`` owns the members ``[lo_r, hi_r)`` of the leading batch axis
+    (:func:`partition_batch`). It builds the solver the GP's ``method`` picks
+    for those members alone (dense, CG, state-space, Woodbury; its memory
+    guard sees only its members) and solves them with no communication; each
+    public method then all-gathers its answer along the batch axis, so every
+    process returns the full batch. Arrays whose leading batch axis is
+    broadcast (size 1 or absent), such as queries shared by all members, go
+    to every process whole.
+
+    Parameters
+    ----------
+    gp : GP
+    blocks : list of Block
+    noise : array (b, ..., N)
+    part : gpgrad.distributed.Partition
+    make : callable
+        ``make(gp, blocks, noise)`` builds a solver (``make_solver``).
+
+    Attributes
+    ----------
+    inner : Solver
+        This process's solver of its own members.
+    members : tuple of int
+        ``(lo, hi)`` of this process.
+    """
+
+    def __init__(self, gp, blocks, noise, part: Partition, make):
+        super().__init__(gp.kernel, blocks, noise)
+        shape = batch_shape(gp.kernel, blocks)
+        self.part = part
+        self.n_batch = len(shape)
+        self.b0 = shape[0]
+        self.ranges = partition_batch(self.b0, part.world_size)
+        self.members = self.ranges[part.rank]
+        self.counts = [hi - lo for lo, hi in self.ranges]
+        local_gp = copy.copy(gp)
+        local_gp.kernel = self._kernel(gp.kernel)
+        local_blocks = [self._block(b) for b in blocks]
+        X = blocks[0].X
+        self._dev = X.device if B.is_tensor(X) else None
+        local_noise = self._take(noise, 1)
+        self.inner = self._make(make, local_gp, local_blocks, local_noise)
+        # one collective at construction: every process must have picked the
+        # same method (else their later collectives would not pair up), and
+        # CG's automatic preconditioner is the whole batch's: Jacobi when
+        # any member's points are weakly correlated (so when any process
+        # picked it)
+        got = self._gather_info()
+        if len({g[0] for g in got}) > 1:
+            raise DistributedError(
+                f"rank {part.rank}: the processes picked different solvers for "
+                f"their batch members (this one {self.method!r}); pass "
+                "GP(method=...) explicitly"
+            )
+        jacobi = _code("jacobi")
+        if any(g[1] == jacobi for g in got) and self._auto_unpreconditioned():
+            opts = copy.copy(self.inner.opts)
+            opts.preconditioner = "jacobi"
+            local_gp.method = opts
+            self.inner = self._make(make, local_gp, local_blocks, local_noise)
+        self.jitter = max(g[2] for g in got)
+
+    def _make(self, make, gp, blocks, noise):
+        # this process's devices still share the rows of its members
+        part = self.part
+        local = Partition(devices=part.devices, timeout=part.timeout)
+        with _using(local if part.devices else None):
+            inner = make(gp, blocks, noise)
+        if hasattr(inner, "batch_members"):
+            inner.batch_members = self.members + (self.b0,)
+        self.method = inner.method
+        return inner
+
+    def _auto_unpreconditioned(self):
+        opts = getattr(self.inner, "opts", None)
+        return (
+            opts is not None
+            and opts.preconditioner == "auto"
+            and self.inner.preconditioner is None
+        )
+
+    def _gather_info(self):
+        """(method, preconditioner, jitter) of every process."""
+        pre = str(getattr(self.inner, "preconditioner", ""))
+        row = [_code(self.method), _code(pre), float(self.inner.jitter)]
+        got = _gather_rows(self.part, _to_torch(row, self._dev)[None, :], "solvers")
+        return [tuple(float(v) for v in g[0]) for g in got]
+
+    # -- slicing to this process's members --------------------------------
+    def _owns(self, a, trailing):
+        """Whether ``a``'s leading batch axis is the spread one."""
+        nb = a.ndim - trailing
+        return nb == self.n_batch and a.shape[0] == self.b0
+
+    def _take(self, a, trailing):
+        if a is None or not self._owns(a, trailing):
+            return a
+        lo, hi = self.members
+        return a[lo:hi]
+
+    def _block(self, b):
+        if not self._owns(b.X, 2):
+            return b
+        new = copy.copy(b)
+        new.X = self._take(b.X, 2)
+        return new
+
+    def _kernel(self, kernel):
+        if not _kernel_batch_shape(kernel):
+            return kernel
+        new = {}
+        for name, v in kernel.parameters().items():
+            if isinstance(v, (int, float)):
+                continue
+            trailing = 1 if name.rsplit(".", 1)[-1] == "lengthscale" else 0
+            if self._owns(v, trailing):
+                new[name] = self._take(v, trailing)
+        return kernel.replace(**new)
+
+    def _qblocks(self, qblocks):
+        return [self._block(b) for b in qblocks]
+
+    # -- gathering the members' answers -----------------------------------
+    def _gather(self, local, what):
+        """The full batch (b, ...) from every process's members (c_r, ...)."""
+        if local is None:
+            return None
+        import torch
+
+        t = _pad(_to_torch(local), 0, max(self.counts))
+        got = _gather_rows(self.part, t, what)
+        res = torch.cat([g[:c] for g, c in zip(got, self.counts)], dim=0)
+        return res if B.is_tensor(local) else res.numpy()
+
+    def _gather_factor(self, F, what):
+        """Factors (c_r, ..., r_p, M) with ranks r_p differing by process:
+        zero rows pad them to the largest (they add nothing to ``PᵀQ``)."""
+        import torch
+
+        r = _gather_rows(
+            self.part,
+            _to_torch([float(F.shape[-2])], self._dev)[None, :],
+            f"{what} sizes",
+        )
+        width = int(max(float(g[0, 0]) for g in r))
+        t = _pad(_to_torch(F), F.ndim - 2, width)
+        got = _gather_rows(self.part, _pad(t, 0, max(self.counts)), what)
+        res = torch.cat([g[:c] for g, c in zip(got, self.counts)], dim=0)
+        return res if B.is_tensor(F) else res.numpy()
+
+    # -- the solver protocol ------------------------------------------------
+    def solve(self, R):
+        return self._gather(self.inner.solve(self._take(R, 2)), "the solves")
+
+    def logdet(self):
+        return self._gather(self.inner.logdet(), "the log-determinants")
+
+    def log_marginal_likelihood(self, residual):
+        own = self.inner.log_marginal_likelihood(self._take(residual, 1))
+        return self._gather(own, "the log marginal likelihoods")
+
+    def condition_estimate(self):
+        c = self.inner.condition_estimate()
+        got = _gather_rows(
+            self.part,
+            _to_torch([np.nan if c is None else float(c)], self._dev)[None, :],
+            "the condition estimates",
+        )
+        vals = [float(g[0, 0]) for g in got]
+        return None if any(np.isnan(vals)) else max(vals)
+
+    def quad_factors(self, Ks):
+        P, Q = self.inner.quad_factors(self._take(Ks, 2))
+        return (
+            self._gather_factor(P, "the variance factors"),
+            self._gather_factor(Q, "the variance factors"),
+        )
+
+    def cross(self, qblocks, alpha, joint=False):
+        mean, P, Q = self.inner.cross(
+            self._qblocks(qblocks), self._take(alpha, 1), joint
+        )
+        return (
+            self._gather(mean, "the posterior means"),
+            self._gather_factor(P, "the variance factors"),
+            self._gather_factor(Q, "the variance factors"),
+        )
+
+    def cross_mean(self, qblocks, alpha):
+        return self.mean(qblocks, alpha)
+
+    def mean(self, qblocks, alpha):
+        local = self.inner.mean(self._qblocks(qblocks), self._take(alpha, 1))
+        return self._gather(local, "the posterior means")
+
+    def moments(self, qblocks, alpha, mode):
+        mean, var, cov = self.inner.moments(
+            self._qblocks(qblocks), self._take(alpha, 1), mode
+        )
+        return (
+            self._gather(mean, "the posterior means"),
+            self._gather(var, "the posterior variances"),
+            self._gather(cov, "the posterior covariances"),
+        )
+
+
+def _code(name):
+    """A name as a float that survives a float64 all-gather exactly."""
+    return float(zlib.crc32(str(name).encode()))
+
+
+def _to_torch(a, device=None):
+    """A tensor of ``a`` (an array, a tensor, or a list of floats put on
+    ``device``: NCCL gathers only tensors on the GPU)."""
+    import torch
+
+    if B.is_tensor(a):
+        return a
+    if isinstance(a, np.ndarray):
+        # contiguous and writable (a broadcast view is not), in its dtype
+        return torch.from_numpy(np.require(a, requirements=["C", "W"]))
+    t = torch.tensor(a, dtype=torch.float64)
+    return t if device is None else t.to(device)
+
+
+def _pad(t, axis, size):
+    """``t`` with zeros appended along ``axis`` up to ``size``."""
+    import torch
+
+    axis = axis % t.ndim
+    if t.shape[axis] >= size:
+        return t
+    shape = list(t.shape)
+    shape[axis] = size - t.shape[axis]
+    z = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    return torch.cat([t, z], dim=axis)

@@ -41,7 +41,7 @@ from ..covariance import batch_shape
 from .dense import DenseCholeskySolver
 from .iterative import CG, IterativeSolver
 from .matfree import GramOperator, unsupported_reason
-from .partitioned import PartitionedOperator
+from .partitioned import BatchSpreadSolver, PartitionedOperator, spreads_batch
 from .statespace import statespace_solver, statespace_unsupported_reason
 from .woodbury import woodbury_solver, woodbury_unsupported_reason
 
@@ -148,6 +148,10 @@ def make_solver(gp, blocks, noise):
     Solver
         See :mod:`gpgrad.solvers.base` for the protocol.
     """
+    part = distributed.current()
+    if spreads_batch(part, gp.kernel, blocks):
+        # whole batch members per process, each solved by the choice below
+        return BatchSpreadSolver(gp, blocks, noise, part, make_solver)
     method = gp.method
     like = blocks[0].X
     n_obs = int(noise.shape[-1])

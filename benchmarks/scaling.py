@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python benchmarks/scaling.py                 # everything (several minutes)
-    python benchmarks/scaling.py --only large    # one part: large, agree, wide, growth
+    python benchmarks/scaling.py --only large    # one part (see below)
     python benchmarks/scaling.py --quick         # small sizes, a smoke run
 
 Parts:
@@ -19,6 +19,12 @@ Parts:
 ``wide``
     N = 50, D = 1,000, gradients observed (Woodbury): conditioning plus the
     posterior gradient mean and variance at one test point.
+``huge``
+    N = 5,000 and 10,000 points in D = 100 (505,000 and 1,010,000 rows),
+    Matérn 5/2, the plain API (``--huge-n`` picks the sizes); only on request.
+``product``
+    One matrix-free product at N = 2,000, D = 50: the merged value+gradient
+    GEMM against the separate products, interleaved, wall and CPU medians.
 ``growth``
     Time and peak memory against N (D = 10, values and gradients) and against
     D (N = 20, gradients only), for each method where it applies (Matérn 5/2
@@ -90,6 +96,13 @@ def _child(spec):
             preconditioner=spec["precond"],
             variance=spec.get("variance", "exact"),
         )
+    if method == "default" and spec.get("max_iter"):
+        # a probe: the default options with an iteration cap, for the cost
+        # of setup and of one iteration where the full solve would not fit
+        method = CG(max_iter=spec["max_iter"])
+    if method == "cg-no-elimination":
+        # the default options but plain CG on the whole system
+        method = CG(eliminate_values=False)
     if method != "default":
         kw["method"] = method
     if spec.get("backend"):
@@ -104,17 +117,25 @@ def _child(spec):
     _ = gp.condition(*warm).gradient(Xs[:1]).std
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        t0 = time.perf_counter()
+        # process CPU time beside wall time: on the shared machine it is the
+        # figure other processes' load inflates least
+        c0, t0 = time.process_time(), time.perf_counter()
         post = gp.condition(*obs)
         t1 = time.perf_counter()
         pred = post.gradient(Xs)
         mean = np.asarray(pred.mean)
-        t2 = time.perf_counter()
-        out = {"method": post.method, "condition_s": t1 - t0, "query_s": t2 - t1}
+        c2, t2 = time.process_time(), time.perf_counter()
+        out = {
+            "method": post.method,
+            "condition_s": t1 - t0,
+            "query_s": t2 - t1,
+            "cpu_s": c2 - c0,
+        }
         solver = post._solver
         stats = dict(getattr(solver, "stats", {}) or {})
         if stats:
             out["iterations"] = stats["iterations"]
+            out["eliminated_values"] = solver.info.get("eliminated_values", 0)
             out["solves_for_mean"] = stats["solves"]
             out["preconditioner"] = str(solver.preconditioner)
             # the relative residual of the weights, recomputed independently
@@ -124,10 +145,23 @@ def _child(spec):
             out["relative_residual"] = float(
                 np.linalg.norm(np.asarray(res)) / np.linalg.norm(np.asarray(r))
             )
-        if spec["query"] == "meanstd":
-            t3 = time.perf_counter()
+            # one more product, timed alone: the per-iteration cost
+            c4, t4 = time.process_time(), time.perf_counter()
+            op.matmul(post._alpha[..., None])
+            out["product_s"] = time.perf_counter() - t4
+            out["product_cpu_s"] = time.process_time() - c4
+            out["preconditioner_s"] = stats.get("preconditioner_s")
+            # iterations the same run needed to reach looser tolerances
+            hist = solver.info.get("history") or []
+            out["iterations_to"] = {
+                f"{t:.0e}": next((i for i, h in enumerate(hist) if h <= t), None)
+                for t in (1e-4, 1e-6, 1e-8)
+            }
+        if spec["query"] in ("meanstd", "meanvar"):
+            c3, t3 = time.process_time(), time.perf_counter()
             std = np.asarray(pred.std)
             out["std_s"] = time.perf_counter() - t3
+            out["std_cpu_s"] = time.process_time() - c3
             out["std"] = std.reshape(-1).tolist() if spec.get("keep") else None
     out["warnings"] = sorted({type(w.message).__name__ for w in caught})
     out["total_s"] = out["condition_s"] + out["query_s"]
@@ -151,7 +185,7 @@ def run(spec, repeats):
             return {"error": msg[0]}
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     out = dict(results[0])
-    for key in ("condition_s", "query_s", "total_s", "std_s"):
+    for key in ("condition_s", "query_s", "total_s", "std_s", "cpu_s"):
         if key in out:
             out[key] = statistics.median(r[key] for r in results)
     out["peak_rss_gb"] = max(r["peak_rss_gb"] for r in results)
@@ -221,19 +255,79 @@ def part_large(args):
     """N = 2,000, D = 50: the plain API, numpy (default) and torch backends."""
     rows = []
     for backend in args.backends.split(","):
-        for kernel in ("rbf", "matern52"):
-            s = spec(N=args.large_n, D=50, M=100, kernel=kernel, backend=backend)
-            r = run(s, args.repeats_large)
-            rows.append({"kernel": kernel, **s, **r})
-            print(_fmt_row(f"large {backend} {kernel} N={s['N']} D=50", r), flush=True)
+        for kernel in args.kernels.split(","):
+            for method in args.large_methods.split(","):
+                s = spec(
+                    N=args.large_n,
+                    D=50,
+                    M=100,
+                    kernel=kernel,
+                    backend=backend,
+                    method=method,
+                )
+                r = run(s, args.repeats_large)
+                rows.append({"kernel": kernel, **s, **r})
+                name = f"large {backend} {kernel} N={s['N']} D=50 {method}"
+                print(_fmt_row(name, r), flush=True)
+    return rows
+
+
+def part_product(args):
+    """One matrix-free product at N = 2,000, D = 50 (values and gradients,
+    RBF), the merged value+gradient GEMM against the separate products,
+    interleaved in one process; medians of wall and CPU time."""
+    import numpy as np
+
+    sys.path.insert(0, ROOT)
+    import gpgrad
+    from gpgrad import kernels
+    from gpgrad.covariance import as_blocks
+    from gpgrad.solvers import matfree
+
+    N, D = args.large_n, 50
+    rng = np.random.default_rng(0)
+    X = rng.uniform(0, 1, (N, D))
+    obs = [gpgrad.values(X), gpgrad.gradients(X)]
+    blocks = as_blocks(obs, np, np.float64, None)
+    kern = kernels.RBF(lengthscale=0.5 * np.sqrt(D))
+    op = matfree.GramOperator(kern, blocks, np.full(N * (D + 1), 1e-4))
+    V = rng.normal(size=(op.N, 1))
+    times = {True: [], False: []}
+    for merged in (True, False):  # warm-up: profiles and the cached matrix
+        matfree.MERGE_VALUE_GRADIENT = merged
+        op.matmul(V)
+    for _ in range(args.repeats * 2 + 1):
+        for merged in (True, False):
+            matfree.MERGE_VALUE_GRADIENT = merged
+            c0, t0 = time.process_time(), time.perf_counter()
+            op.matmul(V)
+            times[merged].append((time.perf_counter() - t0, time.process_time() - c0))
+    matfree.MERGE_VALUE_GRADIENT = True
+    rows = []
+    for merged, ts in times.items():
+        row = {
+            "N": N,
+            "D": D,
+            "merged": merged,
+            "wall_s": statistics.median(t[0] for t in ts),
+            "cpu_s": statistics.median(t[1] for t in ts),
+            "runs": len(ts),
+        }
+        rows.append(row)
+        print(
+            f"product N={N} D={D} {'merged' if merged else 'separate'}: "
+            f"{row['wall_s']:.3f} s wall, {row['cpu_s']:.3f} s CPU "
+            f"(median of {len(ts)})",
+            flush=True,
+        )
     return rows
 
 
 def part_huge(args):
     """N = 5,000 and 10,000 in D = 100, Matérn 5/2, the plain API."""
     rows = []
-    for N in (5000, 10000):
-        s = spec(N=N, D=100, M=100, kernel="matern52")
+    for N in [int(n) for n in args.huge_n.split(",")]:
+        s = spec(N=N, D=100, M=100, kernel="matern52", max_iter=args.max_iter)
         r = run(s, 1)
         rows.append({**s, **r})
         print(_fmt_row(f"huge matern52 N={N} D=100", r), flush=True)
@@ -408,9 +502,16 @@ def _fmt_row(name, r):
         )
     if r.get("warnings"):
         it += f", warnings: {', '.join(r['warnings'])}"
+    if r.get("iterations_to"):
+        it += ", iterations to 1e-6: " + str(r["iterations_to"].get("1e-06"))
+    if "product_s" in r:
+        it += f", one product {r['product_s']:.3f} s ({r['product_cpu_s']:.3f} s CPU)"
+    if "std_s" in r:
+        it += f", then the variances {r['std_s']:.2f} s"
+    cpu = f", {r['cpu_s']:.2f} s CPU" if "cpu_s" in r else ""
     return (
         f"{name}: {r['method']}, condition {r['condition_s']:.2f} s + query "
-        f"{r['query_s']:.2f} s = {r['total_s']:.2f} s (median of "
+        f"{r['query_s']:.2f} s = {r['total_s']:.2f} s{cpu} (median of "
         f"{r['repeats']}), peak RSS {r['peak_rss_gb']:.2f} GiB{it}"
     )
 
@@ -418,13 +519,24 @@ def _fmt_row(name, r):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--only", choices=["large", "huge", "agree", "wide", "crossover", "growth"]
+        "--only",
+        choices=["large", "huge", "agree", "wide", "crossover", "growth", "product"],
     )
     ap.add_argument("--quick", action="store_true", help="small sizes")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--repeats-large", type=int, default=1)
     ap.add_argument("--tol", type=float, default=1e-8, help="CG tolerance")
     ap.add_argument("--large-n", type=int, default=2000)
+    ap.add_argument(
+        "--huge-n", default="5000,10000", help="point counts of the huge part"
+    )
+    ap.add_argument(
+        "--max-iter",
+        type=int,
+        default=None,
+        help="huge part: cap the CG iterations (a probe of setup and per-"
+        "iteration cost where the whole solve would take too long)",
+    )
     ap.add_argument(
         "--backends", default="numpy,torch", help="backends of the large part"
     )
@@ -435,6 +547,16 @@ def main(argv=None):
         help="kernel of the growth curves (RBF at ℓ = 0.5√D needs ~1000 CG "
         "iterations already at N = 100, D = 10)",
     )
+    ap.add_argument(
+        "--kernels", default="rbf,matern52", help="kernels of the large part"
+    )
+    ap.add_argument(
+        "--large-methods",
+        default="default",
+        help="large part: 'default' (the plain API) and/or 'cg-no-elimination' "
+        "(CG on the whole system, value elimination off), side by side",
+    )
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument(
@@ -468,7 +590,7 @@ def main(argv=None):
         path = os.path.join(args.out, "scaling.png")
         plot_growth(results["growth"], path)
         print("plot:", path)
-    name = "scaling" + (f"_{args.only}" if args.only else "") + ".json"
+    name = "scaling" + (f"_{args.only}" if args.only else "") + args.tag + ".json"
     with open(os.path.join(args.out, name), "w") as fh:
         json.dump(results, fh, indent=1, default=str)
 

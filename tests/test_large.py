@@ -28,6 +28,12 @@ def _rel(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
 
 
+def _rel_norm(a, b):
+    a = a.detach().numpy() if torch.is_tensor(a) else np.asarray(a)
+    b = b.detach().numpy() if torch.is_tensor(b) else np.asarray(b)
+    return float(np.linalg.norm(a) / np.linalg.norm(b))
+
+
 def _f(X):
     return np.sin(X).sum(-1)
 
@@ -516,7 +522,7 @@ def test_memory_guard_refuses_matrix_free_before_allocating(monkeypatch):
     monkeypatch.setattr(select, "available_memory", lambda like=None: 1000)
     monkeypatch.setattr(select, "MATFREE_GUARD_MIN_BYTES", 0)
     # values and gradients at the same 10 points: one 10×10 set of profiles
-    assert select.matfree_memory(10, 8) == 3520 > 1000
+    assert select.matfree_memory(10, 8) == 4320 > 1000
     with pytest.raises(
         select.InsufficientMemoryError, match="profile matrices for 10 points need"
     ):
@@ -549,3 +555,127 @@ def test_cg_float32_torch_uses_a_reachable_tolerance():
     mean = post.gradient(Xs).mean
     assert mean.dtype == torch.float32
     assert _rel(mean, ref.gradient(Xs).mean) < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_merged_value_gradient_product_matches_dense(backend, monkeypatch):
+    # values and gradients at the same points take the merged Φ₁ GEMM; the
+    # separate products (MERGE_VALUE_GRADIENT = False) must agree with it
+    from gpgrad.solvers import matfree
+
+    rng = np.random.default_rng(3)
+    X = rng.uniform(-1, 1, (30, 4))
+    xp = gpgrad.GP(K.RBF(), backend=backend).xp
+    dtype = np.float64 if backend == "numpy" else torch.float64
+    for kernel in (K.RBF(lengthscale=[0.6, 0.8, 1.0, 1.2]), K.Matern52(0.9)):
+        bl = as_blocks([gpgrad.values(X), gpgrad.gradients(X)], xp, dtype, None)
+        Kd = covariance(kernel, bl)
+        V = rng.normal(size=(Kd.shape[0], 2))
+        if backend == "torch":
+            V = torch.as_tensor(V)
+        op = GramOperator(kernel, bl, None)
+        merged = op.matmul(V)
+        assert any(key[0] == "p0z" for key in op._phi)
+        monkeypatch.setattr(matfree, "MERGE_VALUE_GRADIENT", False)
+        separate = GramOperator(kernel, bl, None).matmul(V)
+        monkeypatch.setattr(matfree, "MERGE_VALUE_GRADIENT", True)
+        assert _rel(merged, Kd @ V) < 1e-13
+        assert _rel(separate, Kd @ V) < 1e-13
+
+
+def test_merged_product_keeps_the_variance_gradient():
+    # a product made under no_grad (inside CG) must not lend its cached
+    # matrices to a later product that autograd records (implicit solve step)
+    rng = np.random.default_rng(4)
+    X = torch.tensor(rng.uniform(-1, 1, (12, 3)))
+    V = torch.tensor(rng.normal(size=(48, 1)))
+    W = torch.tensor(rng.normal(size=(48, 1)))
+    var = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    kernel = K.RBF(lengthscale=0.8, variance=var)
+    bl = as_blocks([gpgrad.values(X), gpgrad.gradients(X)], torch, torch.float64, None)
+    op = GramOperator(kernel, bl, None)
+    with torch.no_grad():
+        op.matmul(V)
+    got = torch.autograd.grad((W * op.matmul(V)).sum(), var)[0]
+    want = torch.autograd.grad((W * (covariance(kernel, bl) @ V)).sum(), var)[0]
+    assert _rel(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_value_elimination_matches_dense_in_fewer_iterations(backend):
+    import warnings
+
+    # torch's small products are slow on a loaded CPU: a smaller problem
+    obs, Xs = (
+        _smooth_problem(N=40, D=8) if backend == "numpy" else _smooth_problem(N=15, D=4)
+    )
+    D = Xs.shape[1]
+    kernel = K.RBF(lengthscale=0.5 * np.sqrt(D))
+    ref = gpgrad.GP(kernel, noise=1e-4, method="cholesky").condition(*obs)
+    iters = {}
+    for elim in (False, "auto"):
+        gp = gpgrad.GP(
+            kernel, noise=1e-4, backend=backend, method=CG(eliminate_values=elim)
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)
+            post = gp.condition(*obs)
+        solver = post._solver
+        assert (solver._schur is not None) == (elim == "auto")
+        iters[elim] = solver.stats["iterations"]
+        # the tolerance holds for the full system, recomputed independently
+        r, a = post._r[..., None], post._alpha[..., None]
+        res = r - solver.op.matmul(a)
+        assert _rel_norm(res, r) <= solver.tol
+        assert _rel(post.gradient(Xs).mean, ref.gradient(Xs).mean) < 1e-6
+    # the Schur complement is far better conditioned on this smooth problem
+    assert iters["auto"] < 0.7 * iters[False]
+
+
+def test_value_elimination_keeps_the_solve_differentiable():
+    X, Xs = _problem(N=8, d=2)
+    Xt, Xst = torch.tensor(X), torch.tensor(Xs)
+    obs = [gpgrad.values(Xt, _f(X)), gpgrad.gradients(Xt, _g(X))]
+    grads = []
+    for method in ["cholesky", CG(tol=1e-12, eliminate_values=True)]:
+        ls = torch.tensor([0.7, 0.9], dtype=torch.float64, requires_grad=True)
+        gp = gpgrad.GP(
+            K.RBF(lengthscale=ls), noise=1e-3, backend="torch", method=method
+        )
+        post = gp.condition(*obs)
+        if not isinstance(method, str):
+            assert post._solver._schur is not None
+        grads.append(torch.autograd.grad(post.gradient(Xst).mean.sum(), ls)[0])
+    assert _rel(grads[1], grads[0]) < 1e-7
+
+
+def test_value_elimination_option_is_validated():
+    with pytest.raises(ValueError, match="eliminate_values must be 'auto', True"):
+        CG(eliminate_values="yes")
+    op_obs = [gpgrad.values(np.zeros((2, 2)))]
+    bl = as_blocks(op_obs, NP, np.float64, None)
+    op = GramOperator(K.RBF(), bl, None)
+    with pytest.raises(ValueError, match="inputs must be None, 'values'"):
+        op.matmul(np.ones((2, 1)), inputs="gradients")
+
+
+def test_value_elimination_with_values_at_several_point_sets():
+    # value blocks in different point groups: the eliminated block is
+    # assembled from the profiles between the groups
+    rng = np.random.default_rng(5)
+    X1, X2 = rng.uniform(-1, 1, (10, 3)), rng.uniform(-1, 1, (7, 3))
+    obs = [
+        gpgrad.values(X1, _f(X1)),
+        gpgrad.gradients(X2, _g(X2)),
+        gpgrad.values(X2, _f(X2)),
+        gpgrad.partials(X1[:4], [0, 1, 2, 0], _g(X1[:4])[np.arange(4), [0, 1, 2, 0]]),
+    ]
+    Xs = rng.uniform(-1, 1, (3, 3))
+    kernel = K.Matern52(lengthscale=1.5)
+    post = gpgrad.GP(
+        kernel, noise=1e-3, method=CG(tol=1e-10, eliminate_values=True)
+    ).condition(*obs)
+    assert post._solver._schur is not None
+    assert post._solver.info["eliminated_values"] == 17
+    ref = gpgrad.GP(kernel, noise=1e-3, method="cholesky").condition(*obs)
+    assert _rel(post.gradient(Xs).mean, ref.gradient(Xs).mean) < 1e-8

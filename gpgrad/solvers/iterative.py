@@ -44,6 +44,7 @@ hyperparameter fitting on this path is stochastic. The data-fit term
 from __future__ import annotations
 
 import math
+import time
 import warnings
 
 import numpy as np
@@ -83,12 +84,13 @@ class CG:
     max_iter : int or None
         Iteration cap (default ``max(1000, 2·√N)``); a warning names the
         remedy when it is reached.
-    preconditioner : {"jacobi", "pivchol", "kronecker", None}, default "jacobi"
+    preconditioner : {"auto", "jacobi", "pivchol", "kronecker", None}, default "auto"
         Which helps depends on the lengthscale (measured, Matérn 5/2, 300
         points in 5-D, values and gradients, noise 1e-4; iterations for
         ℓ = 0.15 / 0.5 / 2: none 64 / 760 / 2006, jacobi 23 / 393 / 2723,
-        pivchol 23 / 358 / 718, kronecker 23 / 136 / 1316). Jacobi is the
-        cheap default; try "pivchol" for long lengthscales.
+        pivchol 23 / 358 / 718, kronecker 23 / 136 / 1316). "auto" picks
+        plain CG for strongly correlated points and Jacobi otherwise
+        (:func:`auto_preconditioner`).
     rank : int, default 100
         Rank of the pivoted Cholesky preconditioner.
     probes : int, default 16
@@ -97,6 +99,19 @@ class CG:
         Lanczos steps per probe.
     seed : int, default 0
         Seed of the probes (the estimate is deterministic for a fixed seed).
+    variance : {"exact", "lanczos"}, default "exact"
+        How predictive variances are computed (see
+        :meth:`IterativeSolver.quad_factors`).
+    variance_rank : int, default 400
+        Lanczos steps of ``variance="lanczos"``.
+    eliminate_values : {"auto", True, False}, default "auto"
+        Solve for the value entries exactly (dense Cholesky of their
+        ``n_v × n_v`` block) and run CG on the Schur complement of the
+        derivative entries (see :meth:`IterativeSolver.schur_solve`). "auto"
+        does so where values and derivatives are both observed, there are at
+        most :data:`ELIMINATE_MAX_VALUES` value entries and plain CG was chosen
+        (the smooth case: measured 2.2× fewer iterations for RBF and 1.7× for
+        Matérn 5/2 at N = 300, D = 50, at 1.33× the cost per iteration).
     """
 
     method = "cg"
@@ -112,6 +127,7 @@ class CG:
         seed=0,
         variance="exact",
         variance_rank=400,
+        eliminate_values="auto",
     ):
         if tol is not None and (
             isinstance(tol, bool)
@@ -156,8 +172,14 @@ class CG:
         self.probes = probes
         self.lanczos_steps = lanczos_steps
         self.seed = seed
+        if not (eliminate_values == "auto" or isinstance(eliminate_values, bool)):
+            raise ValueError(
+                "CG eliminate_values must be 'auto', True or False, got "
+                f"{eliminate_values!r}"
+            )
         self.variance = variance
         self.variance_rank = variance_rank
+        self.eliminate_values = eliminate_values
 
     def __eq__(self, other):
         return isinstance(other, CG) and vars(self) == vars(other)
@@ -193,7 +215,9 @@ def pcg(matmul, b, precond=None, *, tol=1e-8, max_iter=1000, x0=None):
     -------
     x : array (…, N, k)
     info : dict
-        ``iterations`` and the largest final ``relative_residual``.
+        ``iterations``, the largest final ``relative_residual`` and its
+        ``history`` (the largest relative residual before each iteration and
+        after the last).
     """
     xp = B.namespace(b)
     bnorm = xp.sqrt(xp.sum(b * b, axis=-2, keepdims=True))
@@ -206,6 +230,7 @@ def pcg(matmul, b, precond=None, *, tol=1e-8, max_iter=1000, x0=None):
     it = 0
     rel = xp.sqrt(xp.sum(r * r, axis=-2, keepdims=True)) / bnorm
     worst = B.to_float(xp.max(rel))
+    history = [worst]
     while worst > tol and it < max_iter:
         Ap = matmul(p)
         pAp = xp.sum(p * Ap, axis=-2, keepdims=True)
@@ -222,8 +247,9 @@ def pcg(matmul, b, precond=None, *, tol=1e-8, max_iter=1000, x0=None):
         rz = rz_new
         rel = xp.sqrt(xp.sum(r * r, axis=-2, keepdims=True)) / bnorm
         worst = B.to_float(xp.max(rel))
+        history.append(worst)
         it += 1
-    return x, {"iterations": it, "relative_residual": worst}
+    return x, {"iterations": it, "relative_residual": worst, "history": history}
 
 
 #: mean kernel correlation between observed points above which plain CG
@@ -267,6 +293,12 @@ def auto_preconditioner(op, sample=256, seed=0):
     return None if B.to_float(xp.min(corr)) > SMOOTH_CORRELATION else "jacobi"
 
 
+#: most value entries whose block ``eliminate_values`` factors densely
+#: (10,000: 800 MB in float64 and about as many flops as five products at
+#: N = 10,000, D = 100)
+ELIMINATE_MAX_VALUES = 10_000
+
+
 class IterativeSolver(Solver):
     """``(K + Σ)⁻¹`` by preconditioned conjugate gradients (``method="cg"``).
 
@@ -305,9 +337,13 @@ class IterativeSolver(Solver):
         #: spread over processes: probes are drawn for all b members and
         #: sliced, so each member's estimate equals the whole batch's
         self.batch_members = None
+        t0 = time.perf_counter()
         with B.no_grad(self.xp):
             self._diag = B.detach(op.diagonal())
             self._precond = self._build_preconditioner()
+            self._schur = self._build_schur()
+        #: seconds spent building the preconditioner
+        self.stats["preconditioner_s"] = time.perf_counter() - t0
 
     # -- preconditioners ---------------------------------------------------------
     def _build_preconditioner(self):
@@ -441,6 +477,133 @@ class IterativeSolver(Solver):
             return None
         return PointCholesky(B.detach(L), kdiag, noise)
 
+    # -- value elimination (Schur complement) -------------------------------------
+    def _build_schur(self):
+        """The Cholesky factor of the value block and the entry indices, or
+        None where :attr:`CG.eliminate_values` does not apply."""
+        want = self.opts.eliminate_values
+        if want is False or not isinstance(self.op, GramOperator):
+            return None
+        if want == "auto" and self.preconditioner is not None:
+            return None
+        if self.preconditioner not in (None, "jacobi"):
+            return None
+        op = self.op
+        offs = np.cumsum([0] + op.sizes)
+        vb = [i for i, b in enumerate(op.blocks) if b.order == 0]
+        db = [i for i, b in enumerate(op.blocks) if b.order != 0]
+        if not vb or not db:
+            return None
+        iv = np.concatenate([np.arange(offs[i], offs[i + 1]) for i in vb])
+        ig = np.concatenate([np.arange(offs[i], offs[i + 1]) for i in db])
+        if len(iv) > ELIMINATE_MAX_VALUES:
+            return None
+        xp = self.xp
+        dev = B.device_of(self._diag)
+
+        def index(a):
+            return a if B.is_numpy(xp) else B.to_namespace(a, xp, device=dev)
+
+        # the value block from the operator's own profile matrices (Φ₀ between
+        # the groups the value blocks belong to): no closed-form assembly
+        vgroups = [next(g for g in op.groups if (i, "value") in g.parts) for i in vb]
+        A = xp.concat(
+            [
+                xp.concat([op._group_profiles(ga, gb)[0] for gb in vgroups], axis=-1)
+                for ga in vgroups
+            ],
+            axis=-2,
+        )
+        if op.noise is not None:
+            nv = xp.take(op.noise, index(iv), axis=-1)
+            A = A + nv[..., :, None] * xp.eye(len(iv), dtype=A.dtype, device=dev)
+        try:
+            # no jitter: a value block that needs it is left to plain CG
+            L = xp.linalg.cholesky(B.detach(A))
+        except Exception:  # noqa: BLE001 - numpy and torch raise different types
+            return None
+        if not bool(B.to_numpy(xp.all(xp.isfinite(L)))):
+            return None
+        perm = np.concatenate([iv, ig])
+        inv = np.empty_like(perm)
+        inv[perm] = np.arange(len(perm))
+        pre = None
+        if self.preconditioner == "jacobi":
+            dg = xp.take(self._diag, index(ig), axis=-1)
+            pre = Jacobi(dg).apply
+        return {
+            "L": L,
+            "iv": index(iv),
+            "ig": index(ig),
+            "inv": index(inv),
+            "precond": pre,
+        }
+
+    def schur_solve(self, R):
+        """``(K + Σ)⁻¹ R`` by eliminating the value entries: with ``v`` the
+        value and ``g`` the derivative entries,
+
+        .. math::
+
+            S = C_{gg} − C_{gv} A^{-1} C_{vg},\\quad A = C_{vv}
+                \\ \\text{(Cholesky)},
+
+            S x_g = R_g − C_{gv} A^{-1} R_v \\ \\text{(CG)},\\qquad
+            x_v = A^{-1}(R_v − C_{vg} x_g).
+
+        ``S⁻¹`` is a principal block of ``(K + Σ)⁻¹``, so its condition number
+        is at most that of ``K + Σ``; on smooth kernels the values carry the
+        low-degree trends behind the largest eigenvalue clusters and ``S``
+        is far better conditioned. One product with ``S`` is one pass over the
+        derivative coefficients and one over the value coefficients (``8 N² D``
+        flops against ``6 N² D`` for a product with ``K + Σ``). The tolerance
+        applies to the full system: CG on ``S`` stops at ``tol·‖R‖`` per
+        column, and the returned ``relative_residual`` is recomputed from one
+        product with ``K + Σ``.
+        """
+        xp = self.xp
+        op = self.op
+        sc = self._schur
+        L, iv, ig, inv = sc["L"], sc["iv"], sc["ig"], sc["inv"]
+
+        def chol_solve(b):
+            return B.solve_triu_t(L, B.solve_tril(L, b))
+
+        def place(xv, xg):
+            return xp.take(xp.concat([xv, xg], axis=-2), inv, axis=-2)
+
+        def take(a, idx):
+            return xp.take(a, idx, axis=-2)
+
+        Rv, Rg = take(R, iv), take(R, ig)
+        zv, zg = xp.zeros_like(Rv), xp.zeros_like(Rg)
+
+        def from_values(u):  # C_gv u
+            return take(op.matmul(place(u, zg), inputs="values", with_noise=False), ig)
+
+        def S(w):
+            out = op.matmul(place(zv, w), inputs="derivatives")
+            return take(out, ig) - from_values(chol_solve(take(out, iv)))
+
+        rhs = Rg - from_values(chol_solve(Rv))
+        bnorm = xp.sqrt(xp.sum(R * R, axis=-2, keepdims=True))
+        rnorm = xp.sqrt(xp.sum(rhs * rhs, axis=-2, keepdims=True))
+        ratio = bnorm / xp.where(rnorm > 0, rnorm, xp.ones_like(rnorm))
+        tol = self.tol * B.to_float(xp.min(ratio))
+        xg, info = pcg(S, rhs, sc["precond"], tol=tol, max_iter=self.max_iter)
+        cg_out = op.matmul(place(zv, xg), inputs="derivatives", with_noise=False)
+        xv = chol_solve(Rv - take(cg_out, iv))
+        x = place(xv, xg)
+        res = R - op.matmul(x)
+        bn = xp.where(bnorm > 0, bnorm, xp.ones_like(bnorm))
+        rel = xp.sqrt(xp.sum(res * res, axis=-2, keepdims=True)) / bn
+        scale = B.to_float(xp.max(1.0 / ratio))
+        info = dict(info)
+        info["relative_residual"] = B.to_float(xp.max(rel))
+        info["history"] = [h * scale for h in info["history"]]
+        info["eliminated_values"] = int(Rv.shape[-2])
+        return x, info
+
     # -- the solver interface ------------------------------------------------------
     def _cg(self, R):
         with B.no_grad(self.xp):
@@ -450,7 +613,12 @@ class IterativeSolver(Solver):
             def mm(V):
                 return op.matmul(V)
 
-            x, info = pcg(mm, Rd, self._precond, tol=self.tol, max_iter=self.max_iter)
+            if self._schur is not None:
+                x, info = self.schur_solve(Rd)
+            else:
+                x, info = pcg(
+                    mm, Rd, self._precond, tol=self.tol, max_iter=self.max_iter
+                )
         self.info = info
         self.stats["solves"] += 1
         self.stats["columns"] += int(Rd.shape[-1])

@@ -49,6 +49,10 @@ __all__ = ["GramOperator", "unsupported_reason", "posterior_mean"]
 DIFF_CHUNK_ELEMENTS = 1 << 22
 #: elements of the k·n_A·n_B coefficient-dependent temporaries per pass (~128 MB)
 RHS_CHUNK_ELEMENTS = 1 << 24
+#: values and gradients at the same points share one Φ₁ GEMM through a cached
+#: ``Φ₀ + Φ₁ ⊙ ZZᵀ`` (6 instead of 8 N²D flops per column, one more N×N
+#: matrix); False restores the separate products
+MERGE_VALUE_GRADIENT = True
 
 
 def unsupported_reason(kernel, blocks):
@@ -219,6 +223,21 @@ class GramOperator:
             self._phi[key] = self._profiles(ga.Z, gb.Z, ga is gb)
         return self._phi[key]
 
+    def _group_p0z(self, ga, gb, phi):
+        """``Φ₀ + Φ₁ ⊙ Z_A Z_Bᵀ`` (nA, nB), cached: with it the value rows of a
+        product need ``Φ₁`` only once, on ``v ⊙ Z_B + W`` (see :func:`_pair_fast`)."""
+        # like the profiles, kept apart by whether autograd records
+        key = ("p0z", id(ga), id(gb), B.grad_enabled(self.xp))
+        if key not in self._phi:
+            p0z = ga.Z @ B.matrix_transpose(gb.Z)
+            if B.is_torch(self.xp):
+                p0z.mul_(phi[1]).add_(phi[0])
+            else:
+                np.multiply(p0z, phi[1], out=p0z)
+                p0z += phi[0]
+            self._phi[key] = p0z
+        return self._phi[key]
+
     # -- scatter / gather between entries and per-group coefficients ---------
     def _split(self, V, sizes):
         """Split (…, k, N) into per-block pieces."""
@@ -228,8 +247,11 @@ class GramOperator:
             start += s
         return out
 
-    def _coefficients(self, groups, blocks, udirs, pieces):
-        """Per group: v (…, k, n) or None and W (…, k, n, d) or None (z-space)."""
+    def _coefficients(self, groups, blocks, udirs, pieces, inputs=None):
+        """Per group: v (…, k, n) or None and W (…, k, n, d) or None (z-space).
+
+        ``inputs="values"`` or ``"derivatives"`` leaves out the other kind of
+        coefficient (as if it were zero, without its work)."""
         xp = self.xp
         coef = []
         for g in groups:
@@ -237,7 +259,10 @@ class GramOperator:
             for i, kind in g.parts:
                 b, c = blocks[i], pieces[i]
                 if kind == "value":
-                    v = c
+                    if inputs != "derivatives":
+                        v = c
+                    continue
+                if inputs == "values":
                     continue
                 k = b.k
                 c = xp.reshape(c, tuple(c.shape[:-1]) + (b.n, k))
@@ -257,6 +282,8 @@ class GramOperator:
         for g, (y, G) in zip(groups, results):
             for i, kind in g.parts:
                 b = blocks[i]
+                if (y if kind == "value" else G) is None:
+                    continue  # no coefficients reached it: filled with zeros
                 if kind == "value":
                     out[i] = y
                 elif kind == "grad":
@@ -325,6 +352,8 @@ class GramOperator:
         for ga in out_groups:
             y = G = None
             for gb, (v, W) in zip(in_groups, coef):
+                if v is None and W is None:
+                    continue
                 if same:
                     phi = self._group_profiles(ga, gb)
                 else:
@@ -337,7 +366,21 @@ class GramOperator:
                     and _fast_ok(self.xp, ga.Z, gb.Z, v, W, self.ls)
                 ):
                     pair = _pair_fast
-                yy, GG = pair(phi, ga.Z, gb.Z, v, W, ga.has_value, ga.has_grad)
+                if pair is _pair_fast:
+                    p0z = None
+                    if (
+                        MERGE_VALUE_GRADIENT
+                        and same
+                        and v is not None
+                        and W is not None
+                        and ga.has_value
+                    ):
+                        p0z = self._group_p0z(ga, gb, phi)
+                    yy, GG = _pair_fast(
+                        phi, ga.Z, gb.Z, v, W, ga.has_value, ga.has_grad, p0z
+                    )
+                else:
+                    yy, GG = pair(phi, ga.Z, gb.Z, v, W, ga.has_value, ga.has_grad)
                 if yy is not None:
                     y = yy if y is None else y + yy
                 if GG is not None:
@@ -350,9 +393,17 @@ class GramOperator:
         per = max(1, 3 * nA * nA)
         return max(1, RHS_CHUNK_ELEMENTS // per)
 
-    def matmul(self, V, *, with_noise=True):
-        """``(K + diag(noise)) V`` for V (…, N, k); returns (…, N, k)."""
+    def matmul(self, V, *, with_noise=True, inputs=None):
+        """``(K + diag(noise)) V`` for V (…, N, k); returns (…, N, k).
+
+        ``inputs="values"`` (``"derivatives"``) treats the derivative (value)
+        entries of V as zeros and skips their share of the work.
+        """
         xp = self.xp
+        if inputs not in (None, "values", "derivatives"):
+            raise ValueError(
+                f"inputs must be None, 'values' or 'derivatives', got {inputs!r}"
+            )
         Vt = B.matrix_transpose(V)  # (…, k, N)
         k = Vt.shape[-2]
         nA = sum(g.Z.shape[-2] for g in self.groups)
@@ -361,9 +412,15 @@ class GramOperator:
         for c0 in range(0, k, step):
             Vc = Vt[..., c0 : c0 + step, :]
             pieces = self._split(Vc, self.sizes)
-            coef = self._coefficients(self.groups, self.blocks, self._udirs, pieces)
+            coef = self._coefficients(
+                self.groups, self.blocks, self._udirs, pieces, inputs
+            )
             res = self._apply(self.groups, self.groups, coef, True)
             parts = self._outputs(self.groups, self.blocks, self._udirs, res)
+            parts = [
+                xp.zeros_like(pieces[i]) if p is None else p
+                for i, p in enumerate(parts)
+            ]
             outs.append(xp.concat(parts, axis=-1))
         KV = B.matrix_transpose(outs[0] if len(outs) == 1 else xp.concat(outs, axis=-2))
         if with_noise and self.noise is not None:
@@ -483,7 +540,7 @@ def _half_sq_dist(xp, ZA, ZB, same):
     return S
 
 
-def _pair_fast(phi, ZA, ZB, v, W, want_y, want_G):
+def _pair_fast(phi, ZA, ZB, v, W, want_y, want_G, p0z=None):
     """:meth:`GramOperator._pair` for a stationary kernel without batch axes,
     with every ``Φ₁`` product of all columns in one GEMM and the ``Φ₂`` term
     through one in-place ``nA × nB`` temporary per column.
@@ -491,7 +548,18 @@ def _pair_fast(phi, ZA, ZB, v, W, want_y, want_G):
     Shapes: Φ (nA, nB), ZA (nA, d), ZB (nB, d), v (k, nB), W (k, nB, d);
     returns y (k, nA) and G (k, nA, d) (or None). The GEMM flops per column
     are ``8 nA nB d``: ``Φ₁[vZ | W]``, ``ZWᵀ`` and ``(Φ₂ ⊙ C) Z``.
+
+    With ``p0z = Φ₀ + Φ₁ ⊙ Z_A Z_Bᵀ`` (values and gradients at the same points)
+    the two Φ₁ products on ``v ⊙ Z_B`` and on ``W`` merge into one on their sum
+    ``U``, since ``rowsum(Z_A ⊙ Φ₁(v ⊙ Z_B)) = (Φ₁ ⊙ Z_A Z_Bᵀ) v``:
+
+    .. math:: y = p0z\\,v + Φ_1 q − \\operatorname{rowsum}(Z_A ⊙ Φ_1 U),\\qquad
+        G = Z_A ⊙ (Φ_1 v) − Φ_1 U − (Φ_2 \\text{ term})
+
+    and the flops per column drop to ``6 nA nB d``.
     """
+    if p0z is not None and v is not None and W is not None and want_y:
+        return _pair_merged(phi, p0z, ZA, ZB, v, W, want_G)
     xp = B.namespace(ZA)
     P0, P1, P2 = phi
     nA, d = ZA.shape
@@ -540,21 +608,7 @@ def _pair_fast(phi, ZA, ZB, v, W, want_y, want_G):
         if want_G:
             G = -P1W if G is None else G - P1W
             if P2 is not None:
-                one = xp.ones((nA, 1), dtype=ZA.dtype, device=B.device_of(ZA))
-                ZAa = xp.concat([ZA, -one], axis=-1)  # (nA, d + 1)
-                corr = []
-                for j in range(k):
-                    WQ = xp.concat([W[j], q[j][:, None]], axis=-1)  # (nB, d + 1)
-                    # C_ab = z_a·w_b − z_b·w_b, then M = Φ₂ ⊙ C in place
-                    C = ZAa @ B.matrix_transpose(WQ)
-                    if B.is_torch(xp):
-                        C.mul_(P2)
-                    else:
-                        np.multiply(C, P2, out=C)
-                    M1 = xp.sum(C, axis=-1)
-                    corr.append(ZA * M1[:, None] - C @ ZB)
-                    del C
-                G = G - xp.stack(corr, axis=0)
+                G = G - _phi2_term(xp, P2, ZA, ZB, W, q)
     return y, G
 
 
@@ -562,3 +616,57 @@ def posterior_mean(post, *queries):
     """Posterior mean of ``queries`` without their variances: the same as
     :meth:`gpgrad.Posterior.mean` (kept for code that imported it from here)."""
     return post.mean(*queries)
+
+
+def _phi2_term(xp, P2, ZA, ZB, W, q):
+    """``Z_A ⊙ (M 1) − M Z_B`` with ``M = Φ₂ ⊙ C``, ``C_ab = z_a·w_b − q_b``,
+    (k, nA, d), through one in-place ``nA × nB`` temporary per column."""
+    nA, nB = ZA.shape[0], ZB.shape[0]
+    dev = B.device_of(ZA)
+    ZAa = xp.concat([ZA, -xp.ones((nA, 1), dtype=ZA.dtype, device=dev)], axis=-1)
+    # M [Z_B | 1] gives M Z_B and the row sums M 1 in one GEMM
+    ZBa = xp.concat([ZB, xp.ones((nB, 1), dtype=ZB.dtype, device=dev)], axis=-1)
+    corr = []
+    for j in range(W.shape[0]):
+        WQ = xp.concat([W[j], q[j][:, None]], axis=-1)  # (nB, d + 1)
+        C = ZAa @ B.matrix_transpose(WQ)
+        if B.is_torch(xp):
+            C.mul_(P2)
+        else:
+            np.multiply(C, P2, out=C)
+        MZ = C @ ZBa  # (nA, d + 1)
+        del C
+        corr.append(ZA * MZ[:, -1:] - MZ[:, :-1])
+    return xp.stack(corr, axis=0)
+
+
+def _pair_merged(phi, p0z, ZA, ZB, v, W, want_G):
+    """:func:`_pair_fast` for values and gradients at the same points: one Φ₁
+    GEMM on ``[v | q | v ⊙ Z_B + W]`` (``2 + d`` columns per column of v)."""
+    xp = B.namespace(ZA)
+    _, P1, P2 = phi
+    nA, d = ZA.shape
+    nB = ZB.shape[0]
+    k = v.shape[0]
+    q = xp.sum(ZB[None, :, :] * W, axis=-1)  # (k, nB)
+    U = v[:, :, None] * ZB[None, :, :] + W  # (k, nB, d)
+    cols = xp.concat(
+        [
+            B.matrix_transpose(v),
+            B.matrix_transpose(q),
+            xp.reshape(xp.moveaxis(U, 0, 1), (nB, k * d)),
+        ],
+        axis=-1,
+    )
+    R = P1 @ cols
+    P1v = B.matrix_transpose(R[:, :k])  # (k, nA)
+    P1q = B.matrix_transpose(R[:, k : 2 * k])
+    P1U = xp.moveaxis(xp.reshape(R[:, 2 * k :], (nA, k, d)), 1, 0)  # (k, nA, d)
+    y = B.matrix_transpose(p0z @ B.matrix_transpose(v))
+    y = y + P1q - xp.sum(ZA[None, :, :] * P1U, axis=-1)
+    G = None
+    if want_G:
+        G = ZA[None, :, :] * P1v[:, :, None] - P1U
+        if P2 is not None:
+            G = G - _phi2_term(xp, P2, ZA, ZB, W, q)
+    return y, G

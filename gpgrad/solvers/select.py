@@ -264,12 +264,13 @@ def _iterative(gp, blocks, noise, options):
 
 
 def matfree_memory(n_points: int, itemsize: int, batch: int = 1) -> int:
-    """Bytes the matrix-free CG solver needs: three N×N profile matrices plus
-    one N×N temporary of the product, N the number of distinct points.
+    """Bytes the matrix-free CG solver needs: three N×N profile matrices, the
+    cached ``Φ₀ + Φ₁ ⊙ ZZᵀ`` and one N×N temporary of the product, N the number
+    of distinct points.
 
-    .. math:: \\text{bytes} ≈ 4.4 · \\text{batch} · N^2 · \\text{itemsize}
+    .. math:: \\text{bytes} ≈ 5.4 · \\text{batch} · N^2 · \\text{itemsize}
     """
-    return int(4.4 * batch * n_points * n_points * itemsize)
+    return int(5.4 * batch * n_points * n_points * itemsize)
 
 
 def _on_cuda(like):

@@ -679,3 +679,25 @@ def test_value_elimination_with_values_at_several_point_sets():
     assert post._solver.info["eliminated_values"] == 17
     ref = gpgrad.GP(kernel, noise=1e-3, method="cholesky").condition(*obs)
     assert _rel(post.gradient(Xs).mean, ref.gradient(Xs).mean) < 1e-8
+
+
+def test_exact_variances_refuse_a_query_that_cannot_fit_and_cap_their_basis(
+    monkeypatch,
+):
+    X, Xs = _problem(N=25)
+    kernel = K.Matern52(lengthscale=[0.7, 0.9, 1.1])
+    obs = [gpgrad.values(X, _f(X)), gpgrad.gradients(X, _g(X))]
+    ref = gpgrad.GP(kernel, noise=1e-4, method="cholesky").condition(*obs)
+    post = gpgrad.GP(kernel, noise=1e-4, method=CG(tol=1e-12)).condition(*obs)
+    g = post.gradient(Xs)
+    mean = g.mean  # the mean needs no variance memory
+    assert _rel(mean, ref.gradient(Xs).mean) < 1e-9
+    rows, entries = 100, 12  # 25 points × (1 + 3); 4 points × 3 gradient entries
+    monkeypatch.setattr(select, "available_memory", lambda like=None: 4 * rows * 8)
+    with pytest.raises(select.InsufficientMemoryError, match="12 queried entries"):
+        _ = g.var
+    # room for a 30-column basis: it stops there, short of tol, loudly
+    room = int((30 + 5 * entries) * rows * 8 / 0.8) + 8
+    monkeypatch.setattr(select, "available_memory", lambda like=None: room)
+    with pytest.warns(ConvergenceWarning, match="fit in memory"):
+        _ = post.gradient(Xs).var

@@ -660,23 +660,60 @@ class IterativeSolver(Solver):
         if self._variance_method(Ks) == "exact":
             if _needs_grad(Ks, self.op):
                 return Ks, self.solve(Ks)
+            max_dim = self._basis_limit(Ks)
             with B.no_grad(self.xp):
                 F, info = block_galerkin(
-                    self.op.matmul, B.detach(Ks), tol=self.tol, max_dim=self.N
+                    self.op.matmul, B.detach(Ks), tol=self.tol, max_dim=max_dim
                 )
             self.stats["block_steps"] = self.stats.get("block_steps", 0) + info["steps"]
             self.stats["columns"] += info["products"]
             if info["relative_residual"] > self.tol:
+                limited = max_dim < self.N and info["products"] >= max_dim
+                why = (
+                    f" (its basis reached the {max_dim} columns that fit in "
+                    "memory: ask for fewer query points per call)"
+                    if limited
+                    else ""
+                )
                 warnings.warn(
                     f"block conjugate gradients for the variances stopped after "
                     f"{info['steps']} steps at relative residual "
-                    f"{info['relative_residual']:.2e} > tol {self.tol:.0e}",
+                    f"{info['relative_residual']:.2e} > tol {self.tol:.0e}{why}",
                     ConvergenceWarning,
                     stacklevel=4,
                 )
             return F, F
         F, _ = self.lanczos_factors(Ks)
         return F, F
+
+    def _basis_limit(self, Ks):
+        """The largest Krylov basis (columns) the exact variances may grow to
+        in the available memory; refuses, before any product, a query whose
+        first block alone would not fit.
+
+        :func:`block_galerkin` holds its basis (N, k) plus about five (N, M)
+        temporaries for M queried entries; it stops at ``k = N`` where the
+        projection is exact.
+        """
+        from .select import InsufficientMemoryError, _fmt, available_memory
+
+        N, M = int(Ks.shape[-2]), int(Ks.shape[-1])
+        batch = int(np.prod(Ks.shape[:-2])) if len(Ks.shape) > 2 else 1
+        item = Ks.element_size() if B.is_tensor(Ks) else Ks.dtype.itemsize
+        column = batch * N * item
+        avail = available_memory(Ks)
+        room = int(0.8 * avail) - 5 * M * column
+        if room < 2 * M * column:
+            need = int(7 * M * column / 0.8)
+            raise InsufficientMemoryError(
+                f"the exact variances of {M} queried entries at {N} data rows "
+                f"need at least {_fmt(need)} for their first Krylov block; "
+                f"{_fmt(avail)} is available. Ask for fewer query points per "
+                "call, read only .mean, or use "
+                "GP(method=gpgrad.CG(variance='lanczos')) (an upper bound on "
+                "each variance with a certified error, solver.variance_bounds)"
+            )
+        return min(self.N, room // column)
 
     def _variance_method(self, Ks):
         if _needs_grad(Ks, self.op):

@@ -1053,16 +1053,30 @@ def _repeat(f, R):
     return type(f).build(f.kind, rep(f.X), rep(f.y), f.noise, **fields)
 
 
+#: L-BFGS-B's projected-gradient tolerance on ``log p(y) / N``
+GTOL = 1e-5
+#: above this many observations a state-space fit's tolerances shrink as 1/N
+LONG = 10_000
+
+
 def _minimize(objective, x0, space, settings):
     from scipy.optimize import minimize
 
+    options = {"maxiter": settings.maxiter, "ftol": settings.tol}
+    if objective.fast is not None and objective.n_obs > LONG:
+        # a long series: per sample, tol is tol·N units of log p (17 units
+        # between a stop and the optimum were seen at 10⁶ samples); keep the
+        # tolerances at their size for LONG samples
+        shrink = LONG / objective.n_obs
+        options["ftol"] = settings.tol * shrink
+        options["gtol"] = GTOL * shrink
     return minimize(
         objective,
         x0,
         jac=objective.gradient == "autograd",
         method="L-BFGS-B",
         bounds=list(zip(space.lo, space.hi)),
-        options={"maxiter": settings.maxiter, "ftol": settings.tol},
+        options=options,
     )
 
 

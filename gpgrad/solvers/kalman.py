@@ -413,6 +413,42 @@ def const_recurrence(M, z0, c, block=16):
     return out.reshape(nb * L, D)[:J]
 
 
+def const_recurrence_rank1(M, z0, u, s, block=16):
+    """``z_{j+1} = M z_j + u s_j`` for j = 0 … J−1 (a fixed direction ``u``
+    (D,) driven by the scalars ``s`` (J,)): returns z_1 … z_J (J, D).
+
+    :func:`const_recurrence` with the block matrix applied to ``u`` once: the
+    zero-state response of a block is ``s_block @ V`` with
+    ``V[l, i] = M^{i−l} u`` (l ≤ i), D times fewer operations.
+    """
+    J = s.shape[0]
+    D = u.shape[0]
+    if J <= 2 * block:
+        return const_recurrence(M, z0, s[:, None] * u)
+    L = block
+    nb = -(-J // L)
+    if nb * L == J:
+        sb = s.reshape(nb, L)
+    else:
+        sb = np.zeros((nb, L))
+        sb.reshape(-1)[:J] = s
+    powers = [np.eye(D)]
+    for _ in range(L):
+        powers.append(M @ powers[-1])
+    pu = [p @ u for p in powers[:L]]
+    V = np.zeros((L, L * D))
+    for i in range(L):
+        for l in range(i + 1):
+            V[l, i * D : (i + 1) * D] = pu[i - l]
+    out = sb @ V  # (nb, L·D)
+    starts = np.empty((nb, D))
+    starts[0] = z0
+    if nb > 1:
+        starts[1:] = const_recurrence(powers[L], z0, out[:-1, (L - 1) * D :], block)
+    out += starts @ np.concatenate(powers[1:], axis=0).T
+    return out.reshape(nb * L, D)[:J]
+
+
 def _converged(new, old, tol):
     return np.max(np.abs(new - old)) <= tol * max(np.max(np.abs(new)), 1e-300)
 
@@ -528,13 +564,6 @@ class RegularResult:
         )
 
 
-def _backward_const(M, z_end, c):
-    """``z_k = M z_{k+1} + c_k`` for k = J−1 … 0 from ``z_J = z_end``: (J, D)."""
-    if len(c) == 0:
-        return c.copy()
-    return const_recurrence(M, z_end, np.ascontiguousarray(c[::-1]))[::-1]
-
-
 def _first_converged(X, tol):
     """The first k ≥ 2 with ``X_k`` equal to ``X_{k−1}`` to ``tol`` relative
     (largest entry), or None; ``X`` (L, …)."""
@@ -632,15 +661,14 @@ def kalman_regular(A, Q, P0, h, y, R, tol=1e-15, max_transient=1 << 16):
     Bss = A1 @ (I - np.outer(Kss, h1))
     # forward means: mp_{k+1} = B_k mp_k + A K_k y_k
     AK = Kss @ A1.T
-    g = y[:, None] * AK
-    g[:nh] = y[:nh, None] * (Kh @ A1.T)
     mp = np.zeros((T, D))
     stop = min(nh, T - 1)
     if stop:
-        _, zs = scan((Bh[:stop], g[:stop, :, None]), _affine_combine)
+        g = y[:stop, None] * (Kh[:stop] @ A1.T)
+        _, zs = scan((Bh[:stop], g[:, :, None]), _affine_combine)
         mp[1 : stop + 1] = zs[:, :, 0]
     if T - 1 > stop:
-        mp[stop + 1 :] = const_recurrence(Bss, mp[stop], g[stop : T - 1])
+        mp[stop + 1 :] = const_recurrence_rank1(Bss, mp[stop], AK, y[stop : T - 1])
     v = y - mp @ h1
     Sinv = np.full(T, 1.0 / Sss)
     Sinv[:nh] = 1.0 / Sh
@@ -650,29 +678,24 @@ def kalman_regular(A, Q, P0, h, y, R, tol=1e-15, max_transient=1 << 16):
     # backward adjoint: λ_k = B_kᵀ λ_{k+1} + h v_k/S_k,
     # Λ_k = B_kᵀ Λ_{k+1} B_k + hhᵀ/S_k (B_{T−1} = 0)
     hh = np.outer(h1, h1)
-    c = h1[None, :] * w[:, None]
     # Λ on steps ≥ stop (constant B and S) backwards from the end, until it
     # converges: the tail holds the last steps, the middle repeats its first
     tail, _ = _tail_adjoint(Bss, hh / Sss, hh * Sinv[T - 1], T - 1 - stop, tol)
     # λ: constant coefficients on [stop, T−2]
     lam = np.empty((T, D))
-    lam[T - 1] = c[T - 1]
+    lam[T - 1] = h1 * w[T - 1]
     if T - 2 >= stop:
-        lam[stop : T - 1] = _backward_const(Bss.T, lam[T - 1], c[stop : T - 1])
+        ws = np.ascontiguousarray(w[stop : T - 1][::-1])
+        lam[stop : T - 1] = const_recurrence_rank1(Bss.T, lam[T - 1], h1, ws)[::-1]
     # the head, steps 0 … stop−1, from λ_stop and Λ_stop (the chain ends there)
     Bx = np.concatenate([Bh[:stop], np.zeros((1, D, D))])
-    cx = np.concatenate([c[:stop], lam[stop][None]])[:, :, None]
+    cx = np.concatenate([h1 * w[:stop, None], lam[stop][None]])[:, :, None]
     Cx = np.concatenate([hh * Sinv[:stop, None, None], tail[:1]])
     lam_h, Lam_h = _adjoint(Bx, cx, Cx)
     lam[:stop] = lam_h[:stop, :, 0]
     Lam_pw = Piecewise(T, Lam_h[:stop], tail[0], tail)
     res = RegularResult()
     res.T, res.A1, res.Q1, res.h1 = T, A1, Q1, h1
-    res.loglik = float(
-        -0.5 * np.dot(v, w)
-        + 0.5 * np.sum(np.log(Sinv))
-        - 0.5 * T * math.log(2 * math.pi)
-    )
     B_pw = Piecewise(T, Bh[:stop], Bss, np.zeros((1, D, D)) if stop < T else None)
     if stop == T:  # every step in the head: the last one has no transition
         B_pw.head = B_pw.head.copy()
@@ -680,18 +703,26 @@ def kalman_regular(A, Q, P0, h, y, R, tol=1e-15, max_transient=1 << 16):
     res.m, res.mp, res.v, res.lam = m, mp, v, lam
     res.P_pw, res.Pp_pw, res.S_pw, res.K_pw = P_pw, Pp_pw, S_pw, K_pw
     res.Lam_pw, res.B_pw = Lam_pw, B_pw
+    res.loglik = float(
+        -0.5 * np.dot(v, w) - 0.5 * res.logdet() - 0.5 * T * math.log(2 * math.pi)
+    )
     # S⁻¹r = v/S − K_k·(Aᵀλ_{k+1}); diag S⁻¹ = 1/S_k + (AK_k)ᵀ Λ_{k+1} (AK_k)
-    lam_hat = lam[1:] @ A1  # (T−1, D): Aᵀλ_{k+1}
-    Klh = lam_hat @ Kss
-    Klh[: min(nh, T - 1)] = np.einsum("td,td->t", Kh[: T - 1], lam_hat[:nh])
     res.alpha = w.copy()
-    res.alpha[:-1] -= Klh
-    res.Sinv_diag = Sinv.copy()
     if T > 1:
-        u = np.broadcast_to(AK, (T - 1, D)).copy()
-        u[: min(nh, T - 1)] = (Kh @ A1.T)[: T - 1]
-        Lu = Lam_pw.matvec(np.arange(1, T), u)
-        res.Sinv_diag[:-1] += np.einsum("td,td->t", u, Lu)
+        res.alpha[:-1] -= lam[1:] @ (A1 @ Kss)
+        n1 = min(nh, T - 1)
+        res.alpha[:n1] += lam[1 : n1 + 1] @ (A1 @ Kss) - np.einsum(
+            "td,td->t", Kh[:n1], lam[1 : n1 + 1] @ A1
+        )
+    # constant between the head and the tail: computed there once
+    res.Sinv_diag = np.full(T, 1.0 / Sss + AK @ Lam_pw.mid @ AK)
+    res.Sinv_diag[T - 1] = Sinv[T - 1]
+    ks = np.union1d(np.arange(min(nh, T - 1)), np.arange(T - 1 - Lam_pw.nt, T - 1))
+    ks = ks[(ks >= 0) & (ks < T - 1)]
+    if ks.size:
+        u = np.where((ks < nh)[:, None], K_pw.take(ks) @ A1.T, AK)
+        Lu = Lam_pw.matvec(ks + 1, u)
+        res.Sinv_diag[ks] = Sinv[ks] + np.einsum("td,td->t", u, Lu)
     return res
 
 

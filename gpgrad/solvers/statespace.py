@@ -270,6 +270,38 @@ class _Model:
         return out
 
 
+class _Steps:
+    """The transitions ``A(Δ_i)``, ``Q(Δ_i)`` of many steps, applied to
+    vectors; steps taking few distinct values are grouped (one transition
+    per value, no (m, D, D) arrays)."""
+
+    def __init__(self, model, dt):
+        self.groups = None
+        if dt.shape[0] > 64:
+            u, inv = np.unique(dt, return_inverse=True)
+            if u.shape[0] <= 8:
+                A, Q, self.Pinf = model.transitions(u)
+                self.groups = [(A[j], Q[j], inv == j) for j in range(u.shape[0])]
+                if u.shape[0] == 1:
+                    self.groups = [(A[0], Q[0], None)]
+        if self.groups is None:
+            self.A, self.Q, self.Pinf = model.transitions(dt)
+
+    def apply(self, x, transpose=False, Q=False):
+        """``A_i x_i`` (``A_iᵀ x_i``, or ``Q_i x_i``) for x (m, D)."""
+        if self.groups is None:
+            M = self.Q if Q else self.A
+            sub = "mji,mj->mi" if transpose else "mij,mj->mi"
+            return np.einsum(sub, M, x)
+        out = np.empty_like(x)
+        for A, Qm, sel in self.groups:
+            M = Qm if Q else (A if transpose else A.T)
+            if sel is None:
+                return x @ M
+            out[sel] = x[sel] @ M
+        return out
+
+
 def _matvec(res, name, idx, x):
     """``M_idx x`` for the (T, D, D) sequence ``name`` of a Kalman result."""
     pw = getattr(res, name + "_pw", None)
@@ -319,26 +351,45 @@ class _Series:
 
     def __init__(self, model, t, order, coef, noise):
         perm = np.argsort(t, kind="stable")
-        self.perm = perm
-        self.t = t[perm]
-        self.order, self.coef = order[perm], coef[perm]
+        # already sorted (the common case): no gathers on every pass
+        self.perm = None if np.all(perm[1:] > perm[:-1]) else perm
+        self.t = self._sorted(t)
+        self.order, self.coef = self._sorted(order), self._sorted(coef)
+        self._uniform = bool(
+            np.all(self.order == self.order[0]) and np.all(self.coef == self.coef[0])
+        )
         self._grid = None
         self.update(model, noise)
+
+    def _sorted(self, a):
+        return a if self.perm is None else a[self.perm]
+
+    def _unsorted(self, a):
+        if self.perm is None:
+            return a
+        out = np.empty_like(a)
+        out[self.perm] = a
+        return out
 
     def update(self, model, noise):
         """New hyperparameters (``model``) and noise (flat order) on the same
         times and observation kinds."""
         self.model = model
-        self.H = model.rows(self.order, self.coef)
-        self.R = noise[self.perm]
+        T = len(self.t)
+        if self._uniform:
+            row = model.rows(self.order[:1], self.coef[:1])
+            self.H = np.broadcast_to(row, (T, model.D))
+        else:
+            self.H = model.rows(self.order, self.coef)
+        self.R = self._sorted(noise)
         if self._grid is None:
             dt = np.diff(self.t, prepend=self.t[0])
             self.regular = self._is_regular(dt)
             if self.regular:
                 # a grid written as t₀ + kΔ in floating point: one exact step
-                step = (self.t[-1] - self.t[0]) / (len(self.t) - 1)
-                self.t = self.t[0] + step * np.arange(len(self.t))
-                dt = np.full(len(self.t), step)
+                step = (self.t[-1] - self.t[0]) / (T - 1)
+                self.t = self.t[0] + step * np.arange(T)
+                dt = np.full(T, step)
                 dt[0] = 0.0
             self._grid = dt
         elif self.regular:
@@ -347,12 +398,14 @@ class _Series:
         if self.regular:
             # one step everywhere: one transition, broadcast (no T-sized copies)
             A2, Q2, self.P0 = model.transitions(dt[:2])
-            shape = (len(dt),) + A2.shape[1:]
+            finite = np.all(np.isfinite(A2)) and np.all(np.isfinite(Q2))
+            shape = (T,) + A2.shape[1:]
             self.A = np.broadcast_to(A2[-1], shape)
             self.Q = np.broadcast_to(Q2[-1], shape)
         else:
             self.A, self.Q, self.P0 = model.transitions(dt)
-        if not (np.all(np.isfinite(self.A)) and np.all(np.isfinite(self.Q))):
+            finite = np.all(np.isfinite(self.A)) and np.all(np.isfinite(self.Q))
+        if not finite:
             raise np.linalg.LinAlgError(
                 "the state-space transitions are not finite; check the "
                 "lengthscales and the input times"
@@ -361,19 +414,16 @@ class _Series:
 
     def run(self, r):
         """Filter and adjoint for residuals ``r`` (flat order); ``S⁻¹ r``."""
-        y = r[self.perm]
+        y = self._sorted(r)
         self.res = None
         with kalman.one_blas_thread():
-            return self._run(r, y)
-
-    def _run(self, r, y):
-        if self.regular:
-            self.res = kalman.kalman_regular(self.A, self.Q, self.P0, self.H, y, self.R)
-        if self.res is None:
-            self.res = kalman.kalman(self.A, self.Q, self.P0, self.H, y, self.R)
-        alpha = np.empty_like(r)
-        alpha[self.perm] = self.res.alpha
-        return alpha
+            if self.regular:
+                self.res = kalman.kalman_regular(
+                    self.A, self.Q, self.P0, self.H, y, self.R
+                )
+            if self.res is None:
+                self.res = kalman.kalman(self.A, self.Q, self.P0, self.H, y, self.R)
+        return self._unsorted(self.res.alpha)
 
     def _is_regular(self, dt):
         """One step (equal to ``REGULAR_STEP_RTOL``), one kind of observation
@@ -389,24 +439,12 @@ class _Series:
 
     def solve(self, Rhs):
         """``S⁻¹ Rhs`` for (N, k) right-hand sides (gains from :meth:`run`)."""
-        out = np.empty_like(Rhs)
-        out[self.perm] = kalman.linear_solve(self.res, Rhs[self.perm])
-        return out
+        return self._unsorted(kalman.linear_solve(self.res, self._sorted(Rhs)))
 
     def logdet(self):
         if self.res.regular:
             return self.res.logdet()
         return float(np.sum(np.log(self.res.S)))
-
-    def _transitions_at(self, dt):
-        """``transitions(dt)`` for many steps with few distinct values (a grid
-        queried at its own times): computed once per distinct step."""
-        if dt.shape[0] > 64:
-            u, inv = np.unique(dt, return_inverse=True)
-            if u.shape[0] <= dt.shape[0] // 4:
-                A, Q, Pinf = self.model.transitions(u)
-                return A[inv], Q[inv], Pinf
-        return self.model.transitions(dt)
 
     def marginals(self, tq, Hq):
         """Smoothed mean and variance (m,) of the entries ``Hq`` (m, D) (one
@@ -415,26 +453,34 @@ class _Series:
         From the filtered state at the last step ``k`` at or before ``t``,
         predicted over ``t − t_k`` (``m⁻, P⁻``), and the adjoint of the next
         step carried back over ``t_{k+1} − t`` (``λ̂, Λ̂``):
-        ``mean = h·m⁻ + w·λ̂``, ``var = h·w − wᵀΛ̂w`` with ``w = P⁻h``, so no
-        (m, D, D) array is formed on a regular series.
+        ``mean = h·m⁻ + w·λ̂``, ``var = h·w − wᵀΛ̂w`` with ``w = P⁻h``; only
+        (m, D) arrays are formed, and steps shared by many queries (a grid
+        queried at its own times) get their transition once.
         """
         res = self.res
         T = len(self.t)
         k = np.searchsorted(self.t, tq, side="right") - 1
         before = k < 0
         kc = np.clip(k, 0, T - 1)
-        A1, Q1, Pinf = self._transitions_at(np.where(before, 0.0, tq - self.t[kc]))
-        mp = np.einsum("mij,mj->mi", A1, res.m[kc])
-        a = np.einsum("mji,mj->mi", A1, Hq)  # A1ᵀh
-        w = np.einsum("mij,mj->mi", A1, _matvec(res, "P", kc, a))
-        w += np.einsum("mij,mj->mi", Q1, Hq)
+        d1 = np.where(before, 0.0, tq - self.t[kc])
+        d2 = np.where(k + 1 < T, self.t[np.clip(k + 1, 0, T - 1)] - tq, 0.0)
+        if self.regular:
+            # the grid was snapped to t₀ + kΔ: so are queries on it
+            tol = REGULAR_STEP_RTOL * self.dt[1]
+            d1 = np.where(np.abs(d1) <= tol, 0.0, d1)
+            d2 = np.where(np.abs(d2 - self.dt[1]) <= tol, self.dt[1], d2)
+            d2 = np.where(np.abs(d2) <= tol, 0.0, d2)
+        S1 = _Steps(self.model, d1)
+        mp = S1.apply(res.m[kc])
+        w = S1.apply(_matvec(res, "P", kc, S1.apply(Hq, transpose=True)))
+        w += S1.apply(Hq, Q=True)
         mp[before] = 0.0
-        w[before] = Hq[before] @ Pinf
+        w[before] = Hq[before] @ S1.Pinf
         nxt = np.clip(k + 1, 0, T - 1)
         has_next = k + 1 < T
-        A2 = self._transitions_at(np.where(has_next, self.t[nxt] - tq, 0.0))[0]
-        lam = np.einsum("mji,mj->mi", A2, res.lam[nxt])
-        z = np.einsum("mij,mj->mi", A2, w)
+        S2 = _Steps(self.model, d2)
+        lam = S2.apply(res.lam[nxt], transpose=True)
+        z = S2.apply(w)
         zLz = np.einsum("mi,mi->m", z, _matvec(res, "Lam", nxt, z))
         lam[~has_next] = 0.0
         zLz[~has_next] = 0.0
@@ -478,10 +524,7 @@ def _lml_function():
         def backward(ctx, g):
             s = ctx.series
             gt, gy, gR = s.grad_theta()
-            gr = np.empty_like(gy)
-            gr[s.perm] = gy
-            gRf = np.empty_like(gR)
-            gRf[s.perm] = gR
+            gr, gRf = s._unsorted(gy), s._unsorted(gR)
 
             def t(a):
                 return g * torch.as_tensor(a, dtype=torch.float64)
@@ -695,6 +738,11 @@ class FitLikelihood:
         self.names = _named_parts(gp.kernel)
         self.entries = _entries(blocks, ())
         self.series = None
+        # one kind, one fitted noise (the common case): no masks
+        kinds = set(self.kinds)
+        one = len(kinds) == 1 and bool(np.all(self.code >= 0))
+        self.uniform = self.kinds[0] if one else None
+        self.val_mask = None if bool(np.all(self.is_val)) else self.is_val
 
     def window(self, obs, size):
         """The observations inside a window of ``size`` consecutive times in
@@ -716,12 +764,21 @@ class FitLikelihood:
         return out
 
     def _noise(self, gp):
+        if self.uniform is not None:
+            v = float(np.reshape(gp.noise_for(self.uniform), -1)[0])
+            return np.full(self.N, v / self.scale**2)
         R = self.own.copy()
         for i, kind in enumerate(self.kinds):
             sel = self.code == i
             if np.any(sel):
                 R[sel] = float(np.reshape(gp.noise_for(kind), -1)[0])
         return R / self.scale**2
+
+    def _sum(self, a, mask):
+        """Sum of ``a`` (sorted order) over ``mask`` (flat order; None: all)."""
+        if mask is None:
+            return float(np.sum(a))
+        return float(np.sum(a[self.series._sorted(mask)]))
 
     def __call__(self, gp, grad=True):
         """``(ℓ, {name: ∂ℓ/∂value})`` at ``gp``'s hyperparameters (numpy
@@ -731,7 +788,10 @@ class FitLikelihood:
         model = _Model(parts)
         R = self._noise(gp)
         mean = float(np.reshape(gp.mean, -1)[0])
-        r = self.r0 - self.is_val * (mean / self.scale)
+        if self.val_mask is None:
+            r = self.r0 - mean / self.scale
+        else:
+            r = self.r0 - self.is_val * (mean / self.scale)
         if self.series is None:
             t, order, coef = self.entries
             self.series = _Series(model, t, order, coef, R)
@@ -756,11 +816,14 @@ class FitLikelihood:
             g_var = gt[n_lam + i] * model.var0[i]
             for vn in var_names:
                 out[vn] += g_var / _num(params[vn])
-        code = self.code[s.perm]
-        for i, kind in enumerate(self.kinds):
-            key = f"noise.{kind}"
-            out[key] = out.get(key, 0.0) + float(np.sum(gR[code == i])) / self.scale**2
-        out["mean"] = -float(np.sum(gy[self.is_val[s.perm]])) / self.scale
+        s2 = self.scale**2
+        if self.uniform is not None:
+            out[f"noise.{self.uniform}"] = self._sum(gR, None) / s2
+        else:
+            for i, kind in enumerate(self.kinds):
+                key = f"noise.{kind}"
+                out[key] = out.get(key, 0.0) + self._sum(gR, self.code == i) / s2
+        out["mean"] = -self._sum(gy, self.val_mask) / self.scale
         return lml, out
 
 

@@ -86,11 +86,21 @@ def one_blas_thread():
     them over threads costs more than it saves, and on a busy machine up to
     30 times more.
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - optional
+            _CONTROLLER = False
+        else:
+            # found once: finding the libraries reads the process's memory map
+            _CONTROLLER = ThreadpoolController()
+    if _CONTROLLER is False:  # pragma: no cover - optional
         return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
+    return _CONTROLLER.limit(limits=1, user_api="blas")
+
+
+_CONTROLLER = None
 
 
 # --------------------------------------------------------------------------
@@ -578,14 +588,14 @@ def _first_converged(X, tol):
     return int(idx[0]) + 1 if idx.size else None
 
 
-def _forward_transient(A1, Q1, P0, h1, R1, T, tol, max_transient):
+def _forward_transient(A1, Q1, P0, h1, R1, T, tol, max_transient, first=256):
     """Filtered and predicted covariances, innovation variances and gains of
     the first steps of a regular series, up to the step where they have
     converged (by the filter's scan, on chunks growing fourfold): arrays
     ``(n, …)`` with n ≤ T, or None when not converged within
     ``max_transient`` steps."""
     D = h1.shape[0]
-    L = min(T, 256)
+    L = min(T, max(first, 16))
     while True:
         _, P = _filter(
             np.broadcast_to(A1, (L, D, D)),
@@ -634,7 +644,7 @@ def _tail_adjoint(Bss, C_mid, C_end, n, tol):
         L = min(n, 4 * L)
 
 
-def kalman_regular(A, Q, P0, h, y, R, tol=1e-15, max_transient=1 << 16):
+def kalman_regular(A, Q, P0, h, y, R, tol=1e-15, max_transient=1 << 16, hint=256):
     """:func:`kalman` for a regular series: one step ``A[1]``, ``Q[1]``, one
     observation row ``h[0]`` and noise ``R[0]`` at every step.
 
@@ -645,12 +655,14 @@ def kalman_regular(A, Q, P0, h, y, R, tol=1e-15, max_transient=1 << 16):
     constant and the mean recursions are constant-coefficient linear
     recursions, solved blockwise by :func:`const_recurrence`. Returns a
     :class:`RegularResult`, or None when the covariances have not converged
-    within ``max_transient`` steps (use :func:`kalman`).
+    within ``max_transient`` steps (use :func:`kalman`). ``hint``: the
+    expected length of the transient (the first scan's length; a previous
+    pass's, in a fit).
     """
     T, D = h.shape
     A1, Q1, h1, R1 = np.array(A[1 if T > 1 else 0]), np.array(Q[-1]), h[0], float(R[0])
     I = np.eye(D)
-    tr = _forward_transient(A1, Q1, P0, h1, R1, T, tol, max_transient)
+    tr = _forward_transient(A1, Q1, P0, h1, R1, T, tol, max_transient, hint)
     if tr is None:
         return None
     # steps 0 … nh−1 carry their own covariances, later ones the last

@@ -359,6 +359,7 @@ class _Series:
             np.all(self.order == self.order[0]) and np.all(self.coef == self.coef[0])
         )
         self._grid = None
+        self._hint = 256
         self.update(model, noise)
 
     def _sorted(self, a):
@@ -419,8 +420,11 @@ class _Series:
         with kalman.one_blas_thread():
             if self.regular:
                 self.res = kalman.kalman_regular(
-                    self.A, self.Q, self.P0, self.H, y, self.R
+                    self.A, self.Q, self.P0, self.H, y, self.R, hint=self._hint
                 )
+                if self.res is not None:
+                    # the next pass (a fit's next step) starts near this length
+                    self._hint = int(1.25 * self.res.P_pw.nh) + 8
             if self.res is None:
                 self.res = kalman.kalman(self.A, self.Q, self.P0, self.H, y, self.R)
         return self._unsorted(self.res.alpha)
@@ -586,6 +590,7 @@ class StateSpaceSolver(Solver):
             self.series[b] = _Series(_Model(bparts), t, order, coef, noise_np[b])
             self.parts[b] = bparts
         self.like = noise
+        self._cache = {}
 
     def _out(self, arr):
         return B.to_namespace(
@@ -663,8 +668,16 @@ class StateSpaceSolver(Solver):
         means, vars_ = [], []
         for b, s in self._members():
             t, order, coef = _entries(qblocks, b)
-            with kalman.one_blas_thread():
-                mean, var = s.marginals(t, s.model.rows(order, coef))
+            # `.mean` then `.var` of one prediction ask for the same queries
+            hit = self._cache.get(b)
+            if hit is not None and all(
+                np.array_equal(x, y) for x, y in zip(hit[0], (t, order, coef))
+            ):
+                mean, var = hit[1]
+            else:
+                with kalman.one_blas_thread():
+                    mean, var = s.marginals(t, s.model.rows(order, coef))
+                self._cache[b] = ((t, order, coef), (mean, var))
             means.append(mean)
             vars_.append(var)
         shape = self.batch + (means[0].shape[-1],)

@@ -484,13 +484,13 @@ def _cg_cost(rows, n_obs, d, state):
 
 
 def _statespace_cost(rows, n_obs, d, state):
-    # a regular series keeps about 25 state-sized vectors per row (filter,
-    # adjoint, their products and the predictions); an irregular one about 25
-    # state × state matrices per row for its scans. Time per evaluation: 0.15 s
-    # per 10⁶ rows of a Matérn-5/2 series on one core (regular grid; the scans
-    # of an irregular series cost about 40 times more), measured with
+    # about a dozen state × state float64 arrays per row: 0.93 GB peak
+    # measured for `gpgrad estimate` on 10⁶ rows (Matérn-5/2), about as much
+    # for the scans of an irregular series. Time per evaluation: 0.15 s per
+    # 10⁶ rows of a Matérn-5/2 series on one core (regular grid; the scans of
+    # an irregular series cost about 40 times more), measured with
     # benchmarks/timeseries.py
-    memory = 25 * 8 * rows * state * state
+    memory = 12 * 8 * rows * state * state
     seconds = 0.02 + 1.7e-8 * rows * state * state
     return memory, seconds
 

@@ -491,19 +491,21 @@ def _statespace_cost(rows, n_obs, d, state):
     # an irregular series cost about 40 times more), measured with
     # benchmarks/timeseries.py
     memory = 12 * 8 * rows * state * state
-    seconds = 0.02 + 1.7e-8 * rows * state * state
+    # a fixed part (transients, Python) that grows up to a few thousand rows
+    seconds = 0.003 + 6e-6 * min(rows, 4096) + 1.7e-8 * rows * state * state
     return memory, seconds
 
 
 def _statespace_seconds(rows, restarts, per_eval):
     """Time of a state-space fit: a long series runs its starts on a window
-    of ``gpgrad.fit.WINDOW`` rows (about 0.03 s an evaluation), then one
-    start on all the rows (about 15 evaluations)."""
+    of ``gpgrad.fit.WINDOW`` rows, then one start on all the rows (about 15
+    evaluations)."""
     from .fit import WINDOW
 
     if rows <= 2 * WINDOW:
         return per_eval * EVALS_PER_START * restarts
-    return 15 * per_eval + 0.03 * EVALS_PER_START * restarts
+    window = _statespace_cost(WINDOW, WINDOW, 1, 3)[1]
+    return 15 * per_eval + window * EVALS_PER_START * restarts
 
 
 #: per solver method: ``(rows, n_obs, d, state) -> (bytes, seconds per

@@ -943,11 +943,12 @@ class _few_threads:
         self.limits = None
 
     def __enter__(self):
+        # a fit that never imported torch (numpy state-space) does not import it
+        self.torch = sys.modules.get("torch") if self.active else None
         if self.active:
-            import torch
-
-            self.saved = torch.get_num_threads()
-            torch.set_num_threads(1)
+            if self.torch is not None:
+                self.saved = self.torch.get_num_threads()
+                self.torch.set_num_threads(1)
             try:
                 from threadpoolctl import threadpool_limits
             except ImportError:  # pragma: no cover - optional
@@ -958,9 +959,8 @@ class _few_threads:
 
     def __exit__(self, *exc):
         if self.active:
-            import torch
-
-            torch.set_num_threads(self.saved)
+            if self.torch is not None:
+                self.torch.set_num_threads(self.saved)
             if self.limits is not None:
                 self.limits.restore_original_limits()
         return False

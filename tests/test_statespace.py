@@ -439,3 +439,28 @@ def test_long_series_fit_needs_no_bounds():
     assert abs(res.params["noise.value"] / 0.01 - 1) < 0.1
     assert res.n_evaluations < 40
     assert not res.on_bound
+
+
+@pytest.mark.slow
+def test_estimate_command_on_a_million_rows(tmp_path):
+    import io
+
+    from gpgrad.cli import main
+
+    n = 1_000_000
+    t = 0.01 * np.arange(n)
+    y = (
+        np.sin(t)
+        + 0.5 * np.sin(3.1 * t)
+        + 0.1 * np.random.default_rng(0).normal(size=n)
+    )
+    data = tmp_path / "series.csv"
+    np.savetxt(data, np.c_[t, y], delimiter=",", header="t,y", comments="", fmt="%.10g")
+    out = tmp_path / "out.csv"
+    args = ["estimate", str(data), "--x", "t", "--y", "y", "--out", str(out), "--quiet"]
+    text = io.StringIO()
+    assert main(args, out=text) == 0, text.getvalue()
+    assert f"wrote {n} rows" in text.getvalue()
+    res = np.loadtxt(out, delimiter=",", skiprows=1, max_rows=20_000)
+    df = np.cos(res[:, 0]) + 1.55 * np.cos(3.1 * res[:, 0])
+    assert np.sqrt(np.mean((res[1000:, 3] - df[1000:]) ** 2)) < 0.15

@@ -59,6 +59,8 @@ REGULAR_MIN_STEPS = 256
 #: steps equal to this relative tolerance count as one step (a grid
 #: ``t₀ + kΔ`` written in floating point); the grid is then snapped to it
 REGULAR_STEP_RTOL = 1e-9
+#: marginal queries are answered this many at a time
+QUERY_CHUNK = 1 << 20
 #: largest (observations × query entries) cross-covariance a joint
 #: ``full_cov`` query may build
 FULL_COV_MAX_ELEMENTS = 20_000_000
@@ -675,8 +677,13 @@ class StateSpaceSolver(Solver):
             ):
                 mean, var = hit[1]
             else:
+                mean, var = np.empty(t.shape), np.empty(t.shape)
                 with kalman.one_blas_thread():
-                    mean, var = s.marginals(t, s.model.rows(order, coef))
+                    # chunks bound the (m, D) temporaries of long queries
+                    for i in range(0, max(len(t), 1), QUERY_CHUNK):
+                        sl = slice(i, i + QUERY_CHUNK)
+                        Hq = s.model.rows(order[sl], coef[sl])
+                        mean[sl], var[sl] = s.marginals(t[sl], Hq)
                 self._cache[b] = ((t, order, coef), (mean, var))
             means.append(mean)
             vars_.append(var)

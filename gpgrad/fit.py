@@ -1100,6 +1100,9 @@ def _result(gp, obs, space, best, objective, settings):
             stacklevel=3,
         )
     on_bound = space.on_bound(best.theta)
+    if objective.fast is not None:
+        # the last pass's arrays are not needed by the posterior built below
+        objective.fast.series = None
     new_gp = space.model(gp, best.theta, gp.backend)
     params = dict(new_gp.kernel.parameters())
     for kind in KINDS:

@@ -743,7 +743,7 @@ class FitLikelihood:
         # per entry: the kind whose fitted noise it takes, or its own noise
         self.code = np.concatenate(
             [
-                np.full(n, -1 if f.noise is not None else i)
+                np.full(n, -1 if f.noise is not None else i, dtype=np.int16)
                 for i, (f, n) in enumerate(zip(obs, sizes))
             ]
         )

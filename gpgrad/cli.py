@@ -318,12 +318,14 @@ class Table:
     def text(self, names, values):
         """The original text of the named columns, checked against ``values``."""
         idx = [self.index(n) for n in names]
-        if self._rows is None:
-            self._rows = self._read_rows()
-        cols = [
-            [cells[j].strip() if j < len(cells) else "" for _, cells in self._rows]
-            for j in idx
-        ]
+        cols = self._fast_text(idx) if self._rows is None else None
+        if cols is None:
+            if self._rows is None:
+                self._rows = self._read_rows()
+            cols = [
+                [cells[j].strip() if j < len(cells) else "" for _, cells in self._rows]
+                for j in idx
+            ]
         try:
             check = np.array(cols, dtype=float).T.reshape(-1, len(idx))
         except ValueError:
@@ -364,6 +366,31 @@ class Table:
         if a.shape[1] != len(idx) or not np.all(np.isfinite(a)):
             return None
         return dict(zip(idx, a.T))
+
+    def _fast_text(self, idx):
+        """The stripped text of the columns ``idx`` by pandas' C parser (the
+        numbers were read by it too), or None."""
+        if self._fast_cols is None:
+            return None
+        try:
+            import pandas as pd
+
+            order = sorted(set(idx))
+            df = pd.read_csv(
+                self.path,
+                sep=self.delimiter,
+                header=0,
+                usecols=order,
+                dtype=str,
+                keep_default_na=False,
+                encoding="utf-8-sig",
+                skip_blank_lines=True,
+                engine="c",
+            )
+            by = {j: df.iloc[:, i].tolist() for i, j in enumerate(order)}
+            return [[c.strip() for c in by[j]] for j in idx]
+        except Exception:  # any doubt: the exact slow path decides
+            return None
 
     def _read_rows(self):
         try:
@@ -458,11 +485,28 @@ def _cg_cost(rows, n_obs, d, state):
 
 
 def _statespace_cost(rows, n_obs, d, state):
-    # a Kalman filter and smoother: about a dozen state-sized matrices per
-    # row, kept for the backward pass (to be calibrated against the solver)
+    # about a dozen state × state float64 arrays per row: 0.93 GB peak
+    # measured for `gpgrad estimate` on 10⁶ rows (Matérn-5/2), about as much
+    # for the scans of an irregular series. Time per evaluation: 0.15 s per
+    # 10⁶ rows of a Matérn-5/2 series on one core (regular grid; the scans of
+    # an irregular series cost about 40 times more), measured with
+    # benchmarks/timeseries.py
     memory = 12 * 8 * rows * state * state
-    seconds = 2e-6 * rows * state**3
+    # a fixed part (transients, Python) that grows up to a few thousand rows
+    seconds = 0.003 + 6e-6 * min(rows, 4096) + 1.7e-8 * rows * state * state
     return memory, seconds
+
+
+def _statespace_seconds(rows, restarts, per_eval):
+    """Time of a state-space fit: a long series runs its starts on a window
+    of ``gpgrad.fit.WINDOW`` rows, then one start on all the rows (about 15
+    evaluations)."""
+    from .fit import WINDOW
+
+    if rows <= 2 * WINDOW:
+        return per_eval * EVALS_PER_START * restarts
+    window = _statespace_cost(WINDOW, WINDOW, 1, 3)[1]
+    return 15 * per_eval + window * EVALS_PER_START * restarts
 
 
 #: per solver method: ``(rows, n_obs, d, state) -> (bytes, seconds per
@@ -517,7 +561,10 @@ def estimate_cost(
         raise ValueError(f"method must be one of {sorted(COSTS)}, got {method!r}")
     n_obs = rows if n_obs is None else n_obs
     memory, per_eval = COSTS[method](rows, n_obs, d, _STATE.get(kernel, 3))
-    seconds = per_eval * EVALS_PER_START * max(1, restarts)
+    if method == "statespace":
+        seconds = _statespace_seconds(rows, max(1, restarts), per_eval)
+    else:
+        seconds = per_eval * EVALS_PER_START * max(1, restarts)
     return Cost(method, int(memory + _BASE_MEMORY), float(seconds))
 
 
@@ -793,6 +840,9 @@ def predict_table(
     n_obs = sum(int(np.size(f.y)) for f in getattr(post, "observations", [])) or 1
     per_point = (d + 1) * (d + 2) if hessian else d + 1
     step = max(1, PREDICT_CHUNK_ENTRIES // (n_obs * per_point))
+    if getattr(post, "method", None) == "statespace":
+        # the smoother answers marginals in O(m) memory: no cross-covariance
+        step = max(step, PREDICT_CHUNK_ENTRIES // per_point)
     parts = {"f": [], "g": [], "h": []}
     for s in range(0, m, step):
         Q = P[s : s + step]
@@ -1031,16 +1081,31 @@ def write_table(outputs, path, table):
     10 significant digits.
     """
     keys = list(table)
-    cols = []
-    for k in keys:
-        c = table[k]
-        if isinstance(c, list):
-            cols.append(c)
-        else:
-            cols.append([f"{v:.10g}" for v in np.asarray(c, dtype=float).tolist()])
+    texts = [table[k] for k in keys if isinstance(table[k], list)]
+    # no text cell needs quoting: one %-format per row (about 3 times faster)
+    plain = not any(set("".join(c)) & set(',"\r\n') for c in texts + [keys])
+    if plain:
+        cols = [
+            c if isinstance(c, list) else np.asarray(c, dtype=float).tolist()
+            for c in table.values()
+        ]
+        fmt = ",".join("%s" if isinstance(c, list) else "%.10g" for c in table.values())
+        fmt += "\n"
+    else:
+        cols = []
+        for k in keys:
+            c = table[k]
+            if isinstance(c, list):
+                cols.append(c)
+            else:
+                cols.append([f"{v:.10g}" for v in np.asarray(c, dtype=float).tolist()])
 
     def write(tmp):
         with open(tmp, "w", newline="") as fh:
+            if plain:
+                fh.write(",".join(keys) + "\n")
+                fh.writelines([fmt % row for row in zip(*cols)])
+                return
             w = csv.writer(fh)
             w.writerow(keys)
             w.writerows(zip(*cols))

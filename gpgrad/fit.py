@@ -28,6 +28,7 @@ the :class:`FitResult`.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import sys
 import types
@@ -178,7 +179,8 @@ def fit(
         at a given value. Names as in :attr:`FitResult.params`.
     bounds : dict, optional
         ``{name: (lower, upper)}`` replacing the default bounds: lengthscales
-        within ``[1e-3, 1e2]`` × the input's span, the variance within
+        within ``[1e-3, 1e2]`` × the input's span (for 1-D inputs the lower
+        bound is at most the mean spacing of the points), the variance within
         ``[1e-4, 1e4]`` × its initial value, a noise within ``[1e-8, 10]`` × the
         mean square of that kind's targets, other kernel parameters within a
         factor 1000 of their current value.
@@ -189,7 +191,10 @@ def fit(
         likelihood of derivative data does not depend on it).
     restarts : int, optional
         Number of starts (the first is the data-driven one, or ``start``).
-        Default 3, or 1 with ``start``.
+        Default 3, or 1 with ``start``. A long 1-D series on the state-space
+        solver (values only, no ``start``) runs its starts on a window of
+        :data:`WINDOW` consecutive samples, then fits the whole series once
+        from the window's optimum.
     seed : int, default 0
         Seed of the random starts.
     maxiter : int, default 300
@@ -255,10 +260,45 @@ def fit(
         gp, obs, specs, fixed_values, batch, settings.gradient, settings.progress
     )
     space = objective.space
+    if objective.fast is not None and settings.start is None:
+        settings = _window_start(gp, obs, objective, (fixed, bounds), settings)
     theta0 = space.start(settings.start)
     with _few_threads(settings.gradient, gp, objective.n_obs):
         best = _run_starts(objective, space, theta0, settings)
         return _result(gp, obs, space, best, objective, settings)
+
+
+#: a long series (state-space solver) starts from the fit of a window of this
+#: many consecutive samples in its middle
+WINDOW = 4096
+
+
+def _window_start(gp, obs, objective, spec_args, settings):
+    """For a long 1-D series: fit a window of :data:`WINDOW` samples (with
+    every start), then fit the whole series from its optimum, once.
+
+    The data-driven start (a fifth of the span) is far from the optimum of a
+    long series, from where L-BFGS-B may stop in the all-noise optimum; the
+    window's optimum is close, and the whole fit then needs few evaluations.
+    """
+    sub = objective.fast.window(obs, WINDOW)
+    if sub is None:
+        return settings
+    fixed, bounds = spec_args
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitWarning)
+        pre = fit(
+            gp,
+            *sub,
+            fixed=fixed,
+            bounds=bounds,
+            restarts=settings.restarts,
+            seed=settings.seed,
+            maxiter=settings.maxiter,
+            gradient=settings.gradient,
+            tol=settings.tol,
+        )
+    return replace(settings, start=pre.params, restarts=1)
 
 
 # --------------------------------------------------------------------------
@@ -329,11 +369,8 @@ def _settings(gp, restarts, seed, maxiter, gradient, progress, start, tol):
 
 
 def _torch_available():
-    try:
-        import torch  # noqa: F401
-    except ImportError:  # pragma: no cover - torch is a dev dependency
-        return False
-    return True
+    # found, not imported: a fit that never needs torch does not pay its import
+    return importlib.util.find_spec("torch") is not None
 
 
 def _check_int(v, what):
@@ -396,8 +433,12 @@ def _stats(gp, obs, batch):
     X = np.concatenate(Xs, axis=-2)
     span = np.ptp(X, axis=-2)  # batch + (d,)
     span = np.where(span > 0, span, 1.0)
+    # the mean spacing of a 1-D series: a lengthscale bound below which the
+    # data cannot tell the kernel from noise (1e-3 × a long series' span is
+    # far above it)
+    step = span[..., 0] / max(X.shape[-2] - 1, 1) if X.shape[-1] == 1 else None
     vals = [_np(f.y) for f in obs if f.kind == "value"]
-    st = {"span": span, "d": X.shape[-1], "ms": {}}
+    st = {"span": span, "d": X.shape[-1], "ms": {}, "step": step}
     if vals:
         v = np.concatenate(
             [np.broadcast_to(a, tuple(batch) + a.shape[-1:]) for a in vals], axis=-1
@@ -505,6 +546,8 @@ def _kernel_specs(gp, st, orders, batch, ard):
                 init = np.reshape(ls0, tuple(batch) + shape)
                 geo = np.reshape(np.exp(np.mean(np.log(span), axis=-1)), init.shape)
                 lower, upper = 1e-3 * geo, 1e2 * geo
+                if st["step"] is not None:
+                    lower = np.minimum(lower, np.reshape(st["step"], init.shape))
         elif base == "variance":
             shape, init = (), sig2 / n_var
             lower, upper = 1e-4 * init, 1e4 * init
@@ -775,7 +818,14 @@ class _Objective:
         self.n_obs = sum(f.size for f in obs) * max(1, int(np.prod(batch)))
         self._last = None
         self.gradient = gradient
-        if gradient == "autograd":
+        # 1-D Matérn series: the state-space solver's own numpy gradient
+        self.fast = None
+        if gradient == "autograd" and gp.backend == "numpy" and not batch:
+            from .solvers.statespace import fit_likelihood
+
+            start = self.space.model(gp, self.space.start(), "numpy")
+            self.fast = fit_likelihood(start, obs, [s.name for s in specs])
+        if gradient == "autograd" and self.fast is None:
             import torch
 
             self.torch = torch
@@ -798,7 +848,9 @@ class _Objective:
         self.count += 1
         g = None
         try:
-            if self.gradient == "autograd":
+            if self.fast is not None:
+                member, g = self._fast(theta)
+            elif self.gradient == "autograd":
                 torch = self.torch
                 t = torch.tensor(
                     theta, dtype=torch.float64, device=self.device, requires_grad=True
@@ -822,6 +874,17 @@ class _Objective:
         self._report(total)
         return f if self.gradient != "autograd" else (f, g)
 
+    def _fast(self, theta, grad=True):
+        """``log p(y)`` and the gradient of the loss by :attr:`fast`."""
+        lml, d = self.fast(self.space.model(self.gp, theta, "numpy"), grad)
+        if not grad:
+            return np.asarray(lml), None
+        parts = [
+            d[s.name] * (v if s.log else s.width)
+            for s, v in zip(self.space.specs, self.space.values(theta))
+        ]
+        return np.asarray(lml), -self.space.pack(parts) / self.n_obs
+
     def _report(self, total):
         if self.progress is False:
             return
@@ -844,7 +907,9 @@ class _Objective:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", JitterWarning)
-                    if self.gradient == "autograd":
+                    if self.fast is not None:
+                        member = self._fast(theta, grad=False)[0]
+                    elif self.gradient == "autograd":
                         torch = self.torch
                         with torch.no_grad():
                             t = torch.tensor(
@@ -900,11 +965,12 @@ class _few_threads:
         self.limits = None
 
     def __enter__(self):
+        # a fit that never imported torch (numpy state-space) does not import it
+        self.torch = sys.modules.get("torch") if self.active else None
         if self.active:
-            import torch
-
-            self.saved = torch.get_num_threads()
-            torch.set_num_threads(1)
+            if self.torch is not None:
+                self.saved = self.torch.get_num_threads()
+                self.torch.set_num_threads(1)
             try:
                 from threadpoolctl import threadpool_limits
             except ImportError:  # pragma: no cover - optional
@@ -915,9 +981,8 @@ class _few_threads:
 
     def __exit__(self, *exc):
         if self.active:
-            import torch
-
-            torch.set_num_threads(self.saved)
+            if self.torch is not None:
+                self.torch.set_num_threads(self.saved)
             if self.limits is not None:
                 self.limits.restore_original_limits()
         return False
@@ -1010,16 +1075,30 @@ def _repeat(f, R):
     return type(f).build(f.kind, rep(f.X), rep(f.y), f.noise, **fields)
 
 
+#: L-BFGS-B's projected-gradient tolerance on ``log p(y) / N``
+GTOL = 1e-5
+#: above this many observations a state-space fit's tolerances shrink as 1/N
+LONG = 10_000
+
+
 def _minimize(objective, x0, space, settings):
     from scipy.optimize import minimize
 
+    options = {"maxiter": settings.maxiter, "ftol": settings.tol}
+    if objective.fast is not None and objective.n_obs > LONG:
+        # a long series: per sample, tol is tol·N units of log p (17 units
+        # between a stop and the optimum were seen at 10⁶ samples); keep the
+        # tolerances at their size for LONG samples
+        shrink = LONG / objective.n_obs
+        options["ftol"] = settings.tol * shrink
+        options["gtol"] = GTOL * shrink
     return minimize(
         objective,
         x0,
         jac=objective.gradient == "autograd",
         method="L-BFGS-B",
         bounds=list(zip(space.lo, space.hi)),
-        options={"maxiter": settings.maxiter, "ftol": settings.tol},
+        options=options,
     )
 
 
@@ -1043,6 +1122,9 @@ def _result(gp, obs, space, best, objective, settings):
             stacklevel=3,
         )
     on_bound = space.on_bound(best.theta)
+    if objective.fast is not None:
+        # the last pass's arrays are not needed by the posterior built below
+        objective.fast.series = None
     new_gp = space.model(gp, best.theta, gp.backend)
     params = dict(new_gp.kernel.parameters())
     for kind in KINDS:

@@ -531,6 +531,10 @@ def test_cli_reports_an_allocation_failure_as_memory(tmp_path, capsys, monkeypat
         raise err
 
     monkeypatch.setattr(gpgrad.GP, "log_marginal_likelihood", boom)
+    # a 1-D series fits through the state-space solver's own likelihood
+    from gpgrad.solvers.statespace import FitLikelihood
+
+    monkeypatch.setattr(FitLikelihood, "__call__", boom)
     data = _tiny(tmp_path)
     args = ["estimate", data, "--x", "t", "--y", "y", "--out", str(tmp_path / "o.csv")]
     line = _refused(capsys, args, "ran out of memory")

@@ -310,3 +310,157 @@ def test_two_thousand_samples_match_dense(name):
         lml = _torch_lml(name, method, theta, 2000 + NAMES.index(name), n=2000)
         out.append(torch.autograd.grad(lml, theta)[0].numpy())
     assert _rel(out[1], out[0]) <= RTOL
+
+
+# --------------------------------------------------------------------------
+# regular series, the numpy likelihood gradient of fit, long-series defaults
+
+
+def test_blocked_recurrences_match_the_loop():
+    from gpgrad.solvers import kalman
+
+    rng = np.random.default_rng(5)
+    M = 0.3 * rng.normal(size=(3, 3))
+    z0, u = rng.normal(size=3), rng.normal(size=3)
+    s = rng.normal(size=1001)
+    ref, z = [], z0
+    for j in range(len(s)):
+        z = M @ z + u * s[j]
+        ref.append(z)
+    out = kalman.const_recurrence_rank1(M, z0, u, s)
+    assert np.max(np.abs(out - np.array(ref))) <= 1e-12
+    out = kalman.const_recurrence(M, z0, s[:, None] * u)
+    assert np.max(np.abs(out - np.array(ref))) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "T, ls, noise", [(2, 1.0, 0.01), (3, 1.0, 0.01), (600, 0.4, 0.1)]
+)
+def test_steady_state_pass_matches_the_scans_on_every_array(T, ls, noise):
+    from gpgrad.solvers import kalman
+
+    model = statespace._Model([statespace._Part(2, 1.3, ls)])
+    dt = np.full(T, 0.05)
+    dt[0] = 0.0
+    A, Q, P0 = model.transitions(dt)
+    h = np.zeros((T, 3))
+    h[:, 0] = 1.0
+    y = np.sin(0.05 * np.arange(T)) + 0.1 * np.random.default_rng(T).normal(size=T)
+    R = np.full(T, noise)
+    g = kalman.kalman(A, Q, P0, h, y, R)
+    r = kalman.kalman_regular(A, Q, P0, h, y, R)
+    assert r.regular and r.P_pw.nh < T or T < 10
+    assert abs(r.loglik - g.loglik) <= 1e-12 * abs(g.loglik)
+    for name in ("alpha", "Sinv_diag", "lam", "Lam", "m", "P", "Pp", "S", "K", "B"):
+        assert _rel(getattr(r, name), getattr(g, name)) <= 1e-10, name
+    sums = kalman.gradient_sums(r, P0)
+    full = kalman.gradients(g, P0)
+    assert _rel(sums[0], full[0][1:].sum(0)) <= 1e-10
+    assert _rel(sums[1], full[1][1:].sum(0)) <= 1e-10
+    for a, b in zip(sums[2:], full[2:]):
+        assert _rel(a, b) <= 1e-10
+
+
+def test_grid_queried_at_its_own_times_matches_dense():
+    # more than 64 queries on the grid: transitions grouped by step
+    t = 0.1 + 0.05 * np.arange(400)
+    y = np.cos(t) + 0.05 * np.random.default_rng(2).normal(size=t.size)
+    k = K.Matern52(lengthscale=0.8, variance=1.2)
+    dense = gpgrad.GP(k, noise=0.01, method="cholesky").condition(t[:, None], y)
+    ss = gpgrad.GP(k, noise=0.01, method="statespace").condition(t[:, None], y)
+    assert ss.solver.series[()].res.regular
+    Xq = np.concatenate([t, t[:50] + 0.025])[:, None]
+    for kind in ("value", "gradient", "hessian"):
+        a, b = getattr(dense, kind)(Xq), getattr(ss, kind)(Xq)
+        assert _rel(b.mean, a.mean) <= RTOL
+        assert _rel(b.var, a.var) <= RTOL
+
+
+def _objective(gp, obs):
+    from gpgrad import fit as F
+
+    obs = gp._parse(obs)
+    specs, fixed = F._specs(gp, obs, (), None, None, False, True)
+    return F._Objective(gp, obs, specs, fixed, (), "autograd", False)
+
+
+@pytest.mark.parametrize("name", ["Matern52", "Sum"])
+def test_fit_numpy_gradient_matches_autograd(name):
+    # unsorted times, own and fitted noise, values and derivatives
+    rng = np.random.default_rng(11)
+    kernel = {"Matern52": K.Matern52(), "Sum": _kernels()["Sum"]}[name]
+    t = rng.permutation(np.concatenate([rng.uniform(0, 6, 1100), [2.0, 2.0]]))
+    y = np.sin(t) + 0.1 * rng.normal(size=t.size)
+    obs = (
+        gpgrad.values(t[:600, None], y[:600]),
+        gpgrad.values(t[600:, None], y[600:], noise=0.02),
+        gpgrad.gradients(t[:40, None], np.cos(t[:40])[:, None]),
+    )
+    gp = gpgrad.GP(kernel, method="statespace")
+    o = _objective(gp, obs)
+    assert o.fast is not None
+    theta = o.space.start() + 0.2 * rng.normal(size=o.space.lo.shape)
+    f1, g1 = o(theta)
+    o.fast = None
+    o.torch, o.device = torch, torch.device("cpu")
+    f2, g2 = o(theta)
+    assert abs(f1 - f2) <= 1e-12 * abs(f2)
+    assert _rel(g1, g2) <= 1e-9
+
+
+def test_fit_numpy_gradient_matches_central_differences():
+    rng = np.random.default_rng(12)
+    t = 0.01 * np.arange(1500)
+    y = np.sin(3 * t) + 0.1 * rng.normal(size=t.size)
+    o = _objective(gpgrad.GP(K.Matern32(), normalize_y=True), (t[:, None], y))
+    assert o.fast is not None and o.fast.series is None
+    theta = o.space.start() + 0.1
+    _, g = o(theta)
+    assert o.fast.series.regular
+    h = 1e-5
+    for i in range(theta.size):
+        e = np.zeros_like(theta)
+        e[i] = h
+        fd = (o(theta + e)[0] - o(theta - e)[0]) / (2 * h)
+        assert abs(fd - g[i]) <= 1e-6 * max(1.0, abs(fd))
+
+
+@pytest.mark.slow
+def test_long_series_fit_needs_no_bounds():
+    # from the default start (a fifth of the span, 2,000 lengthscales here)
+    # L-BFGS-B ends in the all-noise optimum (lengthscale on its upper bound);
+    # the window start finds the signal
+    rng = np.random.default_rng(13)
+    t = 0.01 * np.arange(100_000)
+    y = np.sin(t) + 0.5 * np.sin(3.1 * t) + 0.1 * rng.normal(size=t.size)
+    res = gpgrad.fit(gpgrad.GP(K.Matern52()), t[:, None], y, restarts=1)
+    assert res.posterior.method == "statespace"
+    assert 0.5 < res.params["lengthscale"] < 3.0
+    assert abs(res.params["noise.value"] / 0.01 - 1) < 0.1
+    assert res.n_evaluations < 40
+    assert not res.on_bound
+
+
+@pytest.mark.slow
+def test_estimate_command_on_a_million_rows(tmp_path):
+    import io
+
+    from gpgrad.cli import main
+
+    n = 1_000_000
+    t = 0.01 * np.arange(n)
+    y = (
+        np.sin(t)
+        + 0.5 * np.sin(3.1 * t)
+        + 0.1 * np.random.default_rng(0).normal(size=n)
+    )
+    data = tmp_path / "series.csv"
+    np.savetxt(data, np.c_[t, y], delimiter=",", header="t,y", comments="", fmt="%.10g")
+    out = tmp_path / "out.csv"
+    args = ["estimate", str(data), "--x", "t", "--y", "y", "--out", str(out), "--quiet"]
+    text = io.StringIO()
+    assert main(args, out=text) == 0, text.getvalue()
+    assert f"wrote {n} rows" in text.getvalue()
+    res = np.loadtxt(out, delimiter=",", skiprows=1, max_rows=20_000)
+    df = np.cos(res[:, 0]) + 1.55 * np.cos(3.1 * res[:, 0])
+    assert np.sqrt(np.mean((res[1000:, 3] - df[1000:]) ** 2)) < 0.15

@@ -33,11 +33,12 @@ Arrays: ``A``, ``Q`` (T, D, D) (entry 0 unused: ``P_0`` is the prior of step
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 
-__all__ = ["scan", "KalmanResult", "kalman", "linear_solve"]
+__all__ = ["scan", "KalmanResult", "kalman", "linear_solve", "one_blas_thread"]
 
 #: steps processed by one scan; longer chains are scanned chunk by chunk,
 #: carrying the state across, which bounds the scan's temporaries
@@ -76,6 +77,30 @@ def scan(elems, combine):
         for o, c in zip(out, comb):
             o[2::2] = c
     return out
+
+
+def one_blas_thread():
+    """A context that runs BLAS on one thread (when threadpoolctl is there).
+
+    The recursions' matrix products are thin ((T, D) × (D, D)); splitting
+    them over threads costs more than it saves, and on a busy machine up to
+    30 times more.
+    """
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - optional
+            _CONTROLLER = False
+        else:
+            # found once: finding the libraries reads the process's memory map
+            _CONTROLLER = ThreadpoolController()
+    if _CONTROLLER is False:  # pragma: no cover - optional
+        return contextlib.nullcontext()
+    return _CONTROLLER.limit(limits=1, user_api="blas")
+
+
+_CONTROLLER = None
 
 
 # --------------------------------------------------------------------------
@@ -349,17 +374,23 @@ def linear_solve(res, r):
 # regular series: steady state
 
 
-def const_recurrence(M, z0, c, block=32):
-    """``z_{j+1} = M z_j + c_j`` for j = 0 … J−1: returns z_1 … z_J (J, D, k).
+def const_recurrence(M, z0, c, block=16):
+    """``z_{j+1} = M z_j + c_j`` for j = 0 … J−1: returns z_1 … z_J (J, D).
 
     A constant-coefficient recursion in blocks of ``block`` steps: inside a
     block the response is one matrix product with the block-Toeplitz matrix
     of the powers ``M^i`` (BLAS), the block starts follow the same recursion
     with ``M^block`` (recursively), so the Python loop is over
     ``J / block^depth`` steps only. Powers of a stable ``M`` cannot grow.
+
+    Parameters
+    ----------
+    M : (D, D)
+    z0 : (D,)
+    c : (J, D)
     """
-    J, D, k = c.shape
-    if J <= block:
+    J, D = c.shape
+    if J <= 2 * block:
         out = np.empty_like(c)
         z = z0
         for j in range(J):
@@ -368,8 +399,11 @@ def const_recurrence(M, z0, c, block=32):
         return out
     L = block
     nb = -(-J // L)
-    cp = np.zeros((nb * L, D, k))
-    cp[:J] = c
+    if nb * L == J:
+        cb = c.reshape(nb, L * D)
+    else:
+        cb = np.zeros((nb, L * D))
+        cb.reshape(-1)[: J * D] = c.reshape(-1)
     powers = [np.eye(D)]
     for _ in range(L):
         powers.append(M @ powers[-1])
@@ -377,133 +411,330 @@ def const_recurrence(M, z0, c, block=32):
     for j in range(L):
         for i in range(j + 1):
             W[j * D : (j + 1) * D, i * D : (i + 1) * D] = powers[j - i]
-    # zero-state response inside every block: (L·D, L·D) @ (L·D, nb·k)
-    cb = cp.reshape(nb, L * D, k).transpose(1, 0, 2).reshape(L * D, nb * k)
-    zs = (W @ cb).reshape(L, D, nb, k)
-    # block starts: s_{b+1} = M^L s_b + zs[L−1, :, b]
-    ends = np.ascontiguousarray(zs[L - 1].transpose(1, 0, 2))  # (nb, D, k)
-    starts = np.empty((nb, D, k))
+    # zero-state response inside every block: row b is (z_{bL+1} … z_{bL+L})
+    out = cb @ W.T  # (nb, L·D)
+    # block starts: s_{b+1} = M^L s_b + (zero-state end of block b)
+    starts = np.empty((nb, D))
     starts[0] = z0
     if nb > 1:
-        starts[1:] = const_recurrence(powers[L], z0, ends[:-1], block)
-    # free response M^{j+1} s_b
-    Pw = np.stack(powers[1:])  # (L, D, D)
-    free = np.einsum("jde,bek->jdbk", Pw, starts)
-    out = (zs + free).transpose(2, 0, 1, 3).reshape(nb * L, D, k)
-    return out[:J]
+        starts[1:] = const_recurrence(powers[L], z0, out[:-1, (L - 1) * D :], block)
+    # free response M^{i+1} s_b
+    out += starts @ np.concatenate(powers[1:], axis=0).T
+    return out.reshape(nb * L, D)[:J]
+
+
+def const_recurrence_rank1(M, z0, u, s, block=16):
+    """``z_{j+1} = M z_j + u s_j`` for j = 0 … J−1 (a fixed direction ``u``
+    (D,) driven by the scalars ``s`` (J,)): returns z_1 … z_J (J, D).
+
+    :func:`const_recurrence` with the block matrix applied to ``u`` once: the
+    zero-state response of a block is ``s_block @ V`` with
+    ``V[l, i] = M^{i−l} u`` (l ≤ i), D times fewer operations.
+    """
+    J = s.shape[0]
+    D = u.shape[0]
+    if J <= 2 * block:
+        return const_recurrence(M, z0, s[:, None] * u)
+    L = block
+    nb = -(-J // L)
+    if nb * L == J:
+        sb = s.reshape(nb, L)
+    else:
+        sb = np.zeros((nb, L))
+        sb.reshape(-1)[:J] = s
+    powers = [np.eye(D)]
+    for _ in range(L):
+        powers.append(M @ powers[-1])
+    pu = [p @ u for p in powers[:L]]
+    V = np.zeros((L, L * D))
+    for i in range(L):
+        for l in range(i + 1):
+            V[l, i * D : (i + 1) * D] = pu[i - l]
+    out = sb @ V  # (nb, L·D)
+    starts = np.empty((nb, D))
+    starts[0] = z0
+    if nb > 1:
+        starts[1:] = const_recurrence(powers[L], z0, out[:-1, (L - 1) * D :], block)
+    out += starts @ np.concatenate(powers[1:], axis=0).T
+    return out.reshape(nb * L, D)[:J]
 
 
 def _converged(new, old, tol):
     return np.max(np.abs(new - old)) <= tol * max(np.max(np.abs(new)), 1e-300)
 
 
-def kalman_regular(A, Q, P0, h, y, R, tol=1e-15, max_transient=20000):
+class Piecewise:
+    """A sequence of T equal-shaped arrays stored as its first rows (``head``),
+    one value repeated in the middle (``mid``) and its last rows (``tail``).
+
+    The covariances of a regular series are constant away from its ends, so
+    they cost O(transient) memory instead of O(T).
+    """
+
+    def __init__(self, T, head, mid, tail=None):
+        self.T = T
+        self.head = head
+        self.mid = mid
+        self.tail = head[:0] if tail is None else tail
+        self.nh, self.nt = len(head), len(self.tail)
+        if self.nh + self.nt > T:
+            raise ValueError("head and tail overlap")
+
+    @property
+    def shape(self):
+        return (self.T,) + self.mid.shape
+
+    def full(self):
+        """The whole (T, …) array."""
+        out = np.empty(self.shape)
+        out[: self.nh] = self.head
+        out[self.nh : self.T - self.nt] = self.mid
+        out[self.T - self.nt :] = self.tail
+        return out
+
+    def take(self, idx):
+        """Rows ``idx`` (integer array, (m,)): (m, …)."""
+        idx = np.asarray(idx)
+        out = np.empty(idx.shape + self.mid.shape)
+        out[...] = self.mid
+        h = idx < self.nh
+        out[h] = self.head[idx[h]]
+        t = idx >= self.T - self.nt
+        out[t] = self.tail[idx[t] - (self.T - self.nt)]
+        return out
+
+    def matvec(self, idx, x):
+        """``M_idx x`` for rows ``idx`` (m,) of a matrix sequence and x (m, D)."""
+        idx = np.asarray(idx)
+        out = x @ self.mid.T
+        for sel, rows in (
+            (idx < self.nh, lambda i: self.head[i]),
+            (idx >= self.T - self.nt, lambda i: self.tail[i - (self.T - self.nt)]),
+        ):
+            if np.any(sel):
+                out[sel] = np.einsum("mij,mj->mi", rows(idx[sel]), x[sel])
+        return out
+
+    def sum(self, lo=0, hi=None):
+        """Sum over rows ``lo ≤ k < hi``."""
+        hi = self.T if hi is None else hi
+        nh, t0 = self.nh, self.T - self.nt
+        out = self.head[min(lo, nh) : min(hi, nh)].sum(0)
+        out = out + max(0, min(hi, t0) - max(lo, nh)) * self.mid
+        return out + self.tail[max(lo, t0) - t0 : max(hi, t0) - t0].sum(0)
+
+
+def _materialized(name):
+    """A property: the whole (T, …) array of the :class:`Piecewise` ``name_pw``,
+    built once."""
+
+    def get(self):
+        cache = self.__dict__.setdefault("_cache", {})
+        if name not in cache:
+            cache[name] = getattr(self, name + "_pw").full()
+        return cache[name]
+
+    return property(get)
+
+
+class RegularResult:
+    """:func:`kalman_regular`'s result: :class:`KalmanResult`'s attributes,
+    with the covariances, gains and transitions kept as :class:`Piecewise`
+    (``P_pw``, ``Pp_pw``, ``Lam_pw``, ``S_pw``, ``K_pw``, ``B_pw``); reading
+    ``P``, ``Lam``, … builds the whole (T, …) arrays."""
+
+    regular = True
+
+    P = _materialized("P")
+    Pp = _materialized("Pp")
+    Lam = _materialized("Lam")
+    S = _materialized("S")
+    K = _materialized("K")
+    B = _materialized("B")
+
+    @property
+    def A(self):
+        return np.broadcast_to(self.A1, (self.T,) + self.A1.shape)
+
+    @property
+    def Q(self):
+        return np.broadcast_to(self.Q1, (self.T,) + self.Q1.shape)
+
+    @property
+    def h(self):
+        return np.broadcast_to(self.h1, (self.T, self.h1.shape[0]))
+
+    @property
+    def mask(self):
+        return np.ones(self.T, dtype=bool)
+
+    def logdet(self):
+        return float(np.sum(np.log(self.S_pw.head))) + float(
+            (self.T - self.S_pw.nh) * np.log(self.S_pw.mid)
+        )
+
+
+def _first_converged(X, tol):
+    """The first k ≥ 2 with ``X_k`` equal to ``X_{k−1}`` to ``tol`` relative
+    (largest entry), or None; ``X`` (L, …)."""
+    if len(X) < 3:
+        return None
+    flat = X.reshape(len(X), -1)
+    d = np.max(np.abs(flat[1:] - flat[:-1]), axis=1)
+    s = np.maximum(np.max(np.abs(flat[1:]), axis=1), 1e-300)
+    ok = d <= tol * s
+    ok[0] = False
+    idx = np.flatnonzero(ok)
+    return int(idx[0]) + 1 if idx.size else None
+
+
+def _forward_transient(A1, Q1, P0, h1, R1, T, tol, max_transient, first=256):
+    """Filtered and predicted covariances, innovation variances and gains of
+    the first steps of a regular series, up to the step where they have
+    converged (by the filter's scan, on chunks growing fourfold): arrays
+    ``(n, …)`` with n ≤ T, or None when not converged within
+    ``max_transient`` steps."""
+    D = h1.shape[0]
+    L = min(T, max(first, 16))
+    while True:
+        _, P = _filter(
+            np.broadcast_to(A1, (L, D, D)),
+            np.broadcast_to(Q1, (L, D, D)),
+            P0,
+            np.broadcast_to(h1, (L, D)),
+            np.zeros(L),
+            np.full(L, R1),
+        )
+        Pp = np.empty_like(P)
+        Pp[0] = P0
+        Pp[1:] = _sym(A1 @ P[:-1] @ A1.T + Q1)
+        k = _first_converged(np.concatenate([P, Pp], axis=1), tol)
+        if k is not None:
+            P, Pp = P[: k + 1], Pp[: k + 1]
+            break
+        if L >= T:
+            break
+        if L >= max_transient:
+            return None
+        L = min(T, 4 * L)
+    S = np.einsum("d,kde,e->k", h1, Pp, h1) + R1
+    if not np.all(S > 0):
+        raise np.linalg.LinAlgError("an innovation variance is not positive")
+    return P, Pp, S, (Pp @ h1) / S[:, None]
+
+
+def _tail_adjoint(Bss, C_mid, C_end, n, tol):
+    """``Λ`` of the last steps of a regular series, backwards from
+    ``Λ_{T−1} = C_end`` by ``Λ_k = BᵀΛ_{k+1}B + C_mid`` for at most ``n``
+    steps, until it converges: Λ_{T−1−j} … Λ_{T−1} (j + 1, D, D), and
+    whether it converged. ``vec(BᵀΛB) = (Bᵀ⊗Bᵀ) vec(Λ)`` makes it a
+    constant-coefficient linear recursion (:func:`const_recurrence`)."""
+    D = Bss.shape[0]
+    M = np.kron(Bss.T, Bss.T)
+    L = min(n, 256)
+    while True:
+        c = np.broadcast_to(C_mid.reshape(-1), (L, D * D))
+        xs = const_recurrence(M, C_end.reshape(-1), c).reshape(L, D, D)
+        seq = np.concatenate([C_end[None], _sym(xs)])
+        k = _first_converged(seq, tol)
+        if k is not None:
+            return seq[: k + 1][::-1], True
+        if L >= n:
+            return seq[::-1], False
+        L = min(n, 4 * L)
+
+
+def kalman_regular(A, Q, P0, h, y, R, tol=1e-15, max_transient=1 << 16, hint=256):
     """:func:`kalman` for a regular series: one step ``A[1]``, ``Q[1]``, one
     observation row ``h[0]`` and noise ``R[0]`` at every step.
 
     The covariance recursions (filter forwards, adjoint backwards) are run
-    step by step only until they reach their fixed point to ``tol`` relative
-    (the Riccati recursion converges geometrically); from there every gain is
+    only until they reach their fixed point to ``tol`` relative (the Riccati
+    recursion converges geometrically), by scans over their first and last
+    steps, and are stored as :class:`Piecewise`; from there every gain is
     constant and the mean recursions are constant-coefficient linear
-    recursions, solved blockwise by :func:`const_recurrence`. Returns None
-    when the covariances have not converged within ``max_transient`` steps
-    (use :func:`kalman`).
+    recursions, solved blockwise by :func:`const_recurrence`. Returns a
+    :class:`RegularResult`, or None when the covariances have not converged
+    within ``max_transient`` steps (use :func:`kalman`). ``hint``: the
+    expected length of the transient (the first scan's length; a previous
+    pass's, in a fit).
     """
     T, D = h.shape
-    A1, Q1, h1, R1 = A[1], Q[1], h[0], float(R[0])
+    A1, Q1, h1, R1 = np.array(A[1 if T > 1 else 0]), np.array(Q[-1]), h[0], float(R[0])
     I = np.eye(D)
-    # forward covariance transient
-    Pp_l, P_l, S_l, K_l = [], [], [], []
-    Pp = P0
-    kc = None
-    for k in range(min(T, max_transient)):
-        if k > 0:
-            Pp = _sym(A1 @ P_l[-1] @ A1.T + Q1)
-        Ph = Pp @ h1
-        S = float(h1 @ Ph) + R1
-        if not S > 0:
-            raise np.linalg.LinAlgError("an innovation variance is not positive")
-        K = Ph / S
-        IKh = I - np.outer(K, h1)
-        P = _sym(IKh @ Pp @ IKh.T + np.outer(K, K) * R1)
-        Pp_l.append(Pp)
-        P_l.append(P)
-        S_l.append(S)
-        K_l.append(K)
-        if k >= 2 and _converged(P, P_l[-2], tol) and _converged(Pp, Pp_l[-2], tol):
-            kc = k
-            break
-    if kc is None:
-        if len(P_l) < T:
-            return None
-        kc = T - 1
-    n_tr = kc + 1
-    Pp = np.empty((T, D, D))
-    P = np.empty((T, D, D))
-    S = np.empty(T)
-    K = np.empty((T, D))
-    Pp[:n_tr], P[:n_tr], S[:n_tr], K[:n_tr] = Pp_l, P_l, S_l, K_l
-    Pp[n_tr:], P[n_tr:], S[n_tr:], K[n_tr:] = Pp_l[-1], P_l[-1], S_l[-1], K_l[-1]
-    B = np.empty((T, D, D))
-    nb = min(n_tr, T - 1)
-    B[:nb] = A1 @ (I - K[:nb, :, None] * h1[None, None, :])
-    B[nb:] = A1 @ (I - np.outer(K[-1], h1))
-    B[-1] = 0.0
+    tr = _forward_transient(A1, Q1, P0, h1, R1, T, tol, max_transient, hint)
+    if tr is None:
+        return None
+    # steps 0 … nh−1 carry their own covariances, later ones the last
+    P_pw, Pp_pw, S_pw, K_pw = (Piecewise(T, x, x[-1]) for x in tr)
+    nh = P_pw.nh
+    Kh, Kss, Sh, Sss = K_pw.head, K_pw.mid, S_pw.head, float(S_pw.mid)
+    Bh = A1 @ (I - Kh[:, :, None] * h1[None, None, :])  # (nh, D, D)
+    Bss = A1 @ (I - np.outer(Kss, h1))
     # forward means: mp_{k+1} = B_k mp_k + A K_k y_k
+    AK = Kss @ A1.T
     mp = np.zeros((T, D))
-    g = (A1 @ K[:, :, None])[:, :, 0] * y[:, None]
-    z = np.zeros(D)
-    stop = min(n_tr, T - 1)
-    for k in range(stop):
-        z = B[k] @ z + g[k]
-        mp[k + 1] = z
+    stop = min(nh, T - 1)
+    if stop:
+        g = y[:stop, None] * (Kh[:stop] @ A1.T)
+        _, zs = scan((Bh[:stop], g[:, :, None]), _affine_combine)
+        mp[1 : stop + 1] = zs[:, :, 0]
     if T - 1 > stop:
-        mp[stop + 1 :] = const_recurrence(
-            B[stop], mp[stop][:, None], g[stop : T - 1, :, None]
-        )[:, :, 0]
+        mp[stop + 1 :] = const_recurrence_rank1(Bss, mp[stop], AK, y[stop : T - 1])
     v = y - mp @ h1
-    m = mp + K * v[:, None]
-    # backward adjoint: λ_k = B_kᵀ λ_{k+1} + h v_k/S_k, Λ_k = B_kᵀ Λ_{k+1} B_k + hhᵀ/S_k
-    c = h1[None, :] * (v / S)[:, None]
+    Sinv = np.full(T, 1.0 / Sss)
+    Sinv[:nh] = 1.0 / Sh
+    w = v * Sinv
+    m = mp + v[:, None] * Kss
+    m[:nh] = mp[:nh] + v[:nh, None] * Kh
+    # backward adjoint: λ_k = B_kᵀ λ_{k+1} + h v_k/S_k,
+    # Λ_k = B_kᵀ Λ_{k+1} B_k + hhᵀ/S_k (B_{T−1} = 0)
     hh = np.outer(h1, h1)
+    # Λ on steps ≥ stop (constant B and S) backwards from the end, until it
+    # converges: the tail holds the last steps, the middle repeats its first
+    tail, _ = _tail_adjoint(Bss, hh / Sss, hh * Sinv[T - 1], T - 1 - stop, tol)
+    # λ: constant coefficients on [stop, T−2]
     lam = np.empty((T, D))
-    Lam = np.empty((T, D, D))
-    lam[T - 1], Lam[T - 1] = c[T - 1], hh / S[T - 1]
-    k = T - 2
-    # Λ's transient at the end, step by step until it converges
-    while k >= n_tr:
-        Lam[k] = _sym(B[k].T @ Lam[k + 1] @ B[k] + hh / S[k])
-        if _converged(Lam[k], Lam[k + 1], tol):
-            Lam[n_tr:k] = Lam[k]
-            break
-        k -= 1
-    for j in range(min(n_tr, T - 1) - 1, -1, -1):
-        Lam[j] = _sym(B[j].T @ Lam[j + 1] @ B[j] + hh / S[j])
-    # λ: constant coefficients on [n_tr, T−2], step by step before
-    if T - 2 >= n_tr:
-        cr = c[n_tr : T - 1][::-1, :, None]
-        lam[n_tr : T - 1] = const_recurrence(B[n_tr].T, lam[T - 1][:, None], cr)[
-            ::-1, :, 0
-        ]
-    for j in range(min(n_tr, T - 1) - 1, -1, -1):
-        lam[j] = B[j].T @ lam[j + 1] + c[j]
-    res = KalmanResult()
-    res.regular = True
-    mask = np.ones(T, dtype=bool)
+    lam[T - 1] = h1 * w[T - 1]
+    if T - 2 >= stop:
+        ws = np.ascontiguousarray(w[stop : T - 1][::-1])
+        lam[stop : T - 1] = const_recurrence_rank1(Bss.T, lam[T - 1], h1, ws)[::-1]
+    # the head, steps 0 … stop−1, from λ_stop and Λ_stop (the chain ends there)
+    Bx = np.concatenate([Bh[:stop], np.zeros((1, D, D))])
+    cx = np.concatenate([h1 * w[:stop, None], lam[stop][None]])[:, :, None]
+    Cx = np.concatenate([hh * Sinv[:stop, None, None], tail[:1]])
+    lam_h, Lam_h = _adjoint(Bx, cx, Cx)
+    lam[:stop] = lam_h[:stop, :, 0]
+    Lam_pw = Piecewise(T, Lam_h[:stop], tail[0], tail)
+    res = RegularResult()
+    res.T, res.A1, res.Q1, res.h1 = T, A1, Q1, h1
+    B_pw = Piecewise(T, Bh[:stop], Bss, np.zeros((1, D, D)) if stop < T else None)
+    if stop == T:  # every step in the head: the last one has no transition
+        B_pw.head = B_pw.head.copy()
+        B_pw.head[-1] = 0.0
+    res.m, res.mp, res.v, res.lam = m, mp, v, lam
+    res.P_pw, res.Pp_pw, res.S_pw, res.K_pw = P_pw, Pp_pw, S_pw, K_pw
+    res.Lam_pw, res.B_pw = Lam_pw, B_pw
     res.loglik = float(
-        -0.5 * np.sum(v * v / S + np.log(S)) - 0.5 * T * math.log(2 * math.pi)
+        -0.5 * np.dot(v, w) - 0.5 * res.logdet() - 0.5 * T * math.log(2 * math.pi)
     )
-    hs = np.broadcast_to(h1, (T, D))
-    res.m, res.P, res.mp, res.Pp = m, P, mp, Pp
-    res.S, res.K, res.v, res.B = S, K, v, B
-    res.lam, res.Lam = lam, Lam
-    res.A, res.Q, res.h, res.mask = A, Q, hs, mask
-    lam_hat = np.zeros((T, D))
-    lam_hat[:-1] = lam[1:] @ A1
-    res.alpha = v / S - np.einsum("td,td->t", K, lam_hat)
-    u = K[:-1] @ A1.T  # A K_k
-    res.Sinv_diag = 1.0 / S
-    res.Sinv_diag[:-1] += np.einsum("td,tde,te->t", u, Lam[1:], u)
+    # S⁻¹r = v/S − K_k·(Aᵀλ_{k+1}); diag S⁻¹ = 1/S_k + (AK_k)ᵀ Λ_{k+1} (AK_k)
+    res.alpha = w.copy()
+    if T > 1:
+        res.alpha[:-1] -= lam[1:] @ (A1 @ Kss)
+        n1 = min(nh, T - 1)
+        res.alpha[:n1] += lam[1 : n1 + 1] @ (A1 @ Kss) - np.einsum(
+            "td,td->t", Kh[:n1], lam[1 : n1 + 1] @ A1
+        )
+    # constant between the head and the tail: computed there once
+    res.Sinv_diag = np.full(T, 1.0 / Sss + AK @ Lam_pw.mid @ AK)
+    res.Sinv_diag[T - 1] = Sinv[T - 1]
+    ks = np.union1d(np.arange(min(nh, T - 1)), np.arange(T - 1 - Lam_pw.nt, T - 1))
+    ks = ks[(ks >= 0) & (ks < T - 1)]
+    if ks.size:
+        u = np.where((ks < nh)[:, None], K_pw.take(ks) @ A1.T, AK)
+        Lu = Lam_pw.matvec(ks + 1, u)
+        res.Sinv_diag[ks] = Sinv[ks] + np.einsum("td,td->t", u, Lu)
     return res
 
 
@@ -513,16 +744,26 @@ def gradient_sums(res, P0):
     matrix products over the series done as single (D, T) × (T, D) products.
 
     ``Σ_k G_k A P_{k−1}`` with ``G_k = λ_kλ_kᵀ − Λ_k`` splits into
-    ``Σ λ_k (λ_kᵀ A P_{k−1})`` and ``Σ Λ_k A P_{k−1}``.
+    ``Σ λ_k (λ_kᵀ A P_{k−1})`` and ``Σ Λ_k A P_{k−1}``; ``P_{k−1}`` is
+    constant after the head of :class:`Piecewise` rows.
     """
-    lam, Lam = res.lam, res.Lam
-    A1 = res.A[1]
-    T = lam.shape[0]
-    AP = A1 @ res.P[:-1]  # (T−1, D, D): transient plus a constant
-    w = np.einsum("td,tde->te", lam[1:], AP)  # λ_kᵀ A P_{k−1}
-    sum_gA = lam[1:].T @ w - np.einsum("tde,tef->df", Lam[1:], AP)
+    lam, Lam = res.lam, res.Lam_pw
+    A1, T = res.A1, res.T
+    P = res.P_pw
+    nh = P.nh
+    APh = A1 @ P.head  # (nh, D, D)
+    APss = A1 @ P.mid
+    # k = 1 … min(nh, T−1): P_{k−1} from the head; k > nh: the constant
+    k1 = min(nh, T - 1)
+    ks = np.arange(1, k1 + 1)
+    lh = lam[1 : k1 + 1]
+    sum_gA = lh.T @ np.einsum("td,tde->te", lh, APh[ks - 1])
+    sum_gA -= np.einsum("tde,tef->df", Lam.take(ks), APh[ks - 1])
+    if T - 1 > k1:
+        lt = lam[k1 + 1 :]
+        sum_gA += (lt.T @ lt) @ APss - Lam.sum(k1 + 1, T) @ APss
     sum_gA += lam[1:].T @ res.m[:-1]
-    sum_gQ = 0.5 * (lam[1:].T @ lam[1:] - Lam[1:].sum(0))
-    gP0 = 0.5 * (np.outer(lam[0], lam[0]) - Lam[0])
-    del T
+    sum_gQ = 0.5 * (lam[1:].T @ lam[1:] - Lam.sum(1, T))
+    L0 = Lam.take(np.array([0]))[0]
+    gP0 = 0.5 * (np.outer(lam[0], lam[0]) - L0)
     return sum_gA, sum_gQ, gP0, -res.alpha, 0.5 * (res.alpha**2 - res.Sinv_diag)

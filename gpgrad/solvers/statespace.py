@@ -40,6 +40,8 @@ __all__ = [
     "statespace_solver",
     "statespace_unsupported_reason",
     "FULL_COV_MAX_ELEMENTS",
+    "FitLikelihood",
+    "fit_likelihood",
 ]
 
 #: p of ν = p + ½ for each supported Matérn kernel
@@ -57,6 +59,8 @@ REGULAR_MIN_STEPS = 256
 #: steps equal to this relative tolerance count as one step (a grid
 #: ``t₀ + kΔ`` written in floating point); the grid is then snapped to it
 REGULAR_STEP_RTOL = 1e-9
+#: marginal queries are answered this many at a time
+QUERY_CHUNK = 1 << 20
 #: largest (observations × query entries) cross-covariance a joint
 #: ``full_cov`` query may build
 FULL_COV_MAX_ELEMENTS = 20_000_000
@@ -268,6 +272,46 @@ class _Model:
         return out
 
 
+class _Steps:
+    """The transitions ``A(Δ_i)``, ``Q(Δ_i)`` of many steps, applied to
+    vectors; steps taking few distinct values are grouped (one transition
+    per value, no (m, D, D) arrays)."""
+
+    def __init__(self, model, dt):
+        self.groups = None
+        if dt.shape[0] > 64:
+            u, inv = np.unique(dt, return_inverse=True)
+            if u.shape[0] <= 8:
+                A, Q, self.Pinf = model.transitions(u)
+                self.groups = [(A[j], Q[j], inv == j) for j in range(u.shape[0])]
+                if u.shape[0] == 1:
+                    self.groups = [(A[0], Q[0], None)]
+        if self.groups is None:
+            self.A, self.Q, self.Pinf = model.transitions(dt)
+
+    def apply(self, x, transpose=False, Q=False):
+        """``A_i x_i`` (``A_iᵀ x_i``, or ``Q_i x_i``) for x (m, D)."""
+        if self.groups is None:
+            M = self.Q if Q else self.A
+            sub = "mji,mj->mi" if transpose else "mij,mj->mi"
+            return np.einsum(sub, M, x)
+        out = np.empty_like(x)
+        for A, Qm, sel in self.groups:
+            M = Qm if Q else (A if transpose else A.T)
+            if sel is None:
+                return x @ M
+            out[sel] = x[sel] @ M
+        return out
+
+
+def _matvec(res, name, idx, x):
+    """``M_idx x`` for the (T, D, D) sequence ``name`` of a Kalman result."""
+    pw = getattr(res, name + "_pw", None)
+    if pw is not None:
+        return pw.matvec(idx, x)
+    return np.einsum("mij,mj->mi", getattr(res, name)[idx], x)
+
+
 def _num(v):
     if B.is_tensor(v):
         return float(v.detach().reshape(-1)[0])
@@ -308,30 +352,63 @@ class _Series:
     """One problem: the sorted chain, its filter/adjoint pass, and queries."""
 
     def __init__(self, model, t, order, coef, noise):
-        self.model = model
         perm = np.argsort(t, kind="stable")
-        self.perm = perm
-        self.t = t[perm]
-        self.H = model.rows(order[perm], coef[perm])
-        self.R = noise[perm]
-        dt = np.diff(self.t, prepend=self.t[0])
-        self.regular = self._is_regular(dt)
-        if self.regular:
-            # a grid written as t₀ + kΔ in floating point: one exact step
-            step = (self.t[-1] - self.t[0]) / (len(self.t) - 1)
-            self.t = self.t[0] + step * np.arange(len(self.t))
-            dt = np.full(len(self.t), step)
-            dt[0] = 0.0
-        self.dt = dt
+        # already sorted (the common case): no gathers on every pass
+        self.perm = None if np.all(perm[1:] > perm[:-1]) else perm
+        self.t = self._sorted(t)
+        self.order, self.coef = self._sorted(order), self._sorted(coef)
+        self._uniform = bool(
+            np.all(self.order == self.order[0]) and np.all(self.coef == self.coef[0])
+        )
+        self._grid = None
+        self._hint = 256
+        self.update(model, noise)
+
+    def _sorted(self, a):
+        return a if self.perm is None else a[self.perm]
+
+    def _unsorted(self, a):
+        if self.perm is None:
+            return a
+        out = np.empty_like(a)
+        out[self.perm] = a
+        return out
+
+    def update(self, model, noise):
+        """New hyperparameters (``model``) and noise (flat order) on the same
+        times and observation kinds."""
+        self.model = model
+        T = len(self.t)
+        if self._uniform:
+            row = model.rows(self.order[:1], self.coef[:1])
+            self.H = np.broadcast_to(row, (T, model.D))
+        else:
+            self.H = model.rows(self.order, self.coef)
+        self.R = self._sorted(noise)
+        if self._grid is None:
+            dt = np.diff(self.t, prepend=self.t[0])
+            self.regular = self._is_regular(dt)
+            if self.regular:
+                # a grid written as t₀ + kΔ in floating point: one exact step
+                step = (self.t[-1] - self.t[0]) / (T - 1)
+                self.t = self.t[0] + step * np.arange(T)
+                dt = np.full(T, step)
+                dt[0] = 0.0
+            self._grid = dt
+        elif self.regular:
+            self.regular = bool(np.all(self.R == self.R[0]))
+        dt = self.dt = self._grid
         if self.regular:
             # one step everywhere: one transition, broadcast (no T-sized copies)
             A2, Q2, self.P0 = model.transitions(dt[:2])
-            shape = (len(dt),) + A2.shape[1:]
-            self.A = np.broadcast_to(A2[1], shape)
-            self.Q = np.broadcast_to(Q2[1], shape)
+            finite = np.all(np.isfinite(A2)) and np.all(np.isfinite(Q2))
+            shape = (T,) + A2.shape[1:]
+            self.A = np.broadcast_to(A2[-1], shape)
+            self.Q = np.broadcast_to(Q2[-1], shape)
         else:
             self.A, self.Q, self.P0 = model.transitions(dt)
-        if not (np.all(np.isfinite(self.A)) and np.all(np.isfinite(self.Q))):
+            finite = np.all(np.isfinite(self.A)) and np.all(np.isfinite(self.Q))
+        if not finite:
             raise np.linalg.LinAlgError(
                 "the state-space transitions are not finite; check the "
                 "lengthscales and the input times"
@@ -340,15 +417,19 @@ class _Series:
 
     def run(self, r):
         """Filter and adjoint for residuals ``r`` (flat order); ``S⁻¹ r``."""
-        y = r[self.perm]
+        y = self._sorted(r)
         self.res = None
-        if self.regular:
-            self.res = kalman.kalman_regular(self.A, self.Q, self.P0, self.H, y, self.R)
-        if self.res is None:
-            self.res = kalman.kalman(self.A, self.Q, self.P0, self.H, y, self.R)
-        alpha = np.empty_like(r)
-        alpha[self.perm] = self.res.alpha
-        return alpha
+        with kalman.one_blas_thread():
+            if self.regular:
+                self.res = kalman.kalman_regular(
+                    self.A, self.Q, self.P0, self.H, y, self.R, hint=self._hint
+                )
+                if self.res is not None:
+                    # the next pass (a fit's next step) starts near this length
+                    self._hint = int(1.25 * self.res.P_pw.nh) + 8
+            if self.res is None:
+                self.res = kalman.kalman(self.A, self.Q, self.P0, self.H, y, self.R)
+        return self._unsorted(self.res.alpha)
 
     def _is_regular(self, dt):
         """One step (equal to ``REGULAR_STEP_RTOL``), one kind of observation
@@ -364,36 +445,54 @@ class _Series:
 
     def solve(self, Rhs):
         """``S⁻¹ Rhs`` for (N, k) right-hand sides (gains from :meth:`run`)."""
-        out = np.empty_like(Rhs)
-        out[self.perm] = kalman.linear_solve(self.res, Rhs[self.perm])
-        return out
+        return self._unsorted(kalman.linear_solve(self.res, self._sorted(Rhs)))
 
     def logdet(self):
+        if self.res.regular:
+            return self.res.logdet()
         return float(np.sum(np.log(self.res.S)))
 
-    def states(self, tq):
-        """Smoothed state mean (m, D) and covariance (m, D, D) at times tq."""
+    def marginals(self, tq, Hq):
+        """Smoothed mean and variance (m,) of the entries ``Hq`` (m, D) (one
+        state row per query) at times ``tq`` (m,).
+
+        From the filtered state at the last step ``k`` at or before ``t``,
+        predicted over ``t − t_k`` (``m⁻, P⁻``), and the adjoint of the next
+        step carried back over ``t_{k+1} − t`` (``λ̂, Λ̂``):
+        ``mean = h·m⁻ + w·λ̂``, ``var = h·w − wᵀΛ̂w`` with ``w = P⁻h``; only
+        (m, D) arrays are formed, and steps shared by many queries (a grid
+        queried at its own times) get their transition once.
+        """
         res = self.res
         T = len(self.t)
         k = np.searchsorted(self.t, tq, side="right") - 1
         before = k < 0
         kc = np.clip(k, 0, T - 1)
-        A1, Q1, Pinf = self.model.transitions(np.where(before, 0.0, tq - self.t[kc]))
-        mp = (A1 @ res.m[kc][:, :, None])[:, :, 0]
-        Pp = A1 @ res.P[kc] @ np.swapaxes(A1, -1, -2) + Q1
+        d1 = np.where(before, 0.0, tq - self.t[kc])
+        d2 = np.where(k + 1 < T, self.t[np.clip(k + 1, 0, T - 1)] - tq, 0.0)
+        if self.regular:
+            # the grid was snapped to t₀ + kΔ: so are queries on it
+            tol = REGULAR_STEP_RTOL * self.dt[1]
+            d1 = np.where(np.abs(d1) <= tol, 0.0, d1)
+            d2 = np.where(np.abs(d2 - self.dt[1]) <= tol, self.dt[1], d2)
+            d2 = np.where(np.abs(d2) <= tol, 0.0, d2)
+        S1 = _Steps(self.model, d1)
+        mp = S1.apply(res.m[kc])
+        w = S1.apply(_matvec(res, "P", kc, S1.apply(Hq, transpose=True)))
+        w += S1.apply(Hq, Q=True)
         mp[before] = 0.0
-        Pp[before] = Pinf
+        w[before] = Hq[before] @ S1.Pinf
         nxt = np.clip(k + 1, 0, T - 1)
         has_next = k + 1 < T
-        A2 = self.model.transitions(np.where(has_next, self.t[nxt] - tq, 0.0))[0]
-        A2t = np.swapaxes(A2, -1, -2)
-        lam = (A2t @ res.lam[nxt][:, :, None])[:, :, 0]
-        Lam = A2t @ res.Lam[nxt] @ A2
+        S2 = _Steps(self.model, d2)
+        lam = S2.apply(res.lam[nxt], transpose=True)
+        z = S2.apply(w)
+        zLz = np.einsum("mi,mi->m", z, _matvec(res, "Lam", nxt, z))
         lam[~has_next] = 0.0
-        Lam[~has_next] = 0.0
-        ms = mp + (Pp @ lam[:, :, None])[:, :, 0]
-        Ps = Pp - Pp @ Lam @ Pp
-        return ms, 0.5 * (Ps + np.swapaxes(Ps, -1, -2))
+        zLz[~has_next] = 0.0
+        mean = np.einsum("mi,mi->m", Hq, mp) + np.einsum("mi,mi->m", w, lam)
+        var = np.einsum("mi,mi->m", Hq, w) - zLz
+        return mean, var
 
     def lml_tensor(self, theta, r_t, R_t):
         """The log marginal likelihood as a tensor, with the exact O(n)
@@ -431,10 +530,7 @@ def _lml_function():
         def backward(ctx, g):
             s = ctx.series
             gt, gy, gR = s.grad_theta()
-            gr = np.empty_like(gy)
-            gr[s.perm] = gy
-            gRf = np.empty_like(gR)
-            gRf[s.perm] = gR
+            gr, gRf = s._unsorted(gy), s._unsorted(gR)
 
             def t(a):
                 return g * torch.as_tensor(a, dtype=torch.float64)
@@ -496,6 +592,7 @@ class StateSpaceSolver(Solver):
             self.series[b] = _Series(_Model(bparts), t, order, coef, noise_np[b])
             self.parts[b] = bparts
         self.like = noise
+        self._cache = {}
 
     def _out(self, arr):
         return B.to_namespace(
@@ -573,10 +670,23 @@ class StateSpaceSolver(Solver):
         means, vars_ = [], []
         for b, s in self._members():
             t, order, coef = _entries(qblocks, b)
-            ms, Ps = s.states(t)
-            Hq = s.model.rows(order, coef)
-            means.append(np.einsum("md,md->m", Hq, ms))
-            vars_.append(np.einsum("md,mde,me->m", Hq, Ps, Hq))
+            # `.mean` then `.var` of one prediction ask for the same queries
+            hit = self._cache.get(b)
+            if hit is not None and all(
+                np.array_equal(x, y) for x, y in zip(hit[0], (t, order, coef))
+            ):
+                mean, var = hit[1]
+            else:
+                mean, var = np.empty(t.shape), np.empty(t.shape)
+                with kalman.one_blas_thread():
+                    # chunks bound the (m, D) temporaries of long queries
+                    for i in range(0, max(len(t), 1), QUERY_CHUNK):
+                        sl = slice(i, i + QUERY_CHUNK)
+                        Hq = s.model.rows(order[sl], coef[sl])
+                        mean[sl], var[sl] = s.marginals(t[sl], Hq)
+                self._cache[b] = ((t, order, coef), (mean, var))
+            means.append(mean)
+            vars_.append(var)
         shape = self.batch + (means[0].shape[-1],)
         mean = self._out(np.reshape(np.stack(means), shape))
         var = self._out(np.reshape(np.stack(vars_), shape))
@@ -595,6 +705,178 @@ def _theta(parts):
 
     lam = [math.sqrt(2 * p.p + 1) / t(p.lengthscale) for p in parts if p.p is not None]
     return torch.stack(lam + [t(p.variance) for p in parts])
+
+
+def _named_parts(kernel, prefix=""):
+    """:func:`_parts`'s blocks as ``(lengthscale name or None, variance-factor
+    names)``: a part's variance is the product of the named values."""
+    if isinstance(kernel, Sum):
+        out = []
+        for i, child in enumerate(kernel.children):
+            out.extend(_named_parts(child, f"{prefix}{i}."))
+        return out
+    if isinstance(kernel, Scale):
+        sub = _named_parts(kernel.children[0], f"{prefix}0.")
+        return [(ls, [prefix + "scale"] + vs) for ls, vs in sub]
+    if isinstance(kernel, Constant):
+        return [(None, [prefix + "variance"])]
+    return [(prefix + "lengthscale", [prefix + "variance"])]
+
+
+class FitLikelihood:
+    """The log marginal likelihood of one (unbatched) problem and its exact
+    gradient in every hyperparameter, in numpy, for :func:`gpgrad.fit`.
+
+    The times are sorted once; each call updates the transitions and noise
+    and runs one filter + adjoint pass (no torch, no GP rebuilt around it).
+    Build it with :func:`fit_likelihood`.
+    """
+
+    def __init__(self, gp, obs, blocks, r0, shift, scale):
+        self.kinds = [f.kind for f in obs]
+        flat = [f.flat_targets(f.y) for f in obs]
+        sizes = [int(y.shape[-1]) for y in flat]
+        self.N = sum(sizes)
+        self.is_val = np.concatenate(
+            [np.full(n, f.kind == "value") for f, n in zip(obs, sizes)]
+        )
+        # per entry: the kind whose fitted noise it takes, or its own noise
+        self.code = np.concatenate(
+            [
+                np.full(n, -1 if f.noise is not None else i, dtype=np.int16)
+                for i, (f, n) in enumerate(zip(obs, sizes))
+            ]
+        )
+        own = np.zeros(self.N)
+        off = 0
+        for f, y, n in zip(obs, flat, sizes):
+            if f.noise is not None:
+                own[off : off + n] = _np(f.flat_noise(f.noise, np, np.asarray(y)))
+            off += n
+        self.own = own
+        self.r0, self.shift, self.scale = r0, shift, scale
+        self.names = _named_parts(gp.kernel)
+        self.entries = _entries(blocks, ())
+        self.series = None
+        # one kind, one fitted noise (the common case): no masks
+        kinds = set(self.kinds)
+        one = len(kinds) == 1 and bool(np.all(self.code >= 0))
+        self.uniform = self.kinds[0] if one else None
+        self.val_mask = None if bool(np.all(self.is_val)) else self.is_val
+
+    def window(self, obs, size):
+        """The observations inside a window of ``size`` consecutive times in
+        the middle of the series, as new functionals (values only; None for
+        other kinds or a series not longer than ``2 size``)."""
+        if self.N <= 2 * size or any(f.kind != "value" for f in obs):
+            return None
+        t = np.sort(self.entries[0])
+        lo = t[(len(t) - size) // 2]
+        hi = t[(len(t) - size) // 2 + size - 1]
+        out = []
+        for f in obs:
+            X = np.asarray(f.X)
+            sel = (X[:, 0] >= lo) & (X[:, 0] <= hi)
+            noise = f.noise
+            if noise is not None and np.ndim(noise):
+                noise = np.broadcast_to(np.asarray(noise), (X.shape[0],))[sel]
+            out.append(type(f).build(f.kind, X[sel], np.asarray(f.y)[sel], noise))
+        return out
+
+    def _noise(self, gp):
+        if self.uniform is not None:
+            v = float(np.reshape(gp.noise_for(self.uniform), -1)[0])
+            return np.full(self.N, v / self.scale**2)
+        R = self.own.copy()
+        for i, kind in enumerate(self.kinds):
+            sel = self.code == i
+            if np.any(sel):
+                R[sel] = float(np.reshape(gp.noise_for(kind), -1)[0])
+        return R / self.scale**2
+
+    def _sum(self, a, mask):
+        """Sum of ``a`` (sorted order) over ``mask`` (flat order; None: all)."""
+        if mask is None:
+            return float(np.sum(a))
+        return float(np.sum(a[self.series._sorted(mask)]))
+
+    def __call__(self, gp, grad=True):
+        """``(ℓ, {name: ∂ℓ/∂value})`` at ``gp``'s hyperparameters (numpy
+        GP, same kernel structure); the names are the kernel's parameters,
+        ``noise.<kind>`` and ``mean``."""
+        parts = _parts(gp.kernel)
+        model = _Model(parts)
+        R = self._noise(gp)
+        mean = float(np.reshape(gp.mean, -1)[0])
+        if self.val_mask is None:
+            r = self.r0 - mean / self.scale
+        else:
+            r = self.r0 - self.is_val * (mean / self.scale)
+        if self.series is None:
+            t, order, coef = self.entries
+            self.series = _Series(model, t, order, coef, R)
+        else:
+            self.series.update(model, R)
+        s = self.series
+        s.run(r)
+        lml = s.res.loglik - self.N * math.log(self.scale)
+        if not grad:
+            return lml, None
+        with kalman.one_blas_thread():
+            gt, gy, gR = s.grad_theta()
+        params = gp.kernel.parameters()
+        out = {name: 0.0 for name in params}
+        n_lam = sum(p.p is not None for p in parts)
+        j = 0
+        for i, (part, (ls_name, var_names)) in enumerate(zip(parts, self.names)):
+            if part.p is not None:
+                lam = model.lam0[i]
+                out[ls_name] += gt[j] * (-lam / _num(params[ls_name]))
+                j += 1
+            g_var = gt[n_lam + i] * model.var0[i]
+            for vn in var_names:
+                out[vn] += g_var / _num(params[vn])
+        s2 = self.scale**2
+        if self.uniform is not None:
+            out[f"noise.{self.uniform}"] = self._sum(gR, None) / s2
+        else:
+            for i, kind in enumerate(self.kinds):
+                key = f"noise.{kind}"
+                out[key] = out.get(key, 0.0) + self._sum(gR, self.code == i) / s2
+        out["mean"] = -self._sum(gy, self.val_mask) / self.scale
+        return lml, out
+
+
+def fit_likelihood(gp, obs, names):
+    """A :class:`FitLikelihood` when ``gp`` (numpy backend, the starting
+    hyperparameters) would condition ``obs`` with the state-space solver and
+    every fitted name is one it differentiates; else None."""
+    from .select import AUTO_STATESPACE_MIN_ROWS
+
+    if gp.backend != "numpy" or gp.method not in ("auto", "statespace"):
+        return None
+    zero = type(gp)(
+        gp.kernel,
+        noise=gp.noise,
+        mean=0.0,
+        normalize_y=gp.normalize_y,
+        method=gp.method,
+    )
+    blocks, r0, noise, shift, scale = zero._prepare(obs)
+    if noise.ndim != 1 or np.ndim(shift) or np.ndim(scale):
+        return None
+    if gp.method == "auto" and noise.shape[-1] < AUTO_STATESPACE_MIN_ROWS:
+        return None
+    if statespace_unsupported_reason(gp.kernel, blocks) is not None:
+        return None
+    known = set(gp.kernel.parameters()) | {"mean"}
+    known |= {f"noise.{f.kind}" for f in obs if f.noise is None}
+    if not set(names) <= known:
+        return None
+    for f in obs:
+        if f.noise is None and np.size(gp.noise_for(f.kind)) != 1:
+            return None
+    return FitLikelihood(gp, obs, blocks, np.asarray(r0), float(shift), float(scale))
 
 
 def statespace_solver(gp, blocks, noise):

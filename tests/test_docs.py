@@ -69,8 +69,10 @@ def test_api_pages_follow_all(tmp_path, monkeypatch):
     assert "\n   NewK\n" in (tmp_path / "gpgrad.kernels.rst").read_text()
 
 
-# pages whose examples take about a minute of CPU: run in the slow pass
-SLOW_PAGES = {"long-series.md"}
+# pages whose examples take about a minute of CPU, or fit models (1-3 s
+# each): they run in the slow pass
+SLOW_PAGES = {"long-series.md", "accuracy.md", "fitting.md"}
+SLOW_PAGES |= {"noisy-derivatives.md", "scikit-learn.md"}
 
 
 def _md_pages():

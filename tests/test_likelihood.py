@@ -87,6 +87,19 @@ def _theta0(kernel, kinds, seed=0):
     return torch.tensor(vals, dtype=torch.float64)
 
 
+def _central_differences(kernel, obs, kinds, theta, h=1e-5):
+    """∂ log p(y)/∂θ by central differences of the dense likelihood."""
+
+    def lml(t):
+        gp = _model(kernel, t, kinds)
+        return float(likelihood.dense_log_marginal_likelihood(gp, gp._parse(obs)))
+
+    return [
+        (lml(theta + h * e) - lml(theta - h * e)) / (2 * h)
+        for e in torch.eye(theta.numel(), dtype=torch.float64)
+    ]
+
+
 def _both(kernel, obs, theta, **kw):
     kinds = sorted({f.kind for f in obs}, key=gpgrad.gp._KINDS.index)
     out = []
@@ -132,17 +145,9 @@ def test_closed_form_gradient_matches_central_differences(kname):
     kinds = sorted({f.kind for f in obs}, key=gpgrad.gp._KINDS.index)
     theta = _theta0(kernel, kinds, seed=1)
     (_, g), _ = _both(kernel, obs, theta)
-
-    def lml(t):
-        gp = _model(kernel, t, kinds)
-        return float(likelihood.dense_log_marginal_likelihood(gp, gp._parse(obs)))
-
-    h = 1e-5
-    fd = [
-        (lml(theta + h * e) - lml(theta - h * e)) / (2 * h)
-        for e in torch.eye(theta.numel(), dtype=torch.float64)
-    ]
-    np.testing.assert_allclose(g.numpy(), fd, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        g.numpy(), _central_differences(kernel, obs, kinds, theta), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_chunked_backward_and_batches_match_autograd(monkeypatch):
@@ -343,17 +348,9 @@ def test_radial_closed_form_matches_central_differences():
     kinds = ["value", "gradient"]
     theta = _theta0(kernel, kinds, seed=5)
     (_, g), _ = _both(kernel, obs, theta)
-
-    def lml(t):
-        gp = _model(kernel, t, kinds)
-        return float(likelihood.dense_log_marginal_likelihood(gp, gp._parse(obs)))
-
-    h = 1e-5
-    fd = [
-        (lml(theta + h * e) - lml(theta - h * e)) / (2 * h)
-        for e in torch.eye(theta.numel(), dtype=torch.float64)
-    ]
-    np.testing.assert_allclose(g.numpy(), fd, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        g.numpy(), _central_differences(kernel, obs, kinds, theta), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_radial_closed_form_applies_only_where_it_is_exact():

@@ -412,13 +412,19 @@ def const_recurrence(M, z0, c, block=16):
         for i in range(j + 1):
             W[j * D : (j + 1) * D, i * D : (i + 1) * D] = powers[j - i]
     # zero-state response inside every block: row b is (z_{bL+1} … z_{bL+L})
-    out = cb @ W.T  # (nb, L·D)
-    # block starts: s_{b+1} = M^L s_b + (zero-state end of block b)
+    return _add_free_response(cb @ W.T, powers, z0, block, J)
+
+
+def _add_free_response(out, powers, z0, block, J):
+    """Blocks' zero-state responses ``out`` (nb, L·D) plus their free
+    responses ``M^{i+1} s_b`` from the block starts, which follow
+    ``s_{b+1} = M^L s_b + (zero-state end of block b)``: z_1 … z_J (J, D)."""
+    nb = out.shape[0]
+    L, D = len(powers) - 1, powers[0].shape[0]
     starts = np.empty((nb, D))
     starts[0] = z0
     if nb > 1:
         starts[1:] = const_recurrence(powers[L], z0, out[:-1, (L - 1) * D :], block)
-    # free response M^{i+1} s_b
     out += starts @ np.concatenate(powers[1:], axis=0).T
     return out.reshape(nb * L, D)[:J]
 
@@ -450,13 +456,7 @@ def const_recurrence_rank1(M, z0, u, s, block=16):
     for i in range(L):
         for l in range(i + 1):
             V[l, i * D : (i + 1) * D] = pu[i - l]
-    out = sb @ V  # (nb, L·D)
-    starts = np.empty((nb, D))
-    starts[0] = z0
-    if nb > 1:
-        starts[1:] = const_recurrence(powers[L], z0, out[:-1, (L - 1) * D :], block)
-    out += starts @ np.concatenate(powers[1:], axis=0).T
-    return out.reshape(nb * L, D)[:J]
+    return _add_free_response(sb @ V, powers, z0, block, J)
 
 
 def _converged(new, old, tol):

@@ -918,10 +918,22 @@ class Progress:
         elif now - self.last < PROGRESS_EVERY_S:
             return
         self._say(
-            f"start {start}/{self.plan.restarts}, evaluation {evaluation}, log "
+            f"{self._stage(start)}, evaluation {evaluation}, log "
             f"marginal likelihood {float(np.sum(lml)):.6g}, "
             f"{_fmt_time(now - self.t0)} elapsed"
         )
+
+    def _stage(self, start):
+        """Which fit is running: a start, or for a long series of values
+        fitted by the state-space solver the single whole-series fit that
+        follows the starts on a window (:data:`gpgrad.fit.WINDOW`)."""
+        from .fit import WINDOW
+
+        plan = self.plan
+        values_only = plan.n_obs == plan.rows
+        if plan.method == "statespace" and values_only and plan.n_obs > 2 * WINDOW:
+            return f"whole series (from a {WINDOW:,}-sample window's fit)"
+        return f"start {start}/{self.plan.restarts}"
 
     def done(self):
         if self.last is not None:

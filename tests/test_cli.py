@@ -568,6 +568,20 @@ def test_progress_on_stderr_and_quiet(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
+def test_progress_names_the_whole_series_fit_after_the_window():
+    import gpgrad.cli as cli
+    from gpgrad.fit import WINDOW
+
+    cost = cli.Cost(method="statespace", memory=1, seconds=1.0)
+    n = 3 * WINDOW
+    plan = cli.Plan("matern52", "statespace", n, n, 1, 3, cost, 1 << 30)
+    stage = cli.Progress(plan, stream=io.StringIO())._stage(1)
+    assert stage.startswith("whole series (from a 4,096-sample window")
+    # with derivatives too (no window), or dense: the starts are counted
+    plan = cli.Plan("matern52", "statespace", n, 2 * n, 1, 3, cost, 1 << 30)
+    assert cli.Progress(plan, stream=io.StringIO())._stage(2) == "start 2/3"
+
+
 # --------------------------------------------------------------------------
 # friction
 

@@ -80,7 +80,7 @@ def scan(elems, combine):
 
 
 def one_blas_thread():
-    """A context that runs BLAS on one thread (when threadpoolctl is there).
+    """A context that runs BLAS on one thread (threadpoolctl; a no-op without it).
 
     The recursions' matrix products are thin ((T, D) × (D, D)); splitting
     them over threads costs more than it saves, and on a busy machine up to

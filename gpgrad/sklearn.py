@@ -292,10 +292,8 @@ class GradientGPRegressor(RegressorMixin, BaseEstimator):
         """
         _one_of(return_std, return_cov)
         X = self._check_X(X)
-        if not (return_std or return_cov):
-            return np.asarray(self.posterior_.mean(values(X)))
         p = self.posterior_.value(X, full_cov=return_cov)
-        return p.mean, (p.cov if return_cov else p.std)
+        return _read(p, return_std, return_cov)
 
     def predict_gradient(self, X, return_std=False, return_cov=False):
         """Posterior mean of ``∇f`` at ``X``, with its std or covariance.
@@ -316,11 +314,7 @@ class GradientGPRegressor(RegressorMixin, BaseEstimator):
         """
         _one_of(return_std, return_cov)
         X = self._check_X(X)
-        if not (return_std or return_cov):
-            m, d = X.shape
-            return np.asarray(self.posterior_.mean(gradients(X))).reshape(m, d)
-        p = self.posterior_.gradient(X)
-        return p.mean, (p.cov if return_cov else p.std)
+        return _read(self.posterior_.gradient(X), return_std, return_cov)
 
     def predict_hessian(self, X, return_std=False, return_cov=False):
         """Posterior mean of the Hessian of ``f`` at ``X``.
@@ -342,10 +336,7 @@ class GradientGPRegressor(RegressorMixin, BaseEstimator):
         """
         _one_of(return_std, return_cov)
         X = self._check_X(X)
-        p = self.posterior_.hessian(X)
-        if not (return_std or return_cov):
-            return p.mean
-        return p.mean, (p.cov if return_cov else p.std)
+        return _read(self.posterior_.hessian(X), return_std, return_cov)
 
     def sample_y(self, X, n_samples=1, random_state=0):
         """Draw joint samples of ``f`` at ``X`` from the posterior.
@@ -414,6 +405,15 @@ def _gradient_observations(X, dy, noise=None):
         return None
     rows, cols = np.nonzero(measured)
     return partials(X[rows], cols, dy[rows, cols], noise=noise)
+
+
+def _read(p, return_std, return_cov):
+    """A lazy prediction's mean, with its std or covariance if asked for
+    (reading ``.mean`` alone computes no variance)."""
+    mean = np.asarray(p.mean)
+    if not (return_std or return_cov):
+        return mean
+    return mean, (p.cov if return_cov else p.std)
 
 
 def _one_of(return_std, return_cov):

@@ -346,21 +346,11 @@ class Table:
         """``{column index: floats}`` by pandas' C parser when every cell of
         the columns ``idx`` (sorted) is a finite number, else None."""
         try:
-            import pandas as pd
+            import pandas  # noqa: F401
         except ImportError:  # pragma: no cover - pandas is optional
             return None
         try:
-            df = pd.read_csv(
-                self.path,
-                sep=self.delimiter,
-                header=0,
-                usecols=idx,
-                dtype=float,
-                encoding="utf-8-sig",
-                skip_blank_lines=True,
-                engine="c",
-            )
-            a = df.to_numpy(dtype=float)
+            a = self._pandas(idx, dtype=float).to_numpy(dtype=float)
         except Exception:  # any doubt: the exact slow path decides
             return None
         if a.shape[1] != len(idx) or not np.all(np.isfinite(a)):
@@ -373,24 +363,27 @@ class Table:
         if self._fast_cols is None:
             return None
         try:
-            import pandas as pd
-
             order = sorted(set(idx))
-            df = pd.read_csv(
-                self.path,
-                sep=self.delimiter,
-                header=0,
-                usecols=order,
-                dtype=str,
-                keep_default_na=False,
-                encoding="utf-8-sig",
-                skip_blank_lines=True,
-                engine="c",
-            )
+            df = self._pandas(order, dtype=str, keep_default_na=False)
             by = {j: df.iloc[:, i].tolist() for i, j in enumerate(order)}
             return [[c.strip() for c in by[j]] for j in idx]
         except Exception:  # any doubt: the exact slow path decides
             return None
+
+    def _pandas(self, columns, **options):
+        """The columns (sorted indices) of the file by pandas' C parser."""
+        import pandas as pd
+
+        return pd.read_csv(
+            self.path,
+            sep=self.delimiter,
+            header=0,
+            usecols=columns,
+            encoding="utf-8-sig",
+            skip_blank_lines=True,
+            engine="c",
+            **options,
+        )
 
     def _read_rows(self):
         try:

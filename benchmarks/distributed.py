@@ -203,6 +203,12 @@ def projection(iterations=(500, 2000), measured=None):
     t_nv = recv / PROJECT_NVLINK
     t_ib = recv / PROJECT_IB
     profiles = 3 * (n / W) * n * 8
+
+    def row(head, per_product, fmt):
+        # a quantity per product, then times each solve's iteration count
+        cells = " | ".join(fmt.format(per_product * i) for i in iterations)
+        return f"| {head} | {cells} |"
+
     lines = [
         f"Projection: N = {n:,} points in D = {d} ({rows:.3g} rows), Matérn 5/2, "
         f"{W} GPUs, rows split evenly (not measured: assumed "
@@ -214,24 +220,28 @@ def projection(iterations=(500, 2000), measured=None):
         + " | ".join(f"per CG solve ({i:,} iterations)" for i in iterations)
         + " |",
         "|---|---|" + "---|" * len(iterations),
-        f"| flops (10·N²·D) | {flops:.2g} ({flops / W:.2g} per GPU) | "
-        + " | ".join(f"{flops * i:.2g}" for i in iterations)
-        + " |",
-        f"| compute per GPU | {t_comp * 1e3:.0f} ms | "
-        + " | ".join(f"{t_comp * i:.0f} s" for i in iterations)
-        + " |",
-        f"| all-gather volume received per GPU ((W−1)/W·rows·8 B) | "
-        f"{recv / 1e6:.0f} MB | "
-        + " | ".join(f"{recv * i / 1e9:.0f} GB" for i in iterations)
-        + " |",
-        f"| all-gather time, one NVLink node | {t_nv * 1e3:.2f} ms "
-        f"({t_nv / t_comp:.1%} of compute) | "
-        + " | ".join(f"{t_nv * i:.1f} s" for i in iterations)
-        + " |",
-        f"| all-gather time, across nodes | {t_ib * 1e3:.1f} ms "
-        f"({t_ib / t_comp:.1%} of compute) | "
-        + " | ".join(f"{t_ib * i:.1f} s" for i in iterations)
-        + " |",
+        row(
+            f"flops (10·N²·D) | {flops:.2g} ({flops / W:.2g} per GPU)", flops, "{:.2g}"
+        ),
+        row(f"compute per GPU | {t_comp * 1e3:.0f} ms", t_comp, "{:.0f} s"),
+        row(
+            f"all-gather volume received per GPU ((W−1)/W·rows·8 B) | "
+            f"{recv / 1e6:.0f} MB",
+            recv / 1e9,
+            "{:.0f} GB",
+        ),
+        row(
+            f"all-gather time, one NVLink node | {t_nv * 1e3:.2f} ms "
+            f"({t_nv / t_comp:.1%} of compute)",
+            t_nv,
+            "{:.1f} s",
+        ),
+        row(
+            f"all-gather time, across nodes | {t_ib * 1e3:.1f} ms "
+            f"({t_ib / t_comp:.1%} of compute)",
+            t_ib,
+            "{:.1f} s",
+        ),
         f"| cached profiles per GPU (3·(N/W)·N·8 B) | {profiles / 1e9:.0f} GB | "
         + " | " * (len(iterations) - 1)
         + " |",

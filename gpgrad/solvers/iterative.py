@@ -695,12 +695,11 @@ class IterativeSolver(Solver):
         temporaries for M queried entries; it stops at ``k = N`` where the
         projection is exact.
         """
-        from .select import InsufficientMemoryError, _fmt, available_memory
+        from .select import InsufficientMemoryError, _fmt, _itemsize, available_memory
 
         N, M = int(Ks.shape[-2]), int(Ks.shape[-1])
         batch = int(np.prod(Ks.shape[:-2])) if len(Ks.shape) > 2 else 1
-        item = Ks.element_size() if B.is_tensor(Ks) else Ks.dtype.itemsize
-        column = batch * N * item
+        column = batch * N * _itemsize(Ks)
         avail = available_memory(Ks)
         room = int(0.8 * avail) - 5 * M * column
         if room < 2 * M * column:

@@ -173,10 +173,10 @@ class PartitionedOperator:
         return getattr(self.op, name)
 
     def _check_memory(self):
-        from .select import InsufficientMemoryError, _fmt, available_memory
+        from .select import InsufficientMemoryError, _fmt, _itemsize, available_memory
 
         like = self.op.like
-        itemsize = like.element_size() if B.is_tensor(like) else like.dtype.itemsize
+        itemsize = _itemsize(like)
         batch = int(np.prod(batch_shape(self.op.kernel, self.op.blocks)))
         n_all = sum(int(g.X.shape[-2]) for g in self.op.groups)
         # each device holds its workers' profiles (the host all of a CPU

@@ -659,6 +659,44 @@ def test_value_elimination_option_is_validated():
         op.matmul(np.ones((2, 1)), inputs="gradients")
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("inputs", [None, "values", "derivatives"])
+def test_product_computes_only_the_requested_rows(backend, inputs):
+    # outputs= keeps the requested rows of the dense product and zeros the
+    # others; inputs= drops the other kind of coefficient
+    X, _ = _problem(N=9, d=3)
+    if backend == "torch":
+        X = torch.tensor(X)
+    obs = [gpgrad.values(X), gpgrad.gradients(X)]
+    xp = gpgrad.GP(K.Matern52(), backend=backend).xp
+    bl = as_blocks(obs, xp, X.dtype, None)
+    kernel = K.Matern52(lengthscale=[0.8, 1.1, 0.9])
+    op = GramOperator(kernel, bl, None)
+    n = X.shape[0]
+    V = np.random.default_rng(3).normal(size=(n * 4, 2))
+    Kd = np.asarray(covariance(kernel, bl))
+    mask = np.ones((n * 4, 1))
+    if inputs == "values":
+        mask[n:] = 0.0
+    elif inputs == "derivatives":
+        mask[:n] = 0.0
+    want = Kd @ (V * mask)
+    Vx = torch.tensor(V) if backend == "torch" else V
+    for outputs, rows in (
+        (None, slice(0, 4 * n)),
+        ("values", slice(0, n)),
+        ("derivatives", slice(n, 4 * n)),
+    ):
+        for _ in range(2):  # the second product reuses the Φ₂ workspace
+            got = np.asarray(op.matmul(Vx, inputs=inputs, outputs=outputs))
+            assert _rel(got[rows], want[rows]) < 1e-13
+            other = np.ones(4 * n, bool)
+            other[rows] = False
+            assert np.all(got[other] == 0.0)
+    with pytest.raises(ValueError, match="outputs must be None, 'values'"):
+        op.matmul(Vx, outputs="gradients")
+
+
 def test_value_elimination_with_values_at_several_point_sets():
     # value blocks in different point groups: the eliminated block is
     # assembled from the profiles between the groups

@@ -579,7 +579,10 @@ class IterativeSolver(Solver):
         zv, zg = xp.zeros_like(Rv), xp.zeros_like(Rg)
 
         def from_values(u):  # C_gv u
-            return take(op.matmul(place(u, zg), inputs="values", with_noise=False), ig)
+            out = op.matmul(
+                place(u, zg), inputs="values", outputs="derivatives", with_noise=False
+            )
+            return take(out, ig)
 
         def S(w):
             out = op.matmul(place(zv, w), inputs="derivatives")

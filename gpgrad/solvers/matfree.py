@@ -169,6 +169,8 @@ class GramOperator:
         self.N = sum(self.sizes)
         self.noise = noise
         self._phi = {}
+        #: one reusable N×N workspace of the Φ₂ term (see :func:`_phi2_term`)
+        self._work = {}
         self._udirs = [self._dirs(b) for b in self.blocks]
 
     # -- geometry ----------------------------------------------------------
@@ -346,10 +348,14 @@ class GramOperator:
                         G = G + M @ ZB_
         return y, G
 
-    def _apply(self, out_groups, in_groups, coef, same):
-        """(y, G) for each output group (…, k, n) and (…, k, n, d)."""
+    def _apply(self, out_groups, in_groups, coef, same, outputs=None):
+        """(y, G) for each output group (…, k, n) and (…, k, n, d).
+
+        ``outputs="values"`` (``"derivatives"``) computes only y (only G)."""
         res = []
         for ga in out_groups:
+            want_y = ga.has_value and outputs != "derivatives"
+            want_G = ga.has_grad and outputs != "values"
             y = G = None
             for gb, (v, W) in zip(in_groups, coef):
                 if v is None and W is None:
@@ -373,14 +379,22 @@ class GramOperator:
                         and same
                         and v is not None
                         and W is not None
-                        and ga.has_value
+                        and want_y
                     ):
                         p0z = self._group_p0z(ga, gb, phi)
                     yy, GG = _pair_fast(
-                        phi, ga.Z, gb.Z, v, W, ga.has_value, ga.has_grad, p0z
+                        phi,
+                        ga.Z,
+                        gb.Z,
+                        v,
+                        W,
+                        want_y,
+                        want_G,
+                        p0z,
+                        work=self._work if same else None,
                     )
                 else:
-                    yy, GG = pair(phi, ga.Z, gb.Z, v, W, ga.has_value, ga.has_grad)
+                    yy, GG = pair(phi, ga.Z, gb.Z, v, W, want_y, want_G)
                 if yy is not None:
                     y = yy if y is None else y + yy
                 if GG is not None:
@@ -393,17 +407,20 @@ class GramOperator:
         per = max(1, 3 * nA * nA)
         return max(1, RHS_CHUNK_ELEMENTS // per)
 
-    def matmul(self, V, *, with_noise=True, inputs=None):
+    def matmul(self, V, *, with_noise=True, inputs=None, outputs=None):
         """``(K + diag(noise)) V`` for V (…, N, k); returns (…, N, k).
 
         ``inputs="values"`` (``"derivatives"``) treats the derivative (value)
-        entries of V as zeros and skips their share of the work.
+        entries of V as zeros and skips their share of the work;
+        ``outputs="values"`` (``"derivatives"``) computes only the value
+        (derivative) rows of the product and returns zeros in the others.
         """
         xp = self.xp
-        if inputs not in (None, "values", "derivatives"):
-            raise ValueError(
-                f"inputs must be None, 'values' or 'derivatives', got {inputs!r}"
-            )
+        for name, arg in (("inputs", inputs), ("outputs", outputs)):
+            if arg not in (None, "values", "derivatives"):
+                raise ValueError(
+                    f"{name} must be None, 'values' or 'derivatives', got {arg!r}"
+                )
         Vt = B.matrix_transpose(V)  # (…, k, N)
         k = Vt.shape[-2]
         nA = sum(g.Z.shape[-2] for g in self.groups)
@@ -415,7 +432,7 @@ class GramOperator:
             coef = self._coefficients(
                 self.groups, self.blocks, self._udirs, pieces, inputs
             )
-            res = self._apply(self.groups, self.groups, coef, True)
+            res = self._apply(self.groups, self.groups, coef, True, outputs)
             parts = self._outputs(self.groups, self.blocks, self._udirs, res)
             parts = [
                 xp.zeros_like(pieces[i]) if p is None else p
@@ -540,7 +557,7 @@ def _half_sq_dist(xp, ZA, ZB, same):
     return S
 
 
-def _pair_fast(phi, ZA, ZB, v, W, want_y, want_G, p0z=None):
+def _pair_fast(phi, ZA, ZB, v, W, want_y, want_G, p0z=None, work=None):
     """:meth:`GramOperator._pair` for a stationary kernel without batch axes,
     with every ``Φ₁`` product of all columns in one GEMM and the ``Φ₂`` term
     through one in-place ``nA × nB`` temporary per column.
@@ -557,9 +574,12 @@ def _pair_fast(phi, ZA, ZB, v, W, want_y, want_G, p0z=None):
         G = Z_A ⊙ (Φ_1 v) − Φ_1 U − (Φ_2 \\text{ term})
 
     and the flops per column drop to ``6 nA nB d``.
+
+    ``work`` (a dict) keeps the ``nA × nB`` temporary of the Φ₂ term between
+    calls: a fresh one of that size costs page faults on every product.
     """
     if p0z is not None and v is not None and W is not None and want_y:
-        return _pair_merged(phi, p0z, ZA, ZB, v, W, want_G)
+        return _pair_merged(phi, p0z, ZA, ZB, v, W, want_G, work)
     xp = B.namespace(ZA)
     P0, P1, P2 = phi
     nA, d = ZA.shape
@@ -608,7 +628,7 @@ def _pair_fast(phi, ZA, ZB, v, W, want_y, want_G, p0z=None):
         if want_G:
             G = -P1W if G is None else G - P1W
             if P2 is not None:
-                G = G - _phi2_term(xp, P2, ZA, ZB, W, q)
+                G = G - _phi2_term(xp, P2, ZA, ZB, W, q, work)
     return y, G
 
 
@@ -618,18 +638,49 @@ def posterior_mean(post, *queries):
     return post.mean(*queries)
 
 
-def _phi2_term(xp, P2, ZA, ZB, W, q):
+def _workspace(xp, work, shape, like):
+    """An uninitialized array of ``shape`` like ``like``: the one kept in
+    ``work`` when it matches (allocated and kept there otherwise)."""
+    if work is None:
+        return None
+    key = (shape, str(like.dtype), str(B.device_of(like)))
+    buf = work.get(key)
+    if buf is None:
+        work.clear()  # at most one: the Gram product's
+        if B.is_torch(xp):
+            buf = xp.empty(shape, dtype=like.dtype, device=like.device)
+        else:
+            buf = np.empty(shape, dtype=like.dtype)
+        work[key] = buf
+    return buf
+
+
+def _matmul_into(xp, a, b, out):
+    """``a @ b`` written into ``out``."""
+    if B.is_torch(xp):
+        import torch
+
+        return torch.matmul(a, b, out=out)
+    return np.matmul(a, b, out=out)
+
+
+def _phi2_term(xp, P2, ZA, ZB, W, q, work=None):
     """``Z_A ⊙ (M 1) − M Z_B`` with ``M = Φ₂ ⊙ C``, ``C_ab = z_a·w_b − q_b``,
-    (k, nA, d), through one in-place ``nA × nB`` temporary per column."""
+    (k, nA, d), through one in-place ``nA × nB`` temporary per column (the
+    one in ``work`` when given)."""
     nA, nB = ZA.shape[0], ZB.shape[0]
     dev = B.device_of(ZA)
+    buf = _workspace(xp, work, (nA, nB), P2)
     ZAa = xp.concat([ZA, -xp.ones((nA, 1), dtype=ZA.dtype, device=dev)], axis=-1)
     # M [Z_B | 1] gives M Z_B and the row sums M 1 in one GEMM
     ZBa = xp.concat([ZB, xp.ones((nB, 1), dtype=ZB.dtype, device=dev)], axis=-1)
     corr = []
     for j in range(W.shape[0]):
         WQ = xp.concat([W[j], q[j][:, None]], axis=-1)  # (nB, d + 1)
-        C = ZAa @ B.matrix_transpose(WQ)
+        if buf is None:
+            C = ZAa @ B.matrix_transpose(WQ)
+        else:
+            C = _matmul_into(xp, ZAa, B.matrix_transpose(WQ), buf)
         if B.is_torch(xp):
             C.mul_(P2)
         else:
@@ -640,7 +691,7 @@ def _phi2_term(xp, P2, ZA, ZB, W, q):
     return xp.stack(corr, axis=0)
 
 
-def _pair_merged(phi, p0z, ZA, ZB, v, W, want_G):
+def _pair_merged(phi, p0z, ZA, ZB, v, W, want_G, work=None):
     """:func:`_pair_fast` for values and gradients at the same points: one Φ₁
     GEMM on ``[v | q | v ⊙ Z_B + W]`` (``2 + d`` columns per column of v)."""
     xp = B.namespace(ZA)
@@ -668,5 +719,5 @@ def _pair_merged(phi, p0z, ZA, ZB, v, W, want_G):
     if want_G:
         G = ZA[None, :, :] * P1v[:, :, None] - P1U
         if P2 is not None:
-            G = G - _phi2_term(xp, P2, ZA, ZB, W, q)
+            G = G - _phi2_term(xp, P2, ZA, ZB, W, q, work)
     return y, G

@@ -507,23 +507,31 @@ class IterativeSolver(Solver):
         # the value block from the operator's own profile matrices (Φ₀ between
         # the groups the value blocks belong to): no closed-form assembly
         vgroups = [next(g for g in op.groups if (i, "value") in g.parts) for i in vb]
-        A = xp.concat(
-            [
-                xp.concat([op._group_profiles(ga, gb)[0] for gb in vgroups], axis=-1)
-                for ga in vgroups
-            ],
-            axis=-2,
-        )
-        if op.noise is not None:
-            nv = xp.take(op.noise, index(iv), axis=-1)
-            A = A + nv[..., :, None] * xp.eye(len(iv), dtype=A.dtype, device=dev)
-        try:
-            # no jitter: a value block that needs it is left to plain CG
-            L = xp.linalg.cholesky(B.detach(A))
-        except Exception:  # noqa: BLE001 - numpy and torch raise different types
-            return None
-        if not bool(B.to_numpy(xp.all(xp.isfinite(L)))):
-            return None
+        with B.no_grad(xp):
+            # a fresh copy (concat copies even one block), factored in place:
+            # one N×N buffer for the value block and its factor
+            A = xp.concat(
+                [
+                    xp.concat(
+                        [B.detach(op._group_profiles(ga, gb)[0]) for gb in vgroups],
+                        axis=-1,
+                    )
+                    for ga in vgroups
+                ],
+                axis=-2,
+            )
+            if op.noise is not None:
+                nv = B.detach(xp.take(op.noise, index(iv), axis=-1))
+                B.add_to_diagonal_(A, xp.broadcast_to(nv, tuple(A.shape[:-1])))
+            try:
+                # no jitter: a value block that needs it is left to plain CG
+                L, ok, _ = B.cholesky_inplace(A)
+            except Exception:  # noqa: BLE001 - numpy and torch raise different types
+                return None
+            if not bool(B.to_numpy(xp.all(ok))):
+                return None
+            if not bool(B.to_numpy(xp.all(xp.isfinite(B.diagonal(L))))):
+                return None
         perm = np.concatenate([iv, ig])
         inv = np.empty_like(perm)
         inv[perm] = np.arange(len(perm))

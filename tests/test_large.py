@@ -697,6 +697,29 @@ def test_product_computes_only_the_requested_rows(backend, inputs):
         op.matmul(Vx, outputs="gradients")
 
 
+@pytest.mark.parametrize(
+    "kernel",
+    [K.RBF(lengthscale=[0.8, 1.1, 0.9]), K.Matern32(lengthscale=0.9), K.Linear()],
+    ids=["rbf", "matern32", "linear"],
+)
+def test_profiles_evaluated_in_row_blocks_match_the_dense_gram(kernel, monkeypatch):
+    # blocks of 7 rows (a remainder of 4 at 25 points): the product is the
+    # dense Gram matrix's, and equal to the one from unchunked profiles
+    from gpgrad.solvers import matfree
+
+    X, _ = _problem(N=25, d=3)
+    obs = [gpgrad.values(X), gpgrad.gradients(X)]
+    bl = as_blocks(obs, NP, X.dtype, None)
+    V = np.random.default_rng(4).normal(size=(25 * 4, 3))
+    want = np.asarray(covariance(kernel, bl)) @ V
+    whole = GramOperator(kernel, bl, None).matmul(V)
+    monkeypatch.setattr(matfree, "PROFILE_CHUNK_ELEMENTS", 7 * 25)
+    op = GramOperator(kernel, bl, None)
+    got = op.matmul(V)
+    assert _rel(got, want) < 1e-13
+    assert _rel(got, whole) < 1e-14
+
+
 def test_value_elimination_with_values_at_several_point_sets():
     # value blocks in different point groups: the eliminated block is
     # assembled from the profiles between the groups

@@ -47,6 +47,9 @@ __all__ = ["GramOperator", "unsupported_reason", "posterior_mean"]
 
 #: elements of the largest temporary when forming S from differences (~32 MB)
 DIFF_CHUNK_ELEMENTS = 1 << 22
+#: elements of the row blocks over which the profiles Φ₀, Φ₁, Φ₂ are evaluated
+#: (~2 MB: the kernel's element-wise temporaries stay in cache)
+PROFILE_CHUNK_ELEMENTS = 1 << 18
 #: elements of the k·n_A·n_B coefficient-dependent temporaries per pass (~128 MB)
 RHS_CHUNK_ELEMENTS = 1 << 24
 #: values and gradients at the same points share one Φ₁ GEMM through a cached
@@ -209,10 +212,33 @@ class GramOperator:
                 S = S * (1.0 - eye)
         else:
             S = ZA @ B.matrix_transpose(ZB)
+        if S.ndim == 2 and self.var.ndim <= 2 and not B.requires_grad(S, self.var):
+            return self._profiles_chunked(S)
         prof = self.kernel.profile(self.xp, S, 2)
         out = []
         for p in prof[:3]:
             out.append(None if p is None else self.var * p)
+        while len(out) < 3:
+            out.append(None)
+        return out
+
+    def _profiles_chunked(self, S):
+        """:meth:`_profiles` for a 2-D ``S`` that autograd need not follow: the
+        profiles of row blocks written into preallocated outputs, so that the
+        kernel's element-wise temporaries stay block-sized (cache-resident)
+        instead of N×N each."""
+        xp = self.xp
+        nA, nB = S.shape
+        step = max(1, PROFILE_CHUNK_ELEMENTS // max(1, nB))
+        out = None
+        for i0 in range(0, nA, step):
+            prof = self.kernel.profile(xp, S[i0 : i0 + step], 2)[:3]
+            if out is None:
+                out = [None if p is None else _empty(xp, (nA, nB), S) for p in prof]
+            for o, p in zip(out, prof):
+                if o is not None:
+                    o[i0 : i0 + step] = self.var * p
+        out = list(out)
         while len(out) < 3:
             out.append(None)
         return out
@@ -638,6 +664,12 @@ def posterior_mean(post, *queries):
     return post.mean(*queries)
 
 
+def _empty(xp, shape, like):
+    if B.is_torch(xp):
+        return xp.empty(shape, dtype=like.dtype, device=like.device)
+    return np.empty(shape, dtype=like.dtype)
+
+
 def _workspace(xp, work, shape, like):
     """An uninitialized array of ``shape`` like ``like``: the one kept in
     ``work`` when it matches (allocated and kept there otherwise)."""
@@ -647,10 +679,7 @@ def _workspace(xp, work, shape, like):
     buf = work.get(key)
     if buf is None:
         work.clear()  # at most one: the Gram product's
-        if B.is_torch(xp):
-            buf = xp.empty(shape, dtype=like.dtype, device=like.device)
-        else:
-            buf = np.empty(shape, dtype=like.dtype)
+        buf = _empty(xp, shape, like)
         work[key] = buf
     return buf
 

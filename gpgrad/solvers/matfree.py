@@ -50,6 +50,8 @@ DIFF_CHUNK_ELEMENTS = 1 << 22
 #: elements of the row blocks over which the profiles Φ₀, Φ₁, Φ₂ are evaluated
 #: (~2 MB: the kernel's element-wise temporaries stay in cache)
 PROFILE_CHUNK_ELEMENTS = 1 << 18
+#: elements of a row block of the Φ₂ term's ``Φ₂ ⊙ C`` (~4 MB, cache-resident)
+PHI2_BLOCK_ELEMENTS = 1 << 19
 #: elements of the k·n_A·n_B coefficient-dependent temporaries per pass (~128 MB)
 RHS_CHUNK_ELEMENTS = 1 << 24
 #: values and gradients at the same points share one Φ₁ GEMM through a cached
@@ -172,7 +174,7 @@ class GramOperator:
         self.N = sum(self.sizes)
         self.noise = noise
         self._phi = {}
-        #: one reusable N×N workspace of the Φ₂ term (see :func:`_phi2_term`)
+        #: the Φ₂ term's reusable block buffer (see :func:`_phi2_term`)
         self._work = {}
         self._udirs = [self._dirs(b) for b in self.blocks]
 
@@ -601,8 +603,7 @@ def _pair_fast(phi, ZA, ZB, v, W, want_y, want_G, p0z=None, work=None):
 
     and the flops per column drop to ``6 nA nB d``.
 
-    ``work`` (a dict) keeps the ``nA × nB`` temporary of the Φ₂ term between
-    calls: a fresh one of that size costs page faults on every product.
+    ``work`` (a dict) keeps the Φ₂ term's block buffer between calls.
     """
     if p0z is not None and v is not None and W is not None and want_y:
         return _pair_merged(phi, p0z, ZA, ZB, v, W, want_G, work)
@@ -695,27 +696,36 @@ def _matmul_into(xp, a, b, out):
 
 def _phi2_term(xp, P2, ZA, ZB, W, q, work=None):
     """``Z_A ⊙ (M 1) − M Z_B`` with ``M = Φ₂ ⊙ C``, ``C_ab = z_a·w_b − q_b``,
-    (k, nA, d), through one in-place ``nA × nB`` temporary per column (the
-    one in ``work`` when given)."""
+    (k, nA, d).
+
+    ``M`` is formed and used one block of rows at a time (blocks of about
+    :data:`PHI2_BLOCK_ELEMENTS`), so it never leaves the cache: per column
+    the N×N traffic is one read of Φ₂ instead of writing, rescaling and
+    re-reading an N×N temporary. ``work`` (a dict) keeps the block buffer
+    between calls.
+    """
     nA, nB = ZA.shape[0], ZB.shape[0]
     dev = B.device_of(ZA)
-    buf = _workspace(xp, work, (nA, nB), P2)
+    step = max(1, min(nA, PHI2_BLOCK_ELEMENTS // max(1, nB)))
+    buf = _workspace(xp, work, (step, nB), P2)
     ZAa = xp.concat([ZA, -xp.ones((nA, 1), dtype=ZA.dtype, device=dev)], axis=-1)
     # M [Z_B | 1] gives M Z_B and the row sums M 1 in one GEMM
     ZBa = xp.concat([ZB, xp.ones((nB, 1), dtype=ZB.dtype, device=dev)], axis=-1)
     corr = []
     for j in range(W.shape[0]):
-        WQ = xp.concat([W[j], q[j][:, None]], axis=-1)  # (nB, d + 1)
-        if buf is None:
-            C = ZAa @ B.matrix_transpose(WQ)
-        else:
-            C = _matmul_into(xp, ZAa, B.matrix_transpose(WQ), buf)
-        if B.is_torch(xp):
-            C.mul_(P2)
-        else:
-            np.multiply(C, P2, out=C)
-        MZ = C @ ZBa  # (nA, d + 1)
-        del C
+        WQt = B.matrix_transpose(xp.concat([W[j], q[j][:, None]], axis=-1))
+        MZ = _empty(xp, (nA, ZBa.shape[-1]), ZA)
+        for i0 in range(0, nA, step):
+            i1 = min(nA, i0 + step)
+            if buf is None:
+                C = ZAa[i0:i1] @ WQt
+            else:
+                C = _matmul_into(xp, ZAa[i0:i1], WQt, buf[: i1 - i0])
+            if B.is_torch(xp):
+                C.mul_(P2[i0:i1])
+            else:
+                np.multiply(C, P2[i0:i1], out=C)
+            MZ[i0:i1] = C @ ZBa
         corr.append(ZA * MZ[:, -1:] - MZ[:, :-1])
     return xp.stack(corr, axis=0)
 

@@ -136,6 +136,9 @@ def _child(spec):
         if stats:
             out["iterations"] = stats["iterations"]
             out["eliminated_values"] = solver.info.get("eliminated_values", 0)
+            # mixed precision: float32 iterations inside float64 refinements
+            out["float32_iterations"] = solver.info.get("float32_iterations")
+            out["refinements"] = solver.info.get("refinements")
             out["solves_for_mean"] = stats["solves"]
             out["preconditioner"] = str(solver.preconditioner)
             # the relative residual of the weights, recomputed independently
@@ -151,8 +154,11 @@ def _child(spec):
             out["product_s"] = time.perf_counter() - t4
             out["product_cpu_s"] = time.process_time() - c4
             out["preconditioner_s"] = stats.get("preconditioner_s")
-            # iterations the same run needed to reach looser tolerances
+            # iterations the same run needed to reach looser tolerances (the
+            # history of a refined solve has one entry per refinement)
             hist = solver.info.get("history") or []
+            if solver.info.get("refinements"):
+                hist = []
             out["iterations_to"] = {
                 f"{t:.0e}": next((i for i, h in enumerate(hist) if h <= t), None)
                 for t in (1e-4, 1e-6, 1e-8)
@@ -494,6 +500,11 @@ def _fmt_row(name, r):
     if "error" in r:
         return f"{name}: error: {r['error']}"
     it = f", {r['iterations']} CG iterations" if r.get("iterations") else ""
+    if r.get("refinements"):
+        it += (
+            f" ({r['float32_iterations']} of them with float32 products, "
+            f"{r['refinements']} float64 refinements)"
+        )
     if "relative_residual" in r:
         it += (
             f" (preconditioner {r['preconditioner']}, relative residual "

@@ -723,6 +723,67 @@ def test_profiles_evaluated_in_row_blocks_match_the_dense_gram(kernel, monkeypat
         assert _rel(got, whole) < 1e-14
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_mixed_precision_refinement_reaches_the_float64_tolerance(backend):
+    import warnings
+
+    obs, Xs = _smooth_problem(N=40, D=6)
+    D = Xs.shape[1]
+    kernel = K.Matern52(lengthscale=0.5 * np.sqrt(D))
+    ref = gpgrad.GP(kernel, noise=1e-4, method="cholesky").condition(*obs)
+    gp = gpgrad.GP(kernel, noise=1e-4, backend=backend, method=CG(mixed_precision=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        post = gp.condition(*obs)
+    info = post._solver.info
+    assert info["refinements"] >= 1 and info["float32_iterations"] > 0
+    r, a = post._r[..., None], post._alpha[..., None]
+    assert _rel_norm(r - post._solver.op.matmul(a), r) <= post._solver.tol
+    assert _rel(np.asarray(post.gradient(Xs).mean), ref.gradient(Xs).mean) < 1e-6
+    # "auto" keeps float64 below MIXED_MIN_POINTS points
+    auto = gpgrad.GP(kernel, noise=1e-4, method="cg").condition(*obs)
+    assert "refinements" not in auto._solver.info
+
+
+def test_mixed_precision_falls_back_to_float64_when_refinement_stalls(monkeypatch):
+    # a float32 operator that is off by a factor of two: each refinement only
+    # halves the residual, so the rounds stop and float64 CG finishes
+    from gpgrad.solvers import iterative
+
+    real = iterative.IterativeSolver._float32_schur
+
+    def off_by_two(self, *args):
+        S32 = real(self, *args)
+        return lambda w: 2.0 * S32(w)
+
+    monkeypatch.setattr(iterative.IterativeSolver, "_float32_schur", off_by_two)
+    obs, Xs = _smooth_problem(N=30, D=5)
+    kernel = K.Matern52(lengthscale=0.5 * np.sqrt(5))
+    ref = gpgrad.GP(kernel, noise=1e-4, method="cholesky").condition(*obs)
+    post = gpgrad.GP(kernel, noise=1e-4, method=CG(mixed_precision=True)).condition(
+        *obs
+    )
+    info = post._solver.info
+    assert info["refinements"] == 1
+    assert info["iterations"] > info["float32_iterations"]  # float64 CG ran
+    assert info["relative_residual"] <= post._solver.tol
+    assert _rel(post.gradient(Xs).mean, ref.gradient(Xs).mean) < 1e-6
+
+
+def test_operator_in_float32_matches_float64_to_single_precision():
+    X, _ = _problem(N=30, d=4)
+    obs = [gpgrad.values(X), gpgrad.gradients(X)]
+    bl = as_blocks(obs, NP, X.dtype, None)
+    op = GramOperator(K.RBF(lengthscale=[0.8, 1.1, 0.9, 1.3]), bl, np.full(150, 0.1))
+    op32 = op.astype(np.float32)
+    V = np.random.default_rng(2).normal(size=(150, 2))
+    got = op32.matmul(V.astype(np.float32))
+    assert got.dtype == np.float32
+    assert _rel(got, op.matmul(V)) < 1e-5
+    with pytest.raises(ValueError, match="mixed_precision must be 'auto', True"):
+        CG(mixed_precision="yes")
+
+
 def test_value_elimination_with_values_at_several_point_sets():
     # value blocks in different point groups: the eliminated block is
     # assembled from the profiles between the groups

@@ -530,11 +530,13 @@ def test_memory_guard_refuses_matrix_free_before_allocating(monkeypatch):
 
 
 def test_auto_follows_the_measured_crossover():
-    # measured (Matérn 5/2, ℓ = 0.5√D): CG 10x faster at 4,080 rows in 50-D,
-    # dense faster at 4,400 rows in 10-D; small systems stay dense (exact)
+    # measured (RBF, ℓ = 0.5√D, values eliminated): CG takes 0.24 of the dense
+    # time at 4,080 rows in 50-D, 0.46 at 4,400 rows in 10-D (not the quarter
+    # the model asks for); small systems stay dense (exact)
     assert select.cg_cheaper(80 * 51, 80, 50)
     assert not select.cg_cheaper(400 * 11, 400, 10)
     assert not select.cg_cheaper(30 * 51, 30, 50)
+    assert select.cg_cheaper(400 * 21, 400, 20)
     rng = np.random.default_rng(0)
     X = rng.uniform(0, 1, (80, 50))
     obs = [gpgrad.values(X), gpgrad.gradients(X)]
@@ -782,6 +784,27 @@ def test_operator_in_float32_matches_float64_to_single_precision():
     assert _rel(got, op.matmul(V)) < 1e-5
     with pytest.raises(ValueError, match="mixed_precision must be 'auto', True"):
         CG(mixed_precision="yes")
+
+
+def test_auto_cg_computes_variances_and_likelihood_densely_where_dense_fits():
+    # 60 points in 50-D (3,060 rows): "auto" solves by CG, and the variances
+    # and log-determinant come from a dense factorization built on request
+    obs, Xs = _smooth_problem(N=60, D=50)
+    kernel = K.RBF(lengthscale=0.5 * np.sqrt(50))
+    post = gpgrad.GP(kernel, noise=1e-4).condition(*obs)
+    ref = gpgrad.GP(kernel, noise=1e-4, method="cholesky").condition(*obs)
+    solver = post._solver
+    assert post.method == "cg" and solver.dense_fallback
+    g = post.gradient(Xs[:3])
+    assert solver._dense is None  # the mean alone builds nothing dense
+    assert _rel(g.mean, ref.gradient(Xs[:3]).mean) < 1e-6
+    assert _rel(g.var, ref.gradient(Xs[:3]).var) < 1e-9
+    assert solver._dense is not None and "block_steps" not in solver.stats
+    lml, want = post.log_marginal_likelihood(), ref.log_marginal_likelihood()
+    assert abs(float(lml) - float(want)) < 1e-6 * abs(float(want))
+    # an explicit CG keeps its own variances
+    forced = gpgrad.GP(kernel, noise=1e-4, method="cg").condition(*obs)
+    assert not forced._solver.dense_fallback
 
 
 def test_value_elimination_with_values_at_several_point_sets():

@@ -368,6 +368,11 @@ class IterativeSolver(Solver):
         self.stats = {"solves": 0, "columns": 0, "iterations": 0}
         self._rhs = None
         self._lanczos = None
+        #: set by ``method="auto"`` where a dense factorization would fit: the
+        #: first variance or log-determinant request then factors the system
+        #: densely (exact, O(N³) once) instead of running block CG or SLQ
+        self.dense_fallback = False
+        self._dense = None
         #: ``(lo, hi, b)`` when this solver holds members lo:hi of a batch of b
         #: spread over processes: probes are drawn for all b members and
         #: sliced, so each member's estimate equals the whole batch's
@@ -805,6 +810,8 @@ class IterativeSolver(Solver):
         if self._variance_method(Ks) == "exact":
             if _needs_grad(Ks, self.op):
                 return Ks, self.solve(Ks)
+            if self.dense_fallback:
+                return self._dense_solver().quad_factors(Ks)
             max_dim = self._basis_limit(Ks)
             with B.no_grad(self.xp):
                 F, info = block_galerkin(
@@ -830,6 +837,14 @@ class IterativeSolver(Solver):
             return F, F
         F, _ = self.lanczos_factors(Ks)
         return F, F
+
+    def _dense_solver(self):
+        """The dense Cholesky solver of the same system, built on first use."""
+        if self._dense is None:
+            from .dense import DenseCholeskySolver
+
+            self._dense = DenseCholeskySolver(self.kernel, self.blocks, self.noise)
+        return self._dense
 
     def _basis_limit(self, Ks):
         """The largest Krylov basis (columns) the exact variances may grow to
@@ -927,7 +942,10 @@ class IterativeSolver(Solver):
 
     def logdet(self):
         """Preconditioned stochastic Lanczos quadrature estimate of
-        ``log|K + Σ|`` (see the module docstring)."""
+        ``log|K + Σ|`` (see the module docstring); exact from a dense
+        factorization where :attr:`dense_fallback` is set."""
+        if self.dense_fallback:
+            return self._dense_solver().logdet()
         xp = self.xp
         op = self.op
         opts = self.opts

@@ -20,7 +20,9 @@
     The state-space solver where it applies and N_obs ≥
     :data:`AUTO_STATESPACE_MIN_ROWS`; else Woodbury where it applies and
     N < D; otherwise CG where it applies and the cost model
-    :func:`cg_cheaper` prefers it (many dimensions); otherwise dense Cholesky
+    :func:`cg_cheaper` prefers it (many dimensions: where the dense matrix
+    would also fit, the first request for variances or the log-determinant
+    factors it densely, so those stay exact); otherwise dense Cholesky
     when the system has at most :data:`AUTO_DENSE_MAX_ROWS` rows and its
     matrix fits in half the available memory; otherwise CG where it applies.
 
@@ -180,9 +182,17 @@ def make_solver(gp, blocks, noise):
         return woodbury_solver(gp.kernel, blocks, noise)
     avail = available_memory(like)
     cg_ok = unsupported_reason(gp.kernel, blocks) is None
+    dense_fits = n_obs <= AUTO_DENSE_MAX_ROWS and need <= AUTO_MEMORY_FRACTION * avail
     if cg_ok and cg_cheaper(n_obs, _distinct_points(blocks), d):
-        return _iterative(gp, blocks, noise, CG())
-    if n_obs <= AUTO_DENSE_MAX_ROWS and need <= AUTO_MEMORY_FRACTION * avail:
+        solver = _iterative(gp, blocks, noise, CG())
+        # solves by CG; variances and the log-determinant exact and dense
+        solver.dense_fallback = (
+            dense_fits
+            and isinstance(solver, IterativeSolver)
+            and distributed.current() is None
+        )
+        return solver
+    if dense_fits:
         return _dense(gp, blocks, noise)
     if unsupported_reason(gp.kernel, blocks) is None:
         return _iterative(gp, blocks, noise, CG())
@@ -194,12 +204,16 @@ def make_solver(gp, blocks, noise):
 #: log marginal likelihood) and takes seconds there
 AUTO_CG_MIN_ROWS = 2_000
 
-#: pessimistic CG iteration count of the cost model (Matérn 5/2 at ℓ = 0.5√D
-#: needed 81–2,338 to 1e-8 in the crossover measurement)
-AUTO_CG_ITERATIONS = 2_500
+#: CG iterations the cost model charges: about four times the 180–525 that
+#: RBF at ℓ = 0.5√D needed to 1e-8 with the values eliminated (crossover
+#: measurement and 102,000 rows; Matérn 5/2: 69–145), so that CG is chosen only
+#: where it takes at most about a quarter of the dense time — a margin for the
+#: many callers (Bayesian optimization) who then read variances, which the
+#: automatic choice computes densely (see :func:`cg_cheaper`)
+AUTO_CG_ITERATIONS = 2_000
 
-#: CG flops cost this many times a dense Cholesky flop (measured: ~0.55 against
-#: 1–1.8 GFLOP/s effective on the shared 2-core machine)
+#: CG flops cost this many times a dense Cholesky flop (the matrix-free
+#: product's element-wise passes and the dense path's faster GEMMs)
 AUTO_CG_FLOP_PENALTY = 3.0
 
 
@@ -210,13 +224,21 @@ def cg_cheaper(n_rows: int, n_points: int, d: int) -> bool:
     :data:`AUTO_CG_FLOP_PENALTY`, and there are at least
     :data:`AUTO_CG_MIN_ROWS` rows.
 
-    .. math:: N_{rows}^3/3 > 3 · 2500 · 8 N^2 D
+    .. math:: N_{rows}^3/3 > 3 · 2000 · 8 N^2 D
 
-    Measured crossover (Matérn 5/2, ℓ = 0.5√D, values and gradients, condition
-    plus the gradient mean at 100 points): in D = 50 CG is 7.7× faster at
-    2,040 rows and 39× at 8,160; in D = 10 dense is faster at 2,200 and 4,400
-    rows and 1.7× faster at 8,800 (2,338 CG iterations): the model switches at
-    about 3,500 rows in D = 50 and beyond the dense limit in D = 10.
+    Measured crossover (idle 2-core CPU, RBF and Matérn 5/2, ℓ = 0.5√D,
+    values and gradients, condition plus the gradient mean at 100 points,
+    values eliminated in CG): in D = 50 CG is faster from 2,040 rows (RBF 0.19
+    against 0.61 s); in D = 10 dense is faster at 2,200 rows (0.24 against
+    0.41 s) and CG from 4,400 (0.65 against 1.41 s; 8,800 rows: 1.5 against
+    6.2 s). For the mean alone CG pays from about 3,300 rows in D = 10; the
+    model charges four times the iterations measured, so it switches where
+    CG costs about a quarter of the dense time: at about 2,800 rows in
+    D = 50 (measured ratio 0.24 at 4,080 rows), 6,500 in D = 20 and 11,900
+    in D = 10 (measured 0.25 at 8,800). Where CG is chosen and the dense
+    matrix would fit, variances and the log-determinant are computed densely
+    and exactly on first request, so a caller who reads them pays at most
+    about a quarter more than dense alone.
     """
     if n_rows < AUTO_CG_MIN_ROWS:
         return False

@@ -787,10 +787,10 @@ def test_operator_in_float32_matches_float64_to_single_precision():
 
 
 def test_auto_cg_computes_variances_and_likelihood_densely_where_dense_fits():
-    # 60 points in 50-D (3,060 rows): "auto" solves by CG, and the variances
+    # 20 points in 100-D (2,020 rows): "auto" solves by CG, and the variances
     # and log-determinant come from a dense factorization built on request
-    obs, Xs = _smooth_problem(N=60, D=50)
-    kernel = K.RBF(lengthscale=0.5 * np.sqrt(50))
+    obs, Xs = _smooth_problem(N=20, D=100)
+    kernel = K.RBF(lengthscale=0.5 * np.sqrt(100))
     post = gpgrad.GP(kernel, noise=1e-4).condition(*obs)
     ref = gpgrad.GP(kernel, noise=1e-4, method="cholesky").condition(*obs)
     solver = post._solver

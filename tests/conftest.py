@@ -17,10 +17,15 @@ try:
 except ImportError:  # the numpy-only install
     torch = None
 
-if torch is not None and os.environ.get("PYTEST_XDIST_WORKER"):
-    # the suite runs in one process per core (pytest-xdist): one torch thread
-    # each, so that the workers do not oversubscribe the cores
-    torch.set_num_threads(1)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the suite runs in one process per core (pytest-xdist): one torch and one
+    # BLAS thread each, so that the workers do not oversubscribe the cores
+    # (OpenBLAS threads spin while they wait)
+    if torch is not None:
+        torch.set_num_threads(1)
+    from threadpoolctl import threadpool_limits
+
+    _BLAS_LIMIT = threadpool_limits(limits=1)
 
 
 @pytest.fixture(autouse=True)

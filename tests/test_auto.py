@@ -238,6 +238,30 @@ def test_refinements_by_kind_of_base():
     assert gpgrad.auto.refinements(cubic, x) == []
 
 
+def test_rough_part_of_a_warped_lead():
+    class Fitted:  # what rough_part reads of a fit
+        params = {"variance": 2.0}
+
+    x = np.linspace(0.0, 2.0, 10)[:, None]
+    (warped,) = [
+        c
+        for c in gpgrad.auto.refinements(Candidate("RQ", K.RationalQuadratic()), x)
+        if c.name == "W(RQ)"
+    ]
+    rough = gpgrad.auto.rough_part(warped, fitted=Fitted())
+    assert rough.name == "W(RQ)+Matern32"
+    w, m = rough.kernel.children
+    assert isinstance(w, K.Warped) and isinstance(w.kernel, K.RationalQuadratic)
+    assert w.floor == warped.kernel.floor and isinstance(m, K.Matern32)
+    assert rough.start == {"1.variance": pytest.approx(2e-4), "1.lengthscale": 0.1}
+    assert rough.bounds == {
+        "0.concentration1": gpgrad.auto.WARP_BOUNDS,
+        "0.concentration0": gpgrad.auto.WARP_BOUNDS,
+    }
+    # only a warped lead gets one
+    assert gpgrad.auto.rough_part(Candidate("RBF", K.RBF())) is None
+
+
 @pytest.mark.parametrize(
     "f, winner",
     [(lambda x: x**3 - x, "Cubic"), (lambda x: np.sin(2 * np.pi * x), "Periodic")],

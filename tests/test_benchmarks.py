@@ -253,3 +253,15 @@ def test_make_problem_rejects_unknown_names():
         C.make_problem("rq", "v", 3, 2, 2)
     with pytest.raises(ValueError, match="mix must be one of"):
         C.make_problem("rbf", "g", 3, 2, 2)
+
+
+@pytest.mark.slow
+def test_batched_benchmark_runs_and_its_bands_cover(tmp_path):
+    # three problems, a short fit: the script's JSON holds the throughput of
+    # the batch and of the loop, and the bands cover the true gradients
+    out = tmp_path / "batched.json"
+    _run("batched.py", "--problems", "3", "--looped", "1", "--json", str(out))
+    rec = json.loads(out.read_text())
+    assert rec["problems"] == 3 and rec["rows_per_problem"] == 200
+    assert rec["batched_problems_per_s"] > 0 and rec["looped_s_per_problem"] > 0
+    assert rec["coverage_95"] > 0.8 and rec["gradient_rmse"] < 0.5

@@ -183,19 +183,15 @@ class CG:
         self.probes = probes
         self.lanczos_steps = lanczos_steps
         self.seed = seed
-        if not (eliminate_values == "auto" or isinstance(eliminate_values, bool)):
-            raise ValueError(
-                "CG eliminate_values must be 'auto', True or False, got "
-                f"{eliminate_values!r}"
-            )
+        for name, v in (
+            ("eliminate_values", eliminate_values),
+            ("mixed_precision", mixed_precision),
+        ):
+            if not (v == "auto" or isinstance(v, bool)):
+                raise ValueError(f"CG {name} must be 'auto', True or False, got {v!r}")
         self.variance = variance
         self.variance_rank = variance_rank
         self.eliminate_values = eliminate_values
-        if not (mixed_precision == "auto" or isinstance(mixed_precision, bool)):
-            raise ValueError(
-                "CG mixed_precision must be 'auto', True or False, got "
-                f"{mixed_precision!r}"
-            )
         self.mixed_precision = mixed_precision
 
     def __eq__(self, other):
@@ -217,6 +213,21 @@ def _astype(a, dtype, xp):
     if B.is_torch(xp):
         return a.to(dtype)
     return a.astype(dtype, copy=False)
+
+
+def _float32(xp):
+    """float32 of ``xp`` (numpy or torch)."""
+    return _torch_float32() if B.is_torch(xp) else np.float32
+
+
+def _colnorm(xp, a):
+    """Euclidean norms of the columns of ``a`` (…, N, k): (…, 1, k)."""
+    return xp.sqrt(xp.sum(a * a, axis=-2, keepdims=True))
+
+
+def _rows(xp, a, idx):
+    """The rows ``idx`` of ``a`` (…, N, k)."""
+    return xp.take(a, idx, axis=-2)
 
 
 def _torch_float32():
@@ -247,7 +258,7 @@ def pcg(matmul, b, precond=None, *, tol=1e-8, max_iter=1000, x0=None):
         after the last).
     """
     xp = B.namespace(b)
-    bnorm = xp.sqrt(xp.sum(b * b, axis=-2, keepdims=True))
+    bnorm = _colnorm(xp, b)
     bnorm = xp.where(bnorm > 0, bnorm, xp.ones_like(bnorm))
     x = xp.zeros_like(b) if x0 is None else x0
     r = b - matmul(x) if x0 is not None else b
@@ -255,7 +266,7 @@ def pcg(matmul, b, precond=None, *, tol=1e-8, max_iter=1000, x0=None):
     p = z
     rz = xp.sum(r * z, axis=-2, keepdims=True)
     it = 0
-    rel = xp.sqrt(xp.sum(r * r, axis=-2, keepdims=True)) / bnorm
+    rel = _colnorm(xp, r) / bnorm
     worst = B.to_float(xp.max(rel))
     history = [worst]
     while worst > tol and it < max_iter:
@@ -272,7 +283,7 @@ def pcg(matmul, b, precond=None, *, tol=1e-8, max_iter=1000, x0=None):
         beta = xp.where(active, rz_new / rzs, xp.zeros_like(rz))
         p = z + beta * p
         rz = rz_new
-        rel = xp.sqrt(xp.sum(r * r, axis=-2, keepdims=True)) / bnorm
+        rel = _colnorm(xp, r) / bnorm
         worst = B.to_float(xp.max(rel))
         history.append(worst)
         it += 1
@@ -612,46 +623,30 @@ class IterativeSolver(Solver):
         xp = self.xp
         op = self.op
         sc = self._schur
-        L, iv, ig, inv = sc["L"], sc["iv"], sc["ig"], sc["inv"]
-
-        def chol_solve(b):
-            return B.solve_triu_t(L, B.solve_tril(L, b))
-
-        def place(xv, xg):
-            return xp.take(xp.concat([xv, xg], axis=-2), inv, axis=-2)
-
-        def take(a, idx):
-            return xp.take(a, idx, axis=-2)
-
-        Rv, Rg = take(R, iv), take(R, ig)
-        zv, zg = xp.zeros_like(Rv), xp.zeros_like(Rg)
-
-        def from_values(u):  # C_gv u
-            out = op.matmul(
-                place(u, zg), inputs="values", outputs="derivatives", with_noise=False
-            )
-            return take(out, ig)
+        iv, ig = sc["iv"], sc["ig"]
+        Rv, Rg = _rows(xp, R, iv), _rows(xp, R, ig)
+        rhs = Rg - self._from_values(op, self._value_solve(Rv), Rg)
 
         def S(w):
-            out = op.matmul(place(zv, w), inputs="derivatives")
-            return take(out, ig) - from_values(chol_solve(take(out, iv)))
+            return self._schur_matmul(op, w)
 
-        rhs = Rg - from_values(chol_solve(Rv))
-        bnorm = xp.sqrt(xp.sum(R * R, axis=-2, keepdims=True))
-        rnorm = xp.sqrt(xp.sum(rhs * rhs, axis=-2, keepdims=True))
+        bnorm = _colnorm(xp, R)
+        rnorm = _colnorm(xp, rhs)
         ratio = bnorm / xp.where(rnorm > 0, rnorm, xp.ones_like(rnorm))
         tol = self.tol * B.to_float(xp.min(ratio))
-        S32 = self._float32_schur(sc, place, take, chol_solve)
+        S32 = self._float32_schur()
         if S32 is not None:
             xg, info = self.refined_pcg(S, S32, rhs, tol)
         else:
             xg, info = pcg(S, rhs, sc["precond"], tol=tol, max_iter=self.max_iter)
-        cg_out = op.matmul(place(zv, xg), inputs="derivatives", with_noise=False)
-        xv = chol_solve(Rv - take(cg_out, iv))
-        x = place(xv, xg)
+        cg_out = op.matmul(
+            self._place(xp.zeros_like(Rv), xg), inputs="derivatives", with_noise=False
+        )
+        xv = self._value_solve(Rv - _rows(xp, cg_out, iv))
+        x = self._place(xv, xg)
         res = R - op.matmul(x)
         bn = xp.where(bnorm > 0, bnorm, xp.ones_like(bnorm))
-        rel = xp.sqrt(xp.sum(res * res, axis=-2, keepdims=True)) / bn
+        rel = _colnorm(xp, res) / bn
         scale = B.to_float(xp.max(1.0 / ratio))
         info = dict(info)
         info["relative_residual"] = B.to_float(xp.max(rel))
@@ -659,11 +654,50 @@ class IterativeSolver(Solver):
         info["eliminated_values"] = int(Rv.shape[-2])
         return x, info
 
-    def _float32_schur(self, sc, place, take, chol_solve):
+    def _value_solve(self, b):
+        """``A⁻¹ b`` by the value block's Cholesky factor, in its precision."""
+        L = self._schur["L"]
+        b = _astype(b, L.dtype, self.xp)
+        return B.solve_triu_t(L, B.solve_tril(L, b))
+
+    def _place(self, xv, xg):
+        """Value and derivative rows back in the observations' order."""
+        xp = self.xp
+        return xp.take(xp.concat([xv, xg], axis=-2), self._schur["inv"], axis=-2)
+
+    def _from_values(self, op, u, like):
+        """``C_gv u`` by ``op``'s products, in the precision of ``like`` (the
+        derivative rows it is subtracted from)."""
+        xp = self.xp
+        u = _astype(u, like.dtype, xp)
+        out = op.matmul(
+            self._place(u, xp.zeros_like(like)),
+            inputs="values",
+            outputs="derivatives",
+            with_noise=False,
+        )
+        return _rows(xp, out, self._schur["ig"])
+
+    def _schur_matmul(self, op, w):
+        """``S w = C_gg w − C_gv A⁻¹ C_vg w`` by ``op``'s products (the
+        float64 operator or its float32 twin); ``A⁻¹`` in the factor's
+        precision."""
+        xp = self.xp
+        iv = self._schur["iv"]
+        zv = xp.zeros(
+            tuple(w.shape[:-2]) + (int(iv.shape[0]), w.shape[-1]),
+            dtype=w.dtype,
+            device=B.device_of(w),
+        )
+        out = op.matmul(self._place(zv, w), inputs="derivatives")
+        u = self._value_solve(_rows(xp, out, iv))
+        return _rows(xp, out, self._schur["ig"]) - self._from_values(op, u, w)
+
+    def _float32_schur(self):
         """``w ↦ S w`` with float32 products (the value block's solve stays in
         float64), or None where :attr:`CG.mixed_precision` does not apply."""
         want = self.opts.mixed_precision
-        xp = self.xp
+        sc = self._schur
         if want is False or sc["precond"] is not None:
             return None
         if _dtype_name(self._diag) != "float64":
@@ -672,29 +706,9 @@ class IterativeSolver(Solver):
         if want == "auto" and npts < MIXED_MIN_POINTS:
             return None
         if "op32" not in sc:
-            f32 = _torch_float32() if B.is_torch(xp) else np.float32
-            sc["op32"] = self.op.astype(f32)
+            sc["op32"] = self.op.astype(_float32(self.xp))
         op32 = sc["op32"]
-        iv = sc["iv"]
-
-        def S32(w):
-            zv = xp.zeros(
-                tuple(w.shape[:-2]) + (int(iv.shape[0]), w.shape[-1]),
-                dtype=w.dtype,
-                device=B.device_of(w),
-            )
-            out = op32.matmul(place(zv, w), inputs="derivatives")
-            u = chol_solve(_astype(take(out, iv), self._diag.dtype, xp))
-            back = op32.matmul(
-                place(_astype(u, w.dtype, xp), xp.zeros_like(w)),
-                inputs="values",
-                outputs="derivatives",
-                with_noise=False,
-            )
-            ig = sc["ig"]
-            return take(out, ig) - take(back, ig)
-
-        return S32
+        return lambda w: self._schur_matmul(op32, w)
 
     def refined_pcg(self, S, S32, b, tol):
         """CG for ``S x = b`` to relative residual ``tol`` by iterative
@@ -711,19 +725,18 @@ class IterativeSolver(Solver):
         xp = self.xp
 
         def relres(r):
-            rn = xp.sqrt(xp.sum(r * r, axis=-2, keepdims=True))
-            return B.to_float(xp.max(rn / bnorm))
+            return B.to_float(xp.max(_colnorm(xp, r) / bnorm))
 
-        bnorm = xp.sqrt(xp.sum(b * b, axis=-2, keepdims=True))
+        bnorm = _colnorm(xp, b)
         bnorm = xp.where(bnorm > 0, bnorm, xp.ones_like(bnorm))
         x = xp.zeros_like(b)
         r = b
         rel = relres(r)
         history = [rel]
         inner_total, rounds, f64 = 0, 0, 0
-        f32 = _torch_float32() if B.is_torch(xp) else np.float32
+        f32 = _float32(xp)
         while rel > tol and rounds < 20:
-            rn = xp.sqrt(xp.sum(r * r, axis=-2, keepdims=True))
+            rn = _colnorm(xp, r)
             rn = xp.where(rn > 0, rn, xp.ones_like(rn))
             inner = max(MIXED_INNER_TOL, 0.5 * tol / rel)
             e, inf = pcg(

@@ -169,6 +169,11 @@ def _prefixed(d: dict, prefix: str) -> dict:
     return {f"{prefix}{k}": v for k, v in d.items()}
 
 
+def _span(lo, hi) -> float:
+    """The window's mean width over the input columns (at least 1e-12)."""
+    return float(np.mean(np.maximum(np.asarray(hi) - np.asarray(lo), 1e-12)))
+
+
 def rough_part(lead: Candidate, *, fitted=None) -> Candidate | None:
     """``W(base)+Matern32`` for a warped candidate ``W(base)``, else None.
 
@@ -179,13 +184,11 @@ def rough_part(lead: Candidate, *, fitted=None) -> Candidate | None:
     → 99 %, RMSE 0.0074 → 0.0060; on ``tanh`` its variance goes to zero.
     """
     kern = lead.kernel
-    if not isinstance(kern, K.Warped) or not lead.name.startswith("W("):
+    if not isinstance(kern, K.Warped):
         return None
     var = 1.0
     if fitted is not None:
         var = float(B.to_float(fitted.params["variance"]))
-    lo = np.asarray(B.to_numpy(kern.lower) if B.is_tensor(kern.lower) else kern.lower)
-    hi = np.asarray(B.to_numpy(kern.upper) if B.is_tensor(kern.upper) else kern.upper)
     return Candidate(
         f"{lead.name}+Matern32",
         K.Warped(
@@ -195,7 +198,7 @@ def rough_part(lead: Candidate, *, fitted=None) -> Candidate | None:
         bounds=_prefixed(lead.bounds, "0."),
         start={
             "1.variance": 1e-4 * var,
-            "1.lengthscale": 0.05 * float(np.mean(np.maximum(hi - lo, 1e-12))),
+            "1.lengthscale": 0.05 * _span(kern.lower, kern.upper),
         },
     )
 
@@ -263,7 +266,7 @@ def refinements(base: Candidate, X, *, period=None, fitted=None) -> list:
             Candidate(
                 f"{base.name}+Linear",
                 kern + K.Linear(),
-                fixed={"1.lengthscale": float(np.mean(np.maximum(hi - lo, 1e-12)))},
+                fixed={"1.lengthscale": _span(lo, hi)},
                 bounds=_prefixed(base.bounds, "0."),
                 start=(
                     [_prefixed(st, "0.") for st in base.start]

@@ -312,7 +312,6 @@ class GramOperator:
                     phi = self._group_profiles(ga, gb)
                     key = (id(twins[id(ga)]), id(twins[id(gb)]), False)
                     new._phi[key] = [cast(p) for p in phi]
-        new._twins = list(twins.values())  # keeps the ids in the keys alive
         return new
 
     # -- scatter / gather between entries and per-group coefficients ---------

@@ -184,14 +184,8 @@ def make_solver(gp, blocks, noise):
     cg_ok = unsupported_reason(gp.kernel, blocks) is None
     dense_fits = n_obs <= AUTO_DENSE_MAX_ROWS and need <= AUTO_MEMORY_FRACTION * avail
     if cg_ok and cg_cheaper(n_obs, _distinct_points(blocks), d):
-        solver = _iterative(gp, blocks, noise, CG())
         # solves by CG; variances and the log-determinant exact and dense
-        solver.dense_fallback = (
-            dense_fits
-            and isinstance(solver, IterativeSolver)
-            and distributed.current() is None
-        )
-        return solver
+        return _iterative(gp, blocks, noise, CG(), dense_fallback=dense_fits)
     if dense_fits:
         return _dense(gp, blocks, noise)
     if unsupported_reason(gp.kernel, blocks) is None:
@@ -258,7 +252,7 @@ def _distinct_points(blocks):
     return total
 
 
-def _iterative(gp, blocks, noise, options):
+def _iterative(gp, blocks, noise, options, dense_fallback=False):
     reason = unsupported_reason(gp.kernel, blocks)
     if reason is not None:
         raise ValueError(
@@ -282,7 +276,10 @@ def _iterative(gp, blocks, noise, options):
             + "; use fewer points or a smaller batch, or partition the product "
             "across processes or devices (gpgrad.distributed.init)"
         )
-    return IterativeSolver(op, options)
+    solver = IterativeSolver(op, options)
+    # not across processes: each rank holds a row slice, not the system
+    solver.dense_fallback = dense_fallback
+    return solver
 
 
 def matfree_memory(n_points: int, itemsize: int, batch: int = 1) -> int:

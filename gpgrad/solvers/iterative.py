@@ -209,12 +209,6 @@ def _dtype_name(a):
     return str(a.dtype).rsplit(".", 1)[-1]
 
 
-def _astype(a, dtype, xp):
-    if B.is_torch(xp):
-        return a.to(dtype)
-    return a.astype(dtype, copy=False)
-
-
 def _float32(xp):
     """float32 of ``xp`` (numpy or torch)."""
     return _torch_float32() if B.is_torch(xp) else np.float32
@@ -657,7 +651,7 @@ class IterativeSolver(Solver):
     def _value_solve(self, b):
         """``A⁻¹ b`` by the value block's Cholesky factor, in its precision."""
         L = self._schur["L"]
-        b = _astype(b, L.dtype, self.xp)
+        b = B.to_namespace(b, self.xp, dtype=L.dtype)
         return B.solve_triu_t(L, B.solve_tril(L, b))
 
     def _place(self, xv, xg):
@@ -669,7 +663,7 @@ class IterativeSolver(Solver):
         """``C_gv u`` by ``op``'s products, in the precision of ``like`` (the
         derivative rows it is subtracted from)."""
         xp = self.xp
-        u = _astype(u, like.dtype, xp)
+        u = B.to_namespace(u, xp, dtype=like.dtype)
         out = op.matmul(
             self._place(u, xp.zeros_like(like)),
             inputs="values",
@@ -739,11 +733,10 @@ class IterativeSolver(Solver):
             rn = _colnorm(xp, r)
             rn = xp.where(rn > 0, rn, xp.ones_like(rn))
             inner = max(MIXED_INNER_TOL, 0.5 * tol / rel)
-            e, inf = pcg(
-                S32, _astype(r / rn, f32, xp), None, tol=inner, max_iter=self.max_iter
-            )
+            r32 = B.to_namespace(r / rn, xp, dtype=f32)
+            e, inf = pcg(S32, r32, None, tol=inner, max_iter=self.max_iter)
             inner_total += inf["iterations"]
-            x = x + _astype(e, b.dtype, xp) * rn
+            x = x + B.to_namespace(e, xp, dtype=b.dtype) * rn
             r = b - S(x)
             f64 += 1
             rounds += 1

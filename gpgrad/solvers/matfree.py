@@ -284,12 +284,7 @@ class GramOperator:
         xp = self.xp
 
         def cast(a):
-            if a is None:
-                return None
-            a = B.detach(a)
-            if B.is_torch(xp):
-                return a.to(dtype)
-            return a.astype(dtype)
+            return None if a is None else B.to_namespace(B.detach(a), xp, dtype=dtype)
 
         new = copy.copy(self)
         new.like = cast(self.like)
@@ -634,7 +629,7 @@ def _half_sq_dist(xp, ZA, ZB, same):
 def _pair_fast(phi, ZA, ZB, v, W, want_y, want_G, p0z=None, work=None):
     """:meth:`GramOperator._pair` for a stationary kernel without batch axes,
     with every ``Φ₁`` product of all columns in one GEMM and the ``Φ₂`` term
-    through one in-place ``nA × nB`` temporary per column.
+    through in-place row blocks (:func:`_phi2_term`).
 
     Shapes: Φ (nA, nB), ZA (nA, d), ZB (nB, d), v (k, nB), W (k, nB, d);
     returns y (k, nA) and G (k, nA, d) (or None). The GEMM flops per column
@@ -719,9 +714,10 @@ def _empty(xp, shape, like):
 
 def _workspace(xp, work, shape, like):
     """An uninitialized array of ``shape`` like ``like``: the one kept in
-    ``work`` when it matches (allocated and kept there otherwise)."""
+    ``work`` when it matches (allocated and kept there otherwise; a fresh one
+    without ``work``)."""
     if work is None:
-        return None
+        return _empty(xp, shape, like)
     key = (shape, str(like.dtype), str(B.device_of(like)))
     buf = work.get(key)
     if buf is None:
@@ -761,10 +757,7 @@ def _phi2_term(xp, P2, ZA, ZB, W, q, work=None):
         MZ = _empty(xp, (nA, ZBa.shape[-1]), ZA)
         for i0 in range(0, nA, step):
             i1 = min(nA, i0 + step)
-            if buf is None:
-                C = ZAa[i0:i1] @ WQt
-            else:
-                C = _matmul_into(xp, ZAa[i0:i1], WQt, buf[: i1 - i0])
+            C = _matmul_into(xp, ZAa[i0:i1], WQt, buf[: i1 - i0])
             if B.is_torch(xp):
                 C.mul_(P2[i0:i1])
             else:

@@ -131,6 +131,15 @@ def solve_triu_t(L, B):
     )
 
 
+def cholesky_inverse(L):
+    """``(L Lᵀ)⁻¹`` (..., n, n) from the lower Cholesky factor ``L``."""
+    if is_tensor(L):
+        return _torch().cholesky_inverse(L)
+    n = L.shape[-1]
+    eye = np.broadcast_to(np.eye(n, dtype=L.dtype), L.shape)
+    return solve_triu_t(L, solve_tril(L, eye))
+
+
 def cholesky_inplace(A):
     """Try the lower Cholesky factor of symmetric ``A`` (..., n, n).
 

@@ -39,6 +39,13 @@ has a standard error that shrinks as ``1/√p`` (about 1 nat at 16 probes on a
 the Hutchinson estimate of ``tr((K + Σ)⁻¹ ∂K)``: unbiased but noisy, so
 hyperparameter fitting on this path is stochastic. The data-fit term
 ``rᵀ(K + Σ)⁻¹r`` is exact to the solver tolerance.
+
+Where the value entries are eliminated (values and derivatives observed, the
+default for smooth kernels), ``log|K + Σ| = log|A| + log|S|`` instead: the value
+block ``A`` exactly from its Cholesky factor, the Schur complement ``S`` by the
+quadrature of its probes' own CG solves (:func:`cg_quadrature`), whose
+solutions also give the Hutchinson gradient; no separate Lanczos run and no
+solve in the backward pass (:meth:`IterativeSolver.log_marginal_likelihood`).
 """
 
 from __future__ import annotations
@@ -96,7 +103,10 @@ class CG:
     probes : int, default 16
         Gaussian probes (drawn from N(0, P)) of the log-determinant estimator.
     lanczos_steps : int, default 50
-        Lanczos steps per probe.
+        Lanczos steps per probe (where the values are not eliminated; with
+        eliminated values the probes' own CG solves, run to
+        :data:`PROBE_TOL`, give the quadrature: see
+        :meth:`IterativeSolver.log_marginal_likelihood`).
     seed : int, default 0
         Seed of the probes (the estimate is deterministic for a fixed seed).
     variance : {"exact", "lanczos"}, default "exact"
@@ -230,7 +240,7 @@ def _torch_float32():
     return torch.float32
 
 
-def pcg(matmul, b, precond=None, *, tol=1e-8, max_iter=1000, x0=None):
+def pcg(matmul, b, precond=None, *, tol=1e-8, max_iter=1000, x0=None, record=None):
     """Preconditioned conjugate gradients for SPD systems, many columns at once.
 
     Parameters
@@ -242,6 +252,10 @@ def pcg(matmul, b, precond=None, *, tol=1e-8, max_iter=1000, x0=None):
         ``R ↦ P⁻¹ R``.
     tol : float
         Stop a column when ``‖r‖ ≤ tol·‖b‖``.
+    record : list or None
+        If a list, each iteration appends its step lengths, direction
+        updates and active columns as numpy arrays ``(α, β, active)`` (…, k):
+        the Lanczos tridiagonal of every column (:func:`cg_tridiagonals`).
 
     Returns
     -------
@@ -275,6 +289,10 @@ def pcg(matmul, b, precond=None, *, tol=1e-8, max_iter=1000, x0=None):
         rz_new = xp.sum(r * z, axis=-2, keepdims=True)
         rzs = xp.where(rz != 0, rz, xp.ones_like(rz))
         beta = xp.where(active, rz_new / rzs, xp.zeros_like(rz))
+        if record is not None:
+            record.append(
+                tuple(B.to_numpy(a[..., 0, :]) for a in (alpha, beta, active))
+            )
         p = z + beta * p
         rz = rz_new
         rel = _colnorm(xp, r) / bnorm
@@ -337,6 +355,9 @@ MIXED_INNER_TOL = 1e-4
 #: (10,000: 800 MB in float64 and about as many flops as five products at
 #: N = 10,000, D = 100)
 ELIMINATE_MAX_VALUES = 10_000
+#: relative residual of the probe solves ``S⁻¹z`` of the log-likelihood
+#: (their Lanczos tridiagonals give ``log|S|``, the solves ``tr(S⁻¹∂S)``)
+PROBE_TOL = 1e-3
 
 
 class IterativeSolver(Solver):
@@ -372,6 +393,7 @@ class IterativeSolver(Solver):
         #: CG solves, right-hand-side columns and iterations so far
         self.stats = {"solves": 0, "columns": 0, "iterations": 0}
         self._rhs = None
+        self._weights = None
         self._lanczos = None
         #: set by ``method="auto"`` where a dense factorization would fit: the
         #: first variance or log-determinant request then factors the system
@@ -582,14 +604,14 @@ class IterativeSolver(Solver):
         inv[perm] = np.arange(len(perm))
         pre = None
         if self.preconditioner == "jacobi":
-            dg = xp.take(self._diag, index(ig), axis=-1)
-            pre = Jacobi(dg).apply
+            pre = Jacobi(xp.take(self._diag, index(ig), axis=-1))
         return {
             "L": L,
             "iv": index(iv),
             "ig": index(ig),
             "inv": index(inv),
-            "precond": pre,
+            "pre": pre,
+            "precond": None if pre is None else pre.apply,
         }
 
     def schur_solve(self, R):
@@ -781,6 +803,7 @@ class IterativeSolver(Solver):
         self.stats["iterations"] += info["iterations"]
         if self._rhs is None and Rd.shape[-1] == 1:
             self._rhs = Rd  # the first single solve: the data (Lanczos start)
+            self._weights = x  # its solution: the likelihood's weights
         if info["relative_residual"] > self.tol:
             warnings.warn(
                 f"conjugate gradients stopped after {info['iterations']} iterations "
@@ -946,6 +969,156 @@ class IterativeSolver(Solver):
         P, Q = self.quad_factors(Ks)
         return mean, P, Q
 
+    def _draw(self, rng, shape):
+        """Standard normal probes ``shape`` (…, n, p) in the operator's type;
+        a batch spread over processes draws for all members and keeps its own."""
+        dg = self._diag
+        part = self.batch_members
+        if part is None:
+            z = rng.standard_normal(shape)
+        else:
+            z = rng.standard_normal((part[2],) + shape[1:])[part[0] : part[1]]
+        return B.to_namespace(z, self.xp, dtype=dg.dtype, device=B.device_of(dg))
+
+    def _lift(self, w):
+        """``[−A⁻¹ C_vg w; w]`` in the observations' order for derivative
+        coefficients ``w`` (…, n_g, k): the full vector whose products with
+        ``K + Σ`` reproduce those of the Schur complement,
+        ``[−A⁻¹C_vg a; a]ᵀ ∂K [−A⁻¹C_vg b; b] = aᵀ ∂S b`` for any change
+        ``∂K`` of the Gram matrix."""
+        xp = self.xp
+        iv = self._schur["iv"]
+        zv = xp.zeros(
+            tuple(w.shape[:-2]) + (int(iv.shape[0]), w.shape[-1]),
+            dtype=w.dtype,
+            device=B.device_of(w),
+        )
+        out = self.op.matmul(self._place(zv, w), inputs="derivatives", outputs="values")
+        return self._place(-self._value_solve(_rows(xp, out, iv)), w)
+
+    def _value_block(self):
+        """The value block ``A = C_vv`` with autograd (the profile matrices
+        the differentiable products use)."""
+        xp = self.xp
+        op = self.op
+        sc = self._schur
+        groups = []
+        for i, b in enumerate(op.blocks):
+            if b.order == 0:
+                groups.append(next(g for g in op.groups if (i, "value") in g.parts))
+        A = xp.concat(
+            [
+                xp.concat([op._group_profiles(ga, gb)[0] for gb in groups], axis=-1)
+                for ga in groups
+            ],
+            axis=-2,
+        )
+        if op.noise is not None:
+            nv = xp.take(op.noise, sc["iv"], axis=-1)
+            n = int(nv.shape[-1])
+            A = A + nv[..., None] * xp.eye(n, dtype=A.dtype, device=B.device_of(A))
+        return A
+
+    def log_marginal_likelihood(self, residual):
+        """``log p(r)`` where the value entries are eliminated, else None.
+
+        ``log|K + Σ| = log|A| + log|S|``: the value block's term is exact
+        (its Cholesky factor is already at hand) and the Schur complement's
+        is a stochastic Lanczos quadrature whose tridiagonals come from the
+        CG solves ``S⁻¹ z_j`` of the probes themselves (:func:`cg_quadrature`;
+        float32 products where :attr:`CG.mixed_precision` applies). ``S`` is
+        far better conditioned than ``K + Σ``, so the quadrature converges in
+        the iterations the solves take anyway.
+
+        In torch the gradient is exact for the data-fit term and
+        ``tr(A⁻¹ ∂A)``, and the Hutchinson estimate
+        ``(1/p) Σ_j (S⁻¹z_j)ᵀ ∂S z_j`` of ``tr(S⁻¹ ∂S)`` with the same probes,
+        applied through ``K + Σ`` by :meth:`_lift`: one differentiable
+        product with ``1 + p`` columns and no solve in the backward pass.
+        Fixed probes (``CG.seed``) make it a deterministic function of the
+        hyperparameters.
+        """
+        if self._schur is None or self.dense_fallback:
+            return None
+        xp, op, sc = self.xp, self.op, self._schur
+        n = int(residual.shape[-1])
+        p = self.opts.probes
+        grad = _needs_grad(residual, op)
+        with B.no_grad(xp):
+            rd = B.detach(residual)
+            alpha = self._weights
+            if alpha is None or not bool(B.to_numpy(xp.all(self._rhs[..., 0] == rd))):
+                alpha = self._cg(rd[..., None])
+            alpha = alpha[..., 0]
+            logdet_a = 2.0 * xp.sum(xp.log(B.diagonal(sc["L"])), axis=-1)
+            batch = tuple(self._diag.shape[:-1])
+            Z = self._draw(
+                np.random.default_rng(self.opts.seed),
+                batch + (int(sc["ig"].shape[0]), p),
+            )
+            pre = sc["pre"]
+            if pre is not None:
+                Z = pre.sample(None, Z)
+            PZ = Z if pre is None else pre.apply(Z)
+            s2 = B.to_numpy(xp.sum(Z * PZ, axis=-2))
+            U, record = self._probe_solve(Z)
+            est = cg_quadrature(record, s2)
+            logdet_s = B.to_namespace(est, xp, dtype=rd.dtype, device=B.device_of(rd))
+            if pre is not None:
+                logdet_s = logdet_s + pre.logdet
+            quad = xp.sum(rd * alpha, axis=-1)
+            value = (
+                -0.5 * quad
+                - 0.5 * (B.to_namespace(logdet_a, xp, dtype=rd.dtype) + logdet_s)
+                - 0.5 * n * math.log(2 * math.pi)
+            )
+            if not grad:
+                return value
+            # the probes' partners, lifted to full vectors (see _lift)
+            Wb = self._lift(PZ)
+            Wa = self._lift(U)
+            Ainv = B.cholesky_inverse(sc["L"])
+        KV = op.matmul(xp.concat([alpha[..., None], Wb], axis=-1))
+        quad_s = 2.0 * xp.sum(residual * alpha, axis=-1) - xp.sum(
+            alpha * KV[..., 0], axis=-1
+        )
+        tr_s = xp.sum(Wa * KV[..., 1:], axis=(-2, -1)) / p
+        tr_a = xp.sum(Ainv * self._value_block(), axis=(-2, -1))
+        sur = -0.5 * quad_s - 0.5 * (tr_a + tr_s)
+        return value + (sur - B.detach(sur))
+
+    def _probe_solve(self, Z):
+        """``S⁻¹ Z`` to :data:`PROBE_TOL` and the CG record of the solve
+        (float32 products where mixed precision applies)."""
+        xp = self.xp
+        sc = self._schur
+        record = []
+        S32 = self._float32_schur()
+        if S32 is not None:
+            U, info = pcg(
+                S32,
+                B.to_namespace(Z, xp, dtype=_float32(xp)),
+                None,
+                tol=PROBE_TOL,
+                max_iter=self.max_iter,
+                record=record,
+            )
+            U = B.to_namespace(U, xp, dtype=Z.dtype)
+        else:
+            op = self.op
+            U, info = pcg(
+                lambda w: self._schur_matmul(op, w),
+                Z,
+                sc["precond"],
+                tol=PROBE_TOL,
+                max_iter=self.max_iter,
+                record=record,
+            )
+        self.stats["probe_iterations"] = self.stats.get("probe_iterations", 0) + int(
+            info["iterations"]
+        )
+        return U, record
+
     def logdet(self):
         """Preconditioned stochastic Lanczos quadrature estimate of
         ``log|K + Σ|`` (see the module docstring); exact from a dense
@@ -962,12 +1135,7 @@ class IterativeSolver(Solver):
         rng = np.random.default_rng(opts.seed)
 
         def draw(shape):
-            part = self.batch_members
-            if part is None:
-                z = rng.standard_normal(shape)
-            else:
-                z = rng.standard_normal((part[2],) + shape[1:])[part[0] : part[1]]
-            return B.to_namespace(z, xp, dtype=dg.dtype, device=B.device_of(dg))
+            return self._draw(rng, shape)
 
         with B.no_grad(xp):
             Zp = self._psample(draw(batch + (N, p)), draw(batch + (N, p)))
@@ -1257,6 +1425,44 @@ def _slq(xp, matmul, pinv, Z, m):
     quad = np.sum(V[..., 0, :] ** 2 * np.log(theta), axis=-1)  # (…, p)
     est = (B.to_numpy(s2)[..., 0, :] * quad).mean(axis=-1)
     return B.to_namespace(est, xp, dtype=Z.dtype, device=B.device_of(Z))
+
+
+def cg_quadrature(record, s2):
+    """``mean_j s2_j e₁ᵀ log(T_j) e₁`` over the columns of a :func:`pcg` run.
+
+    ``T_j`` is the Lanczos tridiagonal of column j, read off its CG step
+    lengths ``α`` and direction updates ``β`` over the iterations it was
+    active (Saad 2003, §6.7.3): ``T_kk = 1/α_k + β_{k−1}/α_{k−1}``,
+    ``T_k,k+1 = √β_k / α_k``. With preconditioner ``P`` and right-hand
+    sides ``z_j``, it is that of ``P^{-1/2} A P^{-1/2}`` started at
+    ``P^{-1/2} z_j`` and ``s2_j = z_jᵀ P⁻¹ z_j``: the stochastic Lanczos
+    quadrature of ``tr log(P^{-1/2} A P^{-1/2})`` from the solves
+    themselves (Gardner et al. 2018, mBCG), no separate Lanczos run.
+    Returns (…,) from ``record`` entries (…, p) and ``s2`` (…, p).
+    """
+    import scipy.linalg
+
+    al = np.stack([r[0] for r in record], axis=-1)  # (…, p, m)
+    be = np.stack([r[1] for r in record], axis=-1)
+    act = np.stack([r[2] for r in record], axis=-1)
+    s2 = np.asarray(s2, dtype=float)
+    out = np.zeros(al.shape[:-1])
+    tiny = np.finfo(float).tiny
+    for idx in np.ndindex(*out.shape):
+        # the steps while the column was active and had a positive step
+        # length (a zero probe has none; a breakdown ends the sequence)
+        ok = act[idx] & (al[idx] > 0)
+        m = int(np.argmin(ok)) if not np.all(ok) else ok.size
+        if m == 0:
+            continue
+        a = np.asarray(al[idx][:m], dtype=float)
+        b = np.asarray(be[idx][:m], dtype=float)
+        d = 1.0 / a
+        d[1:] += b[:-1] / a[:-1]
+        e = np.sqrt(np.maximum(b[:-1], 0.0)) / a[:-1]
+        theta, V = scipy.linalg.eigh_tridiagonal(d, e)
+        out[idx] = s2[idx] * np.sum(V[0] ** 2 * np.log(np.maximum(theta, tiny)))
+    return out.mean(axis=-1)
 
 
 def _needs_grad(R, op):

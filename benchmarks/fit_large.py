@@ -11,7 +11,7 @@ the Schur complement from the probe solves themselves (stochastic Lanczos
 quadrature, seeded probes) and exact gradients of every other term.
 
 Each fit records its wall and CPU time, the number of evaluations, the time of
-each and the fitted hyperparameters. ``--seeds`` refits with other probe seeds
+each and the fitted hyperparameters. ``--seeds`` fits once per probe seed
 (``method=CG(seed=s)``, otherwise the defaults) to show how much the stochastic
 log-determinant moves the optimum; ``--check-probes`` re-evaluates the log
 marginal likelihood at every fitted optimum with that many probes (one common
@@ -20,6 +20,7 @@ repository root::
 
     python benchmarks/fit_large.py                        # N = 2,000, D = 50
     python benchmarks/fit_large.py --n 1000 --seeds 0 1 2 # 51,000 rows, 3 seeds
+    python benchmarks/fit_large.py --probes 4             # 4 probes
 """
 
 from __future__ import annotations
@@ -54,14 +55,19 @@ def _params(res):
     return {k: float(np.asarray(v).reshape(-1)[0]) for k, v in res.params.items()}
 
 
-def fit_once(X, f, G, seed, threads):
+def fit_once(X, f, G, seed, probes, threads):
     import torch
 
     import gpgrad
     from gpgrad.solvers.iterative import CG
 
     torch.set_num_threads(threads)
-    kw = {} if seed is None else {"method": CG(seed=seed)}
+    opts = {}
+    if seed is not None:
+        opts["seed"] = seed
+    if probes is not None:
+        opts["probes"] = probes
+    kw = {"method": CG(**opts)} if opts else {}
     gp = gpgrad.GP(gpgrad.kernels.Matern52(), backend="torch", **kw)
     times = []
     last = [time.perf_counter()]
@@ -136,7 +142,13 @@ def main(argv=None):
         type=int,
         nargs="*",
         default=[],
-        help="probe seeds of extra fits (method=CG(seed=s)) after the default one",
+        help="fit once per probe seed (method=CG(seed=s)) instead of the defaults",
+    )
+    ap.add_argument(
+        "--probes",
+        type=int,
+        default=None,
+        help="log-determinant probes (method=CG(probes=p)); default: the defaults",
     )
     ap.add_argument("--check-probes", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -149,10 +161,12 @@ def main(argv=None):
     rows = args.n * (args.d + 1)
     print(f"{args.n} points in {args.d}-D, values and gradients: {rows:,} rows")
     runs, fitted = [], []
-    for seed in [None, *args.seeds]:
-        label = "defaults" if seed is None else f"CG(seed={seed})"
+    for seed in args.seeds or [None]:
+        opts = [f"seed={seed}"] if seed is not None else []
+        opts += [f"probes={args.probes}"] if args.probes is not None else []
+        label = f"method=CG({', '.join(opts)})" if opts else "defaults"
         print(f"fit, {label}:", flush=True)
-        gp, r = fit_once(X, f, G, seed, args.threads)
+        gp, r = fit_once(X, f, G, seed, args.probes, args.threads)
         runs.append(r)
         fitted.append(gp)
         print(
@@ -190,6 +204,7 @@ def main(argv=None):
             "rows": rows,
             "data_noise": args.data_noise,
             "threads": args.threads,
+            "probes": args.probes,
             "runs": runs,
         }
         Path(args.json).write_text(json.dumps(out, indent=1))

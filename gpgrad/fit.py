@@ -262,6 +262,9 @@ def fit(
     space = objective.space
     if objective.fast is not None and settings.start is None:
         settings = _window_start(gp, obs, objective, (fixed, bounds), settings)
+    elif settings.start is None and not batch:
+        spec_args = (fixed, bounds, ard, fit_mean)
+        settings = _subset_start(gp, obs, space, spec_args, settings)
     theta0 = space.start(settings.start)
     with _few_threads(settings.gradient, gp, objective.n_obs):
         best = _run_starts(objective, space, theta0, settings)
@@ -285,20 +288,120 @@ def _window_start(gp, obs, objective, spec_args, settings):
     if sub is None:
         return settings
     fixed, bounds = spec_args
+    return _prefit(gp, sub, settings, fixed=fixed, bounds=bounds)
+
+
+def _prefit(gp, sub, settings, **spec):
+    """``settings`` for one start from the fit of ``sub`` (a window or a
+    subset of the observations) with every start of ``settings``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FitWarning)
         pre = fit(
             gp,
             *sub,
-            fixed=fixed,
-            bounds=bounds,
             restarts=settings.restarts,
             seed=settings.seed,
             maxiter=settings.maxiter,
             gradient=settings.gradient,
             tol=settings.tol,
+            **spec,
         )
     return replace(settings, start=pre.params, restarts=1)
+
+
+#: a fit on the iterative solver runs its starts on a random subset of this
+#: share of the points (a sixteenth of the cost per evaluation), then fits all
+#: points once from the subset's optimum
+SUBSET_FRACTION = 0.25
+#: ... where the whole problem has at least this many observed entries
+SUBSET_MIN_ROWS = 20_000
+
+
+def _subset_start(gp, obs, space, spec_args, settings):
+    """For a problem the automatic choice (or ``method``) solves by conjugate
+    gradients: fit :data:`SUBSET_FRACTION` of its points, chosen at random,
+    with every start, then the whole problem from that optimum, once.
+
+    Every evaluation on the iterative solver costs O(N²D) per CG iteration
+    and the iterations grow as the fit sharpens the kernel, so the search
+    (restarts included) runs where it is cheap; the subset's optimum is a
+    consistent estimate of the same hyperparameters, and the whole fit from it
+    needs few evaluations. Values and gradients only.
+    """
+    from .solvers.select import choose
+
+    n_obs = sum(f.size for f in obs)
+    if n_obs < SUBSET_MIN_ROWS or any(f.kind not in _SUBSET_KINDS for f in obs):
+        return settings
+    model = space.model(gp, space.start(None), gp.backend, gp.dtype, gp.device)
+    blocks, _, noise, _, _ = model._prepare(obs)
+    if choose(model, blocks, noise)[0] != "cg":
+        return settings
+    sub = _point_subset(obs, SUBSET_FRACTION, settings.seed)
+    fixed, bounds, ard, fit_mean = spec_args
+    return _prefit(
+        gp,
+        sub,
+        settings,
+        fixed=fixed,
+        bounds=bounds,
+        ard=ard,
+        fit_mean=fit_mean,
+        progress=settings.progress,
+    )
+
+
+_SUBSET_KINDS = ("value", "gradient")
+
+
+def _point_subset(obs, fraction, seed):
+    """The observations at a random ``fraction`` of their points (the same
+    points for functionals observed at the same inputs), as new functionals."""
+    rng = np.random.default_rng(seed)
+    chosen = []  # (inputs, indices) of the point sets seen so far
+    out = []
+    for f in obs:
+        X = f.X
+        idx = next((i for Y, i in chosen if _same(Y, X)), None)
+        if idx is None:
+            n = int(X.shape[-2])
+            idx = np.sort(
+                rng.choice(n, size=max(1, round(fraction * n)), replace=False)
+            )
+            chosen.append((X, idx))
+        noise = f.noise
+        if noise is not None and np.ndim(B.to_numpy(noise)):
+            noise = _take(_broadcast(noise, f.y), idx)
+        fields = {name: _take(getattr(f, name), idx) for name in f.fields}
+        out.append(
+            type(f).build(f.kind, _take(X, idx), _take(f.y, idx), noise, **fields)
+        )
+    return out
+
+
+def _same(A, B_):
+    return A is B_ or (
+        tuple(A.shape) == tuple(B_.shape)
+        and np.array_equal(B.to_numpy(A), B.to_numpy(B_))
+    )
+
+
+def _broadcast(a, like):
+    xp = B.namespace(like)
+    return (
+        xp.broadcast_to(a, tuple(like.shape))
+        if B.is_tensor(like)
+        else np.broadcast_to(np.asarray(a), like.shape)
+    )
+
+
+def _take(a, idx):
+    """Rows ``idx`` (the points' axis, the first) of ``a``."""
+    if B.is_tensor(a):
+        import torch
+
+        return a[torch.as_tensor(idx, device=a.device)]
+    return np.asarray(a)[idx]
 
 
 # --------------------------------------------------------------------------

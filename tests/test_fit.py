@@ -299,3 +299,66 @@ def test_companions_reachable_from_the_function():
     assert gpgrad.fit.FitWarning is FitWarning
     assert issubclass(FitWarning, gpgrad.GPGradWarning)
     assert gpgrad.fit.FitResult.__name__ == "FitResult"
+
+
+def test_point_subset_keeps_shared_points_and_per_entry_noise():
+    from gpgrad.fit import _point_subset
+
+    rng = np.random.default_rng(0)
+    X, Xo = rng.uniform(size=(40, 3)), rng.uniform(size=(30, 3))
+    y, G, Go = X.sum(1), np.cos(X), np.cos(Xo)
+    noise = rng.uniform(0.1, 0.2, (40, 3))
+    obs = [
+        gpgrad.values(X, y),
+        gpgrad.gradients(X, G, noise=noise),
+        gpgrad.gradients(Xo, Go),
+    ]
+    sub = _point_subset(gpgrad.GP(K.RBF())._parse(obs), 0.25, seed=1)
+    assert [f.kind for f in sub] == ["value", "gradient", "gradient"]
+    assert sub[0].X.shape == (10, 3) and sub[2].X.shape == (8, 3)
+    # values and gradients at the same inputs keep the same points
+    np.testing.assert_array_equal(sub[0].X, sub[1].X)
+    idx = [int(np.flatnonzero((X == x).all(1))[0]) for x in sub[0].X]
+    np.testing.assert_array_equal(sub[0].y, y[idx])
+    np.testing.assert_array_equal(sub[1].y, G[idx])
+    np.testing.assert_array_equal(sub[1].noise, noise[idx])
+    jdx = [int(np.flatnonzero((Xo == x).all(1))[0]) for x in sub[2].X]
+    np.testing.assert_array_equal(sub[2].y, Go[jdx])
+
+
+def test_iterative_fits_start_on_a_subset(monkeypatch):
+    from gpgrad import fit as F
+
+    monkeypatch.setattr(F, "SUBSET_MIN_ROWS", 60)
+    rng = np.random.default_rng(2)
+    X = rng.uniform(0, 1, (24, 2))
+    e = 0.05 * rng.normal(size=(24, 3))
+    obs = [
+        gpgrad.values(X, np.sin(3 * X).sum(1) + e[:, 0]),
+        gpgrad.gradients(X, 3 * np.cos(3 * X) + e[:, 1:]),
+    ]
+    starts = []
+
+    def progress(start, evaluation, lml):
+        if not starts or starts[-1] != start:
+            starts.append(start)
+
+    calls = []
+    real = F._point_subset
+    monkeypatch.setattr(F, "_point_subset", lambda *a: calls.append(a[1]) or real(*a))
+    # the choice as if the problem were large (the fits themselves dense: the
+    # iterative likelihood is tested in test_large.py)
+    from gpgrad.solvers import select
+
+    real_choose = select.choose
+    monkeypatch.setattr(select, "choose", lambda *a: ("cg", None))
+    res = gpgrad.fit(gpgrad.GP(K.Matern52()), *obs, restarts=2, progress=progress)
+    assert calls == [F.SUBSET_FRACTION]
+    # two starts on the subset, then the whole problem once from its optimum
+    assert starts == [1, 2, 1]
+    assert np.isfinite(float(res.log_marginal_likelihood))
+    # a problem the automatic choice solves densely fits as before
+    monkeypatch.setattr(select, "choose", real_choose)
+    calls.clear()
+    gpgrad.fit(gpgrad.GP(K.Matern52()), *obs, restarts=1)
+    assert calls == []

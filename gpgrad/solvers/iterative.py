@@ -699,15 +699,20 @@ class IterativeSolver(Solver):
         float64 operator or its float32 twin); ``A⁻¹`` in the factor's
         precision."""
         xp = self.xp
+        out = self._from_derivatives(op, w)
+        u = self._value_solve(_rows(xp, out, self._schur["iv"]))
+        return _rows(xp, out, self._schur["ig"]) - self._from_values(op, u, w)
+
+    def _from_derivatives(self, op, w, outputs=None):
+        """``(K + Σ) [0; w]`` (all rows, or those ``outputs`` names) for
+        derivative coefficients ``w`` (…, n_g, k), by ``op``'s products."""
         iv = self._schur["iv"]
-        zv = xp.zeros(
+        zv = self.xp.zeros(
             tuple(w.shape[:-2]) + (int(iv.shape[0]), w.shape[-1]),
             dtype=w.dtype,
             device=B.device_of(w),
         )
-        out = op.matmul(self._place(zv, w), inputs="derivatives")
-        u = self._value_solve(_rows(xp, out, iv))
-        return _rows(xp, out, self._schur["ig"]) - self._from_values(op, u, w)
+        return op.matmul(self._place(zv, w), inputs="derivatives", outputs=outputs)
 
     def _float32_schur(self):
         """``w ↦ S w`` with float32 products (the value block's solve stays in
@@ -986,15 +991,9 @@ class IterativeSolver(Solver):
         ``K + Σ`` reproduce those of the Schur complement,
         ``[−A⁻¹C_vg a; a]ᵀ ∂K [−A⁻¹C_vg b; b] = aᵀ ∂S b`` for any change
         ``∂K`` of the Gram matrix."""
-        xp = self.xp
-        iv = self._schur["iv"]
-        zv = xp.zeros(
-            tuple(w.shape[:-2]) + (int(iv.shape[0]), w.shape[-1]),
-            dtype=w.dtype,
-            device=B.device_of(w),
-        )
-        out = self.op.matmul(self._place(zv, w), inputs="derivatives", outputs="values")
-        return self._place(-self._value_solve(_rows(xp, out, iv)), w)
+        out = self._from_derivatives(self.op, w, outputs="values")
+        u = self._value_solve(_rows(self.xp, out, self._schur["iv"]))
+        return self._place(-u, w)
 
     def _value_block(self):
         """The value block ``A = C_vv`` with autograd (the profile matrices

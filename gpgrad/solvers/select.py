@@ -154,44 +154,58 @@ def make_solver(gp, blocks, noise):
     if spreads_batch(part, gp.kernel, blocks):
         # whole batch members per process, each solved by the choice below
         return BatchSpreadSolver(gp, blocks, noise, part, make_solver)
+    kind, options = choose(gp, blocks, noise)
+    if kind == "cg":
+        return _iterative(gp, blocks, noise, options)
+    if kind == "cg+dense":
+        # solves by CG; variances and the log-determinant exact and dense
+        return _iterative(gp, blocks, noise, options, dense_fallback=True)
+    if kind == "woodbury":
+        return woodbury_solver(gp.kernel, blocks, noise)
+    if kind == "statespace":
+        return statespace_solver(gp, blocks, noise)
+    like = blocks[0].X
+    n_obs = int(noise.shape[-1])
+    batch = math.prod(batch_shape(gp.kernel, blocks)) or 1
+    _guard(dense_memory(n_obs, _itemsize(like), batch), like, n_obs, gp, blocks, noise)
+    return _dense(gp, blocks, noise)
+
+
+def choose(gp, blocks, noise):
+    """Which solver :func:`make_solver` builds, without building it:
+    ``("cg" | "cg+dense" | "woodbury" | "statespace" | "cholesky", options)``
+    (``options`` the :class:`CG` options of the iterative kinds, else None).
+    ``"cg+dense"`` solves by CG and answers variances and the
+    log-determinant from a dense factor."""
     method = gp.method
     like = blocks[0].X
     n_obs = int(noise.shape[-1])
     batch = math.prod(batch_shape(gp.kernel, blocks)) or 1
     need = dense_memory(n_obs, _itemsize(like), batch)
     if isinstance(method, CG):
-        return _iterative(gp, blocks, noise, method)
+        return "cg", method
     if method == "cg":
-        return _iterative(gp, blocks, noise, CG())
-    if method == "woodbury":
-        return woodbury_solver(gp.kernel, blocks, noise)
-    if method == "statespace":
-        return statespace_solver(gp, blocks, noise)
-    if method == "cholesky":
-        _guard(need, like, n_obs, gp, blocks, noise)
-        return _dense(gp, blocks, noise)
+        return "cg", CG()
+    if method in ("woodbury", "statespace", "cholesky"):
+        return method, None
     # auto
     if (
         n_obs >= AUTO_STATESPACE_MIN_ROWS
         and statespace_unsupported_reason(gp.kernel, blocks) is None
     ):
-        return statespace_solver(gp, blocks, noise)
+        return "statespace", None
     n_pts = sum(b.n for b in blocks)
     d = blocks[0].d
     if n_pts < d and woodbury_unsupported_reason(gp.kernel, blocks, noise) is None:
-        return woodbury_solver(gp.kernel, blocks, noise)
+        return "woodbury", None
     avail = available_memory(like)
     cg_ok = unsupported_reason(gp.kernel, blocks) is None
     dense_fits = n_obs <= AUTO_DENSE_MAX_ROWS and need <= AUTO_MEMORY_FRACTION * avail
     if cg_ok and cg_cheaper(n_obs, _distinct_points(blocks), d):
-        # solves by CG; variances and the log-determinant exact and dense
-        return _iterative(gp, blocks, noise, CG(), dense_fallback=dense_fits)
-    if dense_fits:
-        return _dense(gp, blocks, noise)
-    if unsupported_reason(gp.kernel, blocks) is None:
-        return _iterative(gp, blocks, noise, CG())
-    _guard(need, like, n_obs, gp, blocks, noise)
-    return _dense(gp, blocks, noise)
+        return ("cg+dense" if dense_fits else "cg"), CG()
+    if dense_fits or not cg_ok:
+        return "cholesky", None
+    return "cg", CG()
 
 
 #: ``"auto"`` never picks CG below this many rows: dense is exact (variances,

@@ -329,10 +329,10 @@ def test_point_subset_keeps_shared_points_and_per_entry_noise():
 def test_iterative_fits_start_on_a_subset(monkeypatch):
     from gpgrad import fit as F
 
-    monkeypatch.setattr(F, "SUBSET_MIN_ROWS", 60)
+    monkeypatch.setattr(F, "SUBSET_MIN_ROWS", 40)
     rng = np.random.default_rng(2)
-    X = rng.uniform(0, 1, (24, 2))
-    e = 0.05 * rng.normal(size=(24, 3))
+    X = rng.uniform(0, 1, (16, 2))
+    e = 0.05 * rng.normal(size=(16, 3))
     obs = [
         gpgrad.values(X, np.sin(3 * X).sum(1) + e[:, 0]),
         gpgrad.gradients(X, 3 * np.cos(3 * X) + e[:, 1:]),

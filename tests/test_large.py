@@ -984,21 +984,22 @@ def test_eliminated_values_likelihood_in_mixed_precision(monkeypatch):
 
 
 def test_eliminated_values_likelihood_estimates_the_dense_one():
-    X, obs = _schur_problem(N=30, D=3)
+    X, obs = _schur_problem(N=20, D=3)
     want, gwant, _ = _likelihood("cholesky", obs, 3)
-    got, ggot, post = _likelihood(CG(probes=64, seed=1), obs, 3)
+    got, ggot, post = _likelihood(CG(probes=32, seed=1), obs, 3)
     solver = post._solver
     assert solver._schur is not None
     assert solver.stats["probe_iterations"] > 0
-    # log|A| exact, log|S| a 64-probe estimate over 90 entries; measured over
-    # 12 seeds at 256 probes: unbiased, standard deviation 1.0 nat in the
-    # value and 0.7 / 0.7 / 2.5 % in the three gradients (twice that here)
-    assert abs(got - want) < 8.0
-    assert np.max(np.abs(ggot - gwant) / np.abs(gwant)) < 0.2
+    # log|A| exact, log|S| a 32-probe estimate over 60 entries; measured over
+    # 12 seeds at 256 probes and 90 entries: unbiased, standard deviation
+    # 1.0 nat in the value and 0.7 / 0.7 / 2.5 % in the three gradients
+    # (about three times that here)
+    assert abs(got - want) < 10.0
+    assert np.max(np.abs(ggot - gwant) / np.abs(gwant)) < 0.3
     assert got != pytest.approx(want, abs=1e-6)  # an estimate, not a copy
     # seeded probes: a deterministic function of the hyperparameters, the
     # same with and without autograd
-    again, gagain, _ = _likelihood(CG(probes=64, seed=1), obs, 3)
+    again, gagain, _ = _likelihood(CG(probes=32, seed=1), obs, 3)
     assert again == got and np.array_equal(gagain, ggot)
     with torch.no_grad():
         assert float(post.log_marginal_likelihood()) == pytest.approx(got, rel=1e-12)

@@ -328,14 +328,10 @@ def _subset_start(gp, obs, space, spec_args, settings):
     consistent estimate of the same hyperparameters, and the whole fit from it
     needs few evaluations. Values and gradients only.
     """
-    from .solvers.select import choose
-
     n_obs = sum(f.size for f in obs)
     if n_obs < SUBSET_MIN_ROWS or any(f.kind not in _SUBSET_KINDS for f in obs):
         return settings
-    model = space.model(gp, space.start(None), gp.backend, gp.dtype, gp.device)
-    blocks, _, noise, _, _ = model._prepare(obs)
-    if choose(model, blocks, noise)[0] != "cg":
+    if _iterative_options(gp, obs, space) is None:
         return settings
     sub = _point_subset(obs, SUBSET_FRACTION, settings.seed)
     fixed, bounds, ard, fit_mean = spec_args
@@ -897,15 +893,49 @@ def _target_axes(obs):
 
 def _evaluation_failed(exc) -> bool:
     """Whether ``exc``, raised by one likelihood evaluation, only says that
-    this ``θ`` gives a covariance that cannot be factored (the optimizer then
-    backs off). Running out of memory is not that: it propagates, as
+    this ``θ`` gives a covariance that cannot be factored, or conjugate
+    gradients that did not converge within the fit's budget (the optimizer
+    then backs off). Running out of memory is not that: it propagates, as
     :class:`~gpgrad.exceptions.OutOfMemoryError`."""
+    from .solvers.iterative import ConvergenceWarning
+
     raise_if_out_of_memory(exc)  # memory, not conditioning: stop here
     if is_out_of_memory(exc):
         return False
     return isinstance(
-        exc, (NotPositiveDefiniteError, np.linalg.LinAlgError, RuntimeError)
+        exc,
+        (
+            NotPositiveDefiniteError,
+            np.linalg.LinAlgError,
+            RuntimeError,
+            ConvergenceWarning,
+        ),
     )
+
+
+#: within a fit, an evaluation on the iterative solver may take this many
+#: times the most CG iterations an earlier evaluation needed ...
+CG_BUDGET_FACTOR = 4
+#: ... and at least this many
+CG_BUDGET_MIN = 1000
+
+
+def _iterative_options(gp, obs, space):
+    """The :class:`~gpgrad.solvers.iterative.CG` options where the model at
+    the start is solved by conjugate gradients alone, else None."""
+    from .solvers.iterative import CG
+    from .solvers.select import AUTO_CG_MIN_ROWS, choose
+
+    explicit = isinstance(gp.method, CG) or gp.method == "cg"
+    if not explicit and sum(f.size for f in obs) < AUTO_CG_MIN_ROWS:
+        return None  # "auto" never picks CG here: no model to build
+    try:
+        model = space.model(gp, space.start(None), gp.backend, gp.dtype, gp.device)
+        blocks, _, noise, _, _ = model._prepare(obs)
+        kind, options = choose(model, blocks, noise)
+    except Exception:  # noqa: BLE001 - the evaluations report their own errors
+        return None
+    return (options or CG()) if kind == "cg" else None
 
 
 class _Objective:
@@ -935,6 +965,10 @@ class _Objective:
             self.device = gp.device if gp.backend == "torch" else torch.device("cpu")
             # points and targets become float64 tensors once, not per evaluation
             self.obs_t = [_to_torch(f, torch.float64, self.device) for f in obs]
+        #: the CG options of a problem solved by conjugate gradients (None
+        #: otherwise) and the most iterations an evaluation has needed
+        self.cg = None if batch else _iterative_options(gp, obs, self.space)
+        self.cg_iterations = 0
 
     def _lml(self, theta):
         """``log p(y)`` per problem at ``θ`` (a float64 tensor or an array)."""
@@ -942,10 +976,34 @@ class _Objective:
             gp = self.space.model(
                 self.gp, theta, "torch", self.torch.float64, self.device
             )
+            if self.cg is not None:
+                return self._cg_lml(gp, self.obs_t)
             # dense systems: the closed-form backward pass of gpgrad.likelihood
             return gp.log_marginal_likelihood(*self.obs_t)
         gp = self.space.model(self.gp, theta, "numpy")
+        if self.cg is not None:
+            return self._cg_lml(gp, self.obs)
         return gp.log_marginal_likelihood(*self.obs)
+
+    def _cg_lml(self, gp, obs):
+        """``log p(y)`` on the iterative solver within an iteration budget:
+        :data:`CG_BUDGET_FACTOR` times the most iterations an evaluation has
+        needed so far (at least the options' own cap for the first). A trial
+        point whose system needs more (an optimizer step towards a far worse
+        conditioned system, typically a tiny noise) fails like an unfactorable
+        one, and the optimizer backs off, instead of running for minutes."""
+        from .solvers.iterative import ConvergenceWarning
+
+        if self.cg_iterations:
+            budget = max(CG_BUDGET_MIN, CG_BUDGET_FACTOR * self.cg_iterations)
+            gp.method = self.cg.with_max_iter(budget)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)
+            post = gp.condition(*obs)
+            lml = post.log_marginal_likelihood()
+        used = int(getattr(post.solver, "stats", {}).get("iterations", 0))
+        self.cg_iterations = max(self.cg_iterations, used)
+        return lml
 
     def __call__(self, theta):
         self.count += 1

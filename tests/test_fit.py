@@ -352,6 +352,7 @@ def test_iterative_fits_start_on_a_subset(monkeypatch):
 
     real_choose = select.choose
     monkeypatch.setattr(select, "choose", lambda *a: ("cg", None))
+    monkeypatch.setattr(select, "AUTO_CG_MIN_ROWS", 0)
     res = gpgrad.fit(gpgrad.GP(K.Matern52()), *obs, restarts=2, progress=progress)
     assert calls == [F.SUBSET_FRACTION]
     # two starts on the subset, then the whole problem once from its optimum
@@ -362,3 +363,36 @@ def test_iterative_fits_start_on_a_subset(monkeypatch):
     calls.clear()
     gpgrad.fit(gpgrad.GP(K.Matern52()), *obs, restarts=1)
     assert calls == []
+
+
+def test_iterative_evaluations_over_the_budget_fail_and_the_optimizer_backs_off(
+    monkeypatch,
+):
+    from gpgrad import fit as F
+
+    rng = np.random.default_rng(3)
+    X = rng.uniform(0, 1, (12, 2))
+    obs = gpgrad.GP(K.Matern52())._parse(
+        [gpgrad.values(X, np.sin(3 * X).sum(1)), gpgrad.gradients(X, np.cos(X))]
+    )
+    gp = gpgrad.GP(K.Matern52(), method=gpgrad.CG(probes=4))
+    specs, fixed = _specs(gp, obs, (), None, None, False, True)
+    obj = _Objective(gp, obs, specs, fixed, (), "autograd", False)
+    assert obj.cg is not None
+    theta = obj.space.start()
+    f0, g0 = obj(theta)
+    assert f0 < F._BAD_OBJECTIVE and obj.cg_iterations > 1
+    # a budget below what this θ needs: the evaluation fails like an
+    # unfactorable one (the optimizer backs off), no warning escapes
+    monkeypatch.setattr(F, "CG_BUDGET_MIN", 1)
+    monkeypatch.setattr(F, "CG_BUDGET_FACTOR", 1)
+    obj.cg_iterations = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f1, g1 = obj(theta)
+    assert f1 == F._BAD_OBJECTIVE and not np.any(g1)
+    # a dense problem has no budget
+    dense = _Objective(
+        gpgrad.GP(K.Matern52()), obs, specs, fixed, (), "autograd", False
+    )
+    assert dense.cg is None

@@ -204,6 +204,14 @@ class CG:
         self.eliminate_values = eliminate_values
         self.mixed_precision = mixed_precision
 
+    def with_max_iter(self, max_iter):
+        """These options with another iteration cap."""
+        import copy
+
+        new = copy.copy(self)
+        new.max_iter = int(max_iter)
+        return new
+
     def __eq__(self, other):
         return isinstance(other, CG) and vars(self) == vars(other)
 

@@ -264,7 +264,7 @@ def fit(
         settings = _window_start(gp, obs, objective, (fixed, bounds), settings)
     elif settings.start is None and not batch:
         spec_args = (fixed, bounds, ard, fit_mean)
-        settings = _subset_start(gp, obs, space, spec_args, settings)
+        settings = _subset_start(gp, obs, objective, spec_args, settings)
     theta0 = space.start(settings.start)
     with _few_threads(settings.gradient, gp, objective.n_obs):
         best = _run_starts(objective, space, theta0, settings)
@@ -317,7 +317,7 @@ SUBSET_FRACTION = 0.25
 SUBSET_MIN_ROWS = 20_000
 
 
-def _subset_start(gp, obs, space, spec_args, settings):
+def _subset_start(gp, obs, objective, spec_args, settings):
     """For a problem the automatic choice (or ``method``) solves by conjugate
     gradients: fit :data:`SUBSET_FRACTION` of its points, chosen at random,
     with every start, then the whole problem from that optimum, once.
@@ -331,7 +331,7 @@ def _subset_start(gp, obs, space, spec_args, settings):
     n_obs = sum(f.size for f in obs)
     if n_obs < SUBSET_MIN_ROWS or any(f.kind not in _SUBSET_KINDS for f in obs):
         return settings
-    if _iterative_options(gp, obs, space) is None:
+    if objective.cg is None:  # not solved by conjugate gradients
         return settings
     sub = _point_subset(obs, SUBSET_FRACTION, settings.seed)
     fixed, bounds, ard, fit_mean = spec_args

@@ -579,22 +579,10 @@ class IterativeSolver(Solver):
         def index(a):
             return a if B.is_numpy(xp) else B.to_namespace(a, xp, device=dev)
 
-        # the value block from the operator's own profile matrices (Φ₀ between
-        # the groups the value blocks belong to): no closed-form assembly
-        vgroups = [next(g for g in op.groups if (i, "value") in g.parts) for i in vb]
         with B.no_grad(xp):
-            # a fresh copy (concat copies even one block), factored in place:
-            # one N×N buffer for the value block and its factor
-            A = xp.concat(
-                [
-                    xp.concat(
-                        [B.detach(op._group_profiles(ga, gb)[0]) for gb in vgroups],
-                        axis=-1,
-                    )
-                    for ga in vgroups
-                ],
-                axis=-2,
-            )
+            # a fresh copy, factored in place: one N×N buffer for the value
+            # block and its factor
+            A = self._value_gram()
             if op.noise is not None:
                 nv = B.detach(xp.take(op.noise, index(iv), axis=-1))
                 B.add_to_diagonal_(A, xp.broadcast_to(nv, tuple(A.shape[:-1])))
@@ -1003,25 +991,34 @@ class IterativeSolver(Solver):
         u = self._value_solve(_rows(self.xp, out, self._schur["iv"]))
         return self._place(-u, w)
 
-    def _value_block(self):
-        """The value block ``A = C_vv`` with autograd (the profile matrices
-        the differentiable products use)."""
+    def _value_gram(self):
+        """``C_vv`` without noise from the operator's own profile matrices
+        (Φ₀ between the groups the value blocks belong to; no closed-form
+        assembly), a fresh array (concat copies even one block), with autograd
+        where it is enabled."""
         xp = self.xp
         op = self.op
-        sc = self._schur
-        groups = []
-        for i, b in enumerate(op.blocks):
-            if b.order == 0:
-                groups.append(next(g for g in op.groups if (i, "value") in g.parts))
-        A = xp.concat(
+        groups = [
+            next(g for g in op.groups if (i, "value") in g.parts)
+            for i, b in enumerate(op.blocks)
+            if b.order == 0
+        ]
+        return xp.concat(
             [
                 xp.concat([op._group_profiles(ga, gb)[0] for gb in groups], axis=-1)
                 for ga in groups
             ],
             axis=-2,
         )
+
+    def _value_block(self):
+        """The value block ``A = C_vv + Σ_v`` with autograd (the profile
+        matrices the differentiable products use)."""
+        xp = self.xp
+        op = self.op
+        A = self._value_gram()
         if op.noise is not None:
-            nv = xp.take(op.noise, sc["iv"], axis=-1)
+            nv = xp.take(op.noise, self._schur["iv"], axis=-1)
             n = int(nv.shape[-1])
             A = A + nv[..., None] * xp.eye(n, dtype=A.dtype, device=B.device_of(A))
         return A
@@ -1098,29 +1095,21 @@ class IterativeSolver(Solver):
         """``S⁻¹ Z`` to :data:`PROBE_TOL` and the CG record of the solve
         (float32 products where mixed precision applies)."""
         xp = self.xp
-        sc = self._schur
         record = []
-        S32 = self._float32_schur()
-        if S32 is not None:
-            U, info = pcg(
-                S32,
-                B.to_namespace(Z, xp, dtype=_float32(xp)),
-                None,
-                tol=PROBE_TOL,
-                max_iter=self.max_iter,
-                record=record,
-            )
-            U = B.to_namespace(U, xp, dtype=Z.dtype)
+        S = self._float32_schur()
+        if S is not None:
+            rhs, precond = B.to_namespace(Z, xp, dtype=_float32(xp)), None
         else:
             op = self.op
-            U, info = pcg(
-                lambda w: self._schur_matmul(op, w),
+            S, rhs, precond = (
+                (lambda w: self._schur_matmul(op, w)),
                 Z,
-                sc["precond"],
-                tol=PROBE_TOL,
-                max_iter=self.max_iter,
-                record=record,
+                self._schur["precond"],
             )
+        U, info = pcg(
+            S, rhs, precond, tol=PROBE_TOL, max_iter=self.max_iter, record=record
+        )
+        U = B.to_namespace(U, xp, dtype=Z.dtype)
         self.stats["probe_iterations"] = self.stats.get("probe_iterations", 0) + int(
             info["iterations"]
         )
@@ -1140,18 +1129,16 @@ class IterativeSolver(Solver):
         N = self.N
         p = opts.probes
         rng = np.random.default_rng(opts.seed)
-
-        def draw(shape):
-            return self._draw(rng, shape)
-
         with B.no_grad(xp):
-            Zp = self._psample(draw(batch + (N, p)), draw(batch + (N, p)))
+            Zp = self._psample(
+                self._draw(rng, batch + (N, p)), self._draw(rng, batch + (N, p))
+            )
             Pinv = self._precond if self._precond is not None else (lambda R: R)
             est = _slq(xp, op.matmul, Pinv, Zp, min(opts.lanczos_steps, N))
             value = B.detach(self._plogdet) + est
         if _needs_grad(None, op):
             # Hutchinson: ∂ log|A| = tr(A⁻¹ ∂A) ≈ mean_j (A⁻¹z_j)ᵀ ∂A z_j
-            Zr = draw(batch + (N, p))
+            Zr = self._draw(rng, batch + (N, p))
             U = B.detach(self._cg(Zr))
             AZ = op.matmul(Zr)
             sur = xp.sum(U * AZ, axis=(-2, -1)) / p

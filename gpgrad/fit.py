@@ -919,6 +919,20 @@ CG_BUDGET_FACTOR = 4
 #: ... and at least this many
 CG_BUDGET_MIN = 1000
 
+#: on the iterative solver (a stochastic estimate of the likelihood), a start
+#: ends when this many evaluations in a row have not raised the best log
+#: marginal likelihood by more than :data:`STALL_RTOL` of its size ...
+STALL_EVALUATIONS = 10
+#: ... (the estimate moves by a few parts in 10⁵ between nearby points, far
+#: more than L-BFGS-B's ``ftol``, so without this rule L-BFGS-B keeps taking
+#: steps that only chase the estimator's wobble)
+STALL_RTOL = 1e-5
+
+
+class _Stalled(Exception):
+    """Raised by :class:`_Objective` to end a start on a stochastic objective
+    that has stopped improving (see :data:`STALL_EVALUATIONS`)."""
+
 
 def _iterative_options(gp, obs, space):
     """The :class:`~gpgrad.solvers.iterative.CG` options where the model at
@@ -969,6 +983,36 @@ class _Objective:
         #: otherwise) and the most iterations an evaluation has needed
         self.cg = None if batch else _iterative_options(gp, obs, self.space)
         self.cg_iterations = 0
+        #: the best (θ, log p, evaluations since it improved) of this start,
+        #: tracked on the iterative solver only
+        self.best = None
+
+    def new_start(self, start):
+        """Begin start number ``start`` (1-based)."""
+        self.start = start
+        self.best = None
+
+    def _track(self, theta, total, member):
+        """Record an evaluation on the iterative solver; :class:`_Stalled`
+        when :data:`STALL_EVALUATIONS` in a row have not improved the best by
+        more than :data:`STALL_RTOL` of it."""
+        if self.cg is None or member is None:
+            if self.cg is not None and self.best is not None:
+                self.best[2] += 1  # a failed evaluation is no improvement
+        elif self.best is None:
+            self.best = [np.array(theta, copy=True), member, 0]
+        else:
+            best_total = float(np.sum(self.best[1]))
+            if total > best_total:
+                gain = total - best_total
+                stale = self.best[2] + 1
+                if gain > STALL_RTOL * abs(best_total):
+                    stale = 0
+                self.best = [np.array(theta, copy=True), member, stale]
+            else:
+                self.best[2] += 1
+        if self.best is not None and self.best[2] >= STALL_EVALUATIONS:
+            raise _Stalled
 
     def _lml(self, theta):
         """``log p(y)`` per problem at ``θ`` (a float64 tensor or an array)."""
@@ -1033,6 +1077,7 @@ class _Objective:
             f, g, member = _BAD_OBJECTIVE, np.zeros_like(theta), None
         self._last = (np.array(theta, copy=True), member)
         self._report(total)
+        self._track(theta, total, member)
         return f if self.gradient != "autograd" else (f, g)
 
     def _fast(self, theta, grad=True):
@@ -1061,10 +1106,12 @@ class _Objective:
     def member_lml(self, theta):
         """Log marginal likelihood per problem (``-inf`` where it fails); the
         last evaluation's when it was at ``theta``."""
-        last = self._last
-        if last is not None and last[1] is not None and np.array_equal(last[0], theta):
-            member = last[1]
-        else:
+        known = [k for k in (self._last, self.best) if k is not None]
+        member = next(
+            (k[1] for k in known if k[1] is not None and np.array_equal(k[0], theta)),
+            None,
+        )
+        if member is None:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", JitterWarning)
@@ -1175,7 +1222,7 @@ def _run_starts(objective, space, theta0, settings):
                 # log-uniform within a factor e^±2 of the first start
                 x0 = theta0 + rng.uniform(-2.0, 2.0, theta0.shape)
                 x0 = np.clip(x0, space.lo, space.hi)
-            objective.start = start + 1
+            objective.new_start(start + 1)
             theta, ok = x0, True
             if space.specs:
                 res = _minimize(objective, x0, space, settings)
@@ -1243,7 +1290,7 @@ LONG = 10_000
 
 
 def _minimize(objective, x0, space, settings):
-    from scipy.optimize import minimize
+    from scipy.optimize import OptimizeResult, minimize
 
     options = {"maxiter": settings.maxiter, "ftol": settings.tol}
     if objective.fast is not None and objective.n_obs > LONG:
@@ -1253,14 +1300,23 @@ def _minimize(objective, x0, space, settings):
         shrink = LONG / objective.n_obs
         options["ftol"] = settings.tol * shrink
         options["gtol"] = GTOL * shrink
-    return minimize(
-        objective,
-        x0,
-        jac=objective.gradient == "autograd",
-        method="L-BFGS-B",
-        bounds=list(zip(space.lo, space.hi)),
-        options=options,
-    )
+    try:
+        return minimize(
+            objective,
+            x0,
+            jac=objective.gradient == "autograd",
+            method="L-BFGS-B",
+            bounds=list(zip(space.lo, space.hi)),
+            options=options,
+        )
+    except _Stalled:
+        # converged as far as the stochastic estimate can tell: the best
+        # point of this start
+        return OptimizeResult(
+            x=objective.best[0],
+            success=True,
+            message="no gain above the estimator's resolution",
+        )
 
 
 # --------------------------------------------------------------------------

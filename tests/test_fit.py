@@ -353,7 +353,12 @@ def test_iterative_fits_start_on_a_subset(monkeypatch):
     real_choose = select.choose
     monkeypatch.setattr(select, "choose", lambda *a: ("cg", None))
     monkeypatch.setattr(select, "AUTO_CG_MIN_ROWS", 0)
-    res = gpgrad.fit(gpgrad.GP(K.Matern52()), *obs, restarts=2, progress=progress)
+    # short starts: their order is what is checked here
+    monkeypatch.setattr(F, "STALL_EVALUATIONS", 3)
+    with pytest.warns(FitWarning, match="did not converge"):
+        res = gpgrad.fit(
+            gpgrad.GP(K.Matern52()), *obs, restarts=2, maxiter=4, progress=progress
+        )
     assert calls == [F.SUBSET_FRACTION]
     # two starts on the subset, then the whole problem once from its optimum
     assert starts == [1, 2, 1]
@@ -396,3 +401,89 @@ def test_iterative_evaluations_over_the_budget_fail_and_the_optimizer_backs_off(
         gpgrad.GP(K.Matern52()), obs, specs, fixed, (), "autograd", False
     )
     assert dense.cg is None
+
+
+def _plateau_objective(monkeypatch, wobble):
+    """An :class:`_Objective` on the iterative solver whose log p is a
+    concave quadratic of size 10⁶ in θ, its optimum inside the bounds 0.3 from
+    the start in every coordinate, plus what a stochastic estimate adds: a
+    value that wobbles by ``wobble`` nats between nearby points and a gradient
+    that is not the value's (both pseudo-random in θ, deterministic)."""
+    rng = np.random.default_rng(3)
+    X = rng.uniform(0, 1, (12, 2))
+    obs = gpgrad.GP(K.Matern52())._parse(
+        [gpgrad.values(X, np.sin(3 * X).sum(1)), gpgrad.gradients(X, np.cos(X))]
+    )
+    gp = gpgrad.GP(K.Matern52(), method=gpgrad.CG(probes=4))
+    specs, fixed = _specs(gp, obs, (), None, None, False, True)
+    obj = _Objective(gp, obs, specs, fixed, (), "autograd", False)
+    assert obj.cg is not None
+    peak = torch.as_tensor(obj.space.start() + 0.3)
+
+    def lml(t):
+        d = t.detach()
+        smooth = 1e6 - 1e4 * ((t - peak) ** 2).sum()
+        value_noise = wobble * torch.sin(1e3 * d).sum()
+        grad_noise = ((t - d) * 100 * wobble * torch.sin(777 * d)).sum()  # value 0
+        return smooth + value_noise + grad_noise
+
+    monkeypatch.setattr(obj, "_lml", lml)
+    return obj
+
+
+def _run_one_start(monkeypatch, obj):
+    from gpgrad import fit as F
+
+    seen = []
+    real_track = obj._track
+    monkeypatch.setattr(
+        obj, "_track", lambda th, tot, m: seen.append(tot) or real_track(th, tot, m)
+    )
+    # L-BFGS-B's own tolerance far below the wobble
+    settings = F._Settings(
+        restarts=1,
+        seed=0,
+        maxiter=300,
+        gradient="autograd",
+        progress=False,
+        start=None,
+        tol=1e-15,
+    )
+    obj.new_start(1)
+    return F._minimize(obj, obj.space.start(), obj.space, settings), seen
+
+
+def test_a_stochastic_objective_stops_when_it_no_longer_improves(monkeypatch):
+    from gpgrad import fit as F
+
+    obj = _plateau_objective(monkeypatch, wobble=3.0)
+    res, seen = _run_one_start(monkeypatch, obj)
+    assert res.success, res.message
+    assert "resolution" in res.message
+    # the start ended STALL_EVALUATIONS evaluations after the last gain above
+    # STALL_RTOL of log p, and returned the best point it saw
+    best = int(np.argmax(seen))
+    gains = np.diff(np.maximum.accumulate(seen))
+    last_gain = np.flatnonzero(gains > F.STALL_RTOL * 1e6)[-1] + 1
+    assert len(seen) - 1 - last_gain == F.STALL_EVALUATIONS
+    assert best >= last_gain
+    np.testing.assert_array_equal(res.x, obj.best[0])
+    assert seen[best] == float(np.sum(obj.member_lml(res.x)))
+    # near the optimum (within ~10 nats: |θ − peak| ≲ 0.03)
+    assert np.all(np.abs(res.x - (obj.space.start() + 0.3)) < 0.1)
+    # without the rule L-BFGS-B takes more evaluations to the same point
+    obj2 = _plateau_objective(monkeypatch, wobble=3.0)
+    monkeypatch.setattr(F, "STALL_EVALUATIONS", 10**6)
+    res2, seen2 = _run_one_start(monkeypatch, obj2)
+    assert len(seen2) > len(seen) and max(seen2) - max(seen) < 10
+    # a new start forgets the old one's best
+    obj.new_start(2)
+    assert obj.best is None
+
+
+def test_a_dense_objective_has_no_stall_rule(monkeypatch):
+    obj = _plateau_objective(monkeypatch, wobble=0.0)
+    obj.cg = None
+    for _ in range(30):
+        obj(obj.space.start())  # the same point: no gain, but no stop
+    assert obj.best is None

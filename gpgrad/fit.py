@@ -198,7 +198,8 @@ def fit(
     seed : int, default 0
         Seed of the random starts.
     maxiter : int, default 300
-        L-BFGS-B iterations per start.
+        L-BFGS-B iterations per start (per problem when batched: each problem
+        of a batch is optimized on its own, see ``BATCH_OPTIMIZER``).
     gradient : {"auto", "autograd", "finite-difference"}
         How the likelihood's gradient is computed. ``"auto"`` uses torch when
         it is installed (the closed-form backward pass of
@@ -215,7 +216,14 @@ def fit(
         data-driven start.
     tol : float, default 1e-6
         A start ends when an iteration changes ``log p(y) / N`` by less than
-        ``tol`` relative to ``max(|log p(y)| / N, 1)``.
+        ``tol`` relative to ``max(|log p(y)| / N, 1)``. On the iterative
+        solver, whose likelihood is a stochastic estimate, it also ends when
+        ``STALL_EVALUATIONS`` evaluations in a row have not raised the best
+        ``log p(y)`` by ``STALL_RTOL`` of it.
+    batch_starts : bool, default False
+        Run the ``restarts`` starts of one problem as a batch of copies
+        (``backend="torch"``): one batched factorization per evaluation, each
+        start its own search.
 
     Returns
     -------
@@ -984,9 +992,16 @@ class _Objective:
         #: otherwise) and the most iterations an evaluation has needed
         self.cg = None if batch else _iterative_options(gp, obs, self.space)
         self.cg_iterations = 0
-        #: the best (θ, log p, evaluations since it improved) of this start,
-        #: tracked on the iterative solver only
+        #: the best (θ, log p, evaluations since it improved, trial points
+        #: refused by the iteration budget since) of this start, tracked on
+        #: the iterative solver only
         self.best = None
+        self._refused = False
+
+    def refused_since_best(self):
+        """Trial points refused by the CG iteration budget since this start's
+        best point was found (0 off the iterative solver)."""
+        return 0 if self.best is None else int(self.best[3])
 
     def new_start(self, start):
         """Begin start number ``start`` (1-based)."""
@@ -1000,8 +1015,9 @@ class _Objective:
         if self.cg is None or member is None:
             if self.cg is not None and self.best is not None:
                 self.best[2] += 1  # a failed evaluation is no improvement
+                self.best[3] += self._refused
         elif self.best is None:
-            self.best = [np.array(theta, copy=True), member, 0]
+            self.best = [np.array(theta, copy=True), member, 0, 0]
         else:
             best_total = float(np.sum(self.best[1]))
             if total > best_total:
@@ -1009,7 +1025,7 @@ class _Objective:
                 stale = self.best[2] + 1
                 if gain > STALL_RTOL * abs(best_total):
                     stale = 0
-                self.best = [np.array(theta, copy=True), member, stale]
+                self.best = [np.array(theta, copy=True), member, stale, 0]
             else:
                 self.best[2] += 1
         if self.best is not None and self.best[2] >= STALL_EVALUATIONS:
@@ -1044,14 +1060,19 @@ class _Objective:
             gp.method = self.cg.with_max_iter(budget)
         with warnings.catch_warnings():
             warnings.simplefilter("error", ConvergenceWarning)
-            post = gp.condition(*obs)
-            lml = post.log_marginal_likelihood()
+            try:
+                post = gp.condition(*obs)
+                lml = post.log_marginal_likelihood()
+            except ConvergenceWarning:
+                self._refused = True
+                raise
         used = int(getattr(post.solver, "stats", {}).get("iterations", 0))
         self.cg_iterations = max(self.cg_iterations, used)
         return lml
 
     def __call__(self, theta):
         self.count += 1
+        self._refused = False
         g = None
         try:
             if self.fast is not None:
@@ -1208,7 +1229,10 @@ class _Best:
     theta: np.ndarray
     member: np.ndarray
     totals: list
-    converged: bool
+    #: from any start (per problem when batched)
+    converged: bool | np.ndarray
+    #: trial points next to the best one refused by the CG iteration budget
+    refused: int = 0
 
 
 def _run_starts(objective, space, theta0, settings):
@@ -1227,14 +1251,15 @@ def _run_starts(objective, space, theta0, settings):
             theta, ok = x0, True
             if space.specs:
                 res = _minimize(objective, x0, space, settings)
-                theta, ok = res.x, bool(res.success)
-            best.converged |= ok
+                theta, ok = res.x, getattr(res, "converged", bool(res.success))
+            best.converged = best.converged | ok
             member = objective.member_lml(theta)
             best.totals.append(float(np.sum(member)))
             better = member > best.member
             if np.any(better):
                 best.theta = space.merge(best.theta, theta, better)
                 best.member = np.where(better, member, best.member)
+                best.refused = objective.refused_since_best()
             if settings.progress is True:
                 print(
                     f"gpgrad.fit: start {start + 1}/{settings.restarts} done, log "
@@ -1266,7 +1291,8 @@ def _fit_batched_starts(gp, obs, spec_args, settings):
         single, _ = _specs(gp, obs, (), *spec_args)
         theta = np.concatenate([t[k].reshape(-1) for t in space.split(best.theta)])
         totals = [float(m) for m in best.member]
-        winner = _Best(theta, np.asarray(best.member[k]), totals, best.converged)
+        converged = bool(np.any(best.converged))
+        winner = _Best(theta, np.asarray(best.member[k]), totals, converged)
         space = _Space(single, (), fixed_values)
         return _result(gp, obs, space, winner, objective, settings)
 
@@ -1292,6 +1318,9 @@ LONG = 10_000
 
 def _minimize(objective, x0, space, settings):
     from scipy.optimize import OptimizeResult, minimize
+
+    if space.batch and BATCH_OPTIMIZER == "per-problem":
+        return _minimize_batched(objective, x0, space, settings)
 
     options = {"maxiter": settings.maxiter, "ftol": settings.tol}
     if objective.fast is not None and objective.n_obs > LONG:
@@ -1320,6 +1349,177 @@ def _minimize(objective, x0, space, settings):
         )
 
 
+#: how a batch of problems is optimized: ``"per-problem"`` (each problem its
+#: own L-BFGS in lockstep, :func:`_minimize_batched`) or ``"joint"`` (one
+#: L-BFGS-B over all problems' hyperparameters, the summed loss; kept for
+#: comparison)
+BATCH_OPTIMIZER = "per-problem"
+#: L-BFGS memory (correction pairs) of the batched optimizer, as scipy's
+#: L-BFGS-B default
+LBFGS_MEMORY = 10
+#: step halvings before a batched problem's line search gives up
+MAX_BACKTRACKS = 30
+
+
+def _minimize_batched(objective, x0, space, settings):
+    """Every problem of a batch by its own projected L-BFGS, in lockstep.
+
+    The batch's problems are independent, but one L-BFGS-B over their joint
+    vector shares a single line search, curvature memory and stopping test
+    between them: one hard problem sets the step length for all, and the
+    summed loss stops on the batch's average progress, not each problem's.
+    Here every problem keeps its own memory, step length and convergence
+    test (L-BFGS-B's ``ftol`` and projected-gradient tests on its own
+    ``−log p / n``), and each batched evaluation advances every problem one
+    step of its own search; a converged problem stays where it stopped. The
+    direction is the two-loop L-BFGS direction on the variables not held at
+    a bound, the step a projected backtracking (Armijo) search.
+
+    Returns an :class:`~scipy.optimize.OptimizeResult` with ``x`` (the packed
+    ``θ``), ``success`` (every problem converged), ``converged`` (per
+    problem, ``batch`` shaped) and ``nit`` (the most steps a problem took).
+    """
+    from scipy.optimize import OptimizeResult
+
+    nb = int(np.prod(space.batch))
+    cols, i = [], 0  # the packed θ's entries of each spec as (nb, size) blocks
+    for size in space.sizes:
+        cols.append(np.arange(i, i + size).reshape(nb, -1))
+        i += size
+    index = np.concatenate(cols, axis=1)  # (nb, p): problem b's entries
+
+    def unpack(v):
+        return v[index]
+
+    def pack(m):
+        out = np.empty(index.size)
+        out[index] = m
+        return out
+
+    lo, hi = unpack(space.lo), unpack(space.hi)
+    n_per = objective.n_obs / nb
+
+    def evaluate(xm):
+        """Per problem ``−log p / n`` and its gradient (inf where the batch
+        evaluation failed) and the per-problem ``log p``."""
+        f, g = objective(pack(xm))
+        member = objective._last[1]
+        if member is None or f >= _BAD_OBJECTIVE:
+            return np.full(nb, np.inf), np.zeros_like(xm), None
+        member = np.broadcast_to(np.asarray(member, dtype=float), space.batch)
+        member = member.reshape(nb).copy()
+        return -member / n_per, unpack(g) * nb, member
+
+    def free(x, g):
+        """Variables not held at a bound by their gradient."""
+        return ~(((x <= lo) & (g > 0)) | ((x >= hi) & (g < 0)))
+
+    def direction(g, mask, S, Y, k):
+        """The two-loop L-BFGS direction, restricted to ``mask``."""
+        q = np.where(mask, g, 0.0)
+        m = S.shape[1]
+        alpha = np.zeros((nb, m))
+        rho = np.zeros((nb, m))
+        valid = np.arange(m)[None, :] < k[:, None]
+        sy = np.einsum("bjp,bjp->bj", S, Y)
+        rho[valid] = 1.0 / sy[valid]
+        for j in range(m):  # newest first
+            a = rho[:, j] * np.einsum("bp,bp->b", S[:, j], q)
+            alpha[:, j] = a
+            q = q - a[:, None] * Y[:, j]
+        yy = np.einsum("bp,bp->b", Y[:, 0], Y[:, 0])
+        gamma = np.where(k > 0, sy[:, 0] / np.where(yy > 0, yy, 1.0), 1.0)
+        r = gamma[:, None] * q
+        for j in reversed(range(m)):
+            b = rho[:, j] * np.einsum("bp,bp->b", Y[:, j], r)
+            r = r + (alpha[:, j] - b)[:, None] * S[:, j]
+        d = np.where(mask, -r, 0.0)
+        # not a descent direction (a stale memory): steepest descent afresh
+        bad = np.einsum("bp,bp->b", d, g) >= 0
+        if np.any(bad):
+            d[bad] = np.where(mask[bad], -g[bad], 0.0)
+            k[bad] = 0
+        return d
+
+    x = np.clip(unpack(np.asarray(x0, dtype=float)), lo, hi)
+    f, g, lml = evaluate(x)
+    if lml is None:  # the start itself cannot be evaluated
+        return OptimizeResult(
+            x=pack(x), success=False, converged=np.zeros(space.batch, bool), nit=0
+        )
+    p = x.shape[1]
+    S = np.zeros((nb, LBFGS_MEMORY, p))
+    Y = np.zeros((nb, LBFGS_MEMORY, p))
+    k = np.zeros(nb, dtype=int)
+    steps = np.zeros(nb, dtype=int)
+    done = np.zeros(nb, dtype=bool)
+    converged = np.zeros(nb, dtype=bool)
+
+    def projected_gradient(x, g):
+        return np.max(np.abs(np.clip(x - g, lo, hi) - x), axis=1)
+
+    converged[:] = projected_gradient(x, g) <= GTOL
+    done[:] = converged
+    d = direction(g, free(x, g), S, Y, k)
+    # the first step as L-BFGS-B's: 1/‖d‖, at most 1
+    t = np.minimum(1.0, 1.0 / np.maximum(np.linalg.norm(d, axis=1), 1e-300))
+    backtracks = np.zeros(nb, dtype=int)
+    while not np.all(done):
+        xt = np.where(done[:, None], x, np.clip(x + t[:, None] * d, lo, hi))
+        ft, gt, lt = evaluate(xt)
+        search = ~done
+        # Armijo on the projected path: f(x_t) ≤ f(x) + c₁ gᵀ(x_t − x)
+        slope = np.einsum("bp,bp->b", g, xt - x)
+        ok = search & np.isfinite(ft) & (ft <= f + 1e-4 * slope)
+        fail = search & ~ok
+        if np.any(ok):
+            s_new, y_new = xt[ok] - x[ok], gt[ok] - g[ok]
+            sy = np.einsum("bp,bp->b", s_new, y_new)
+            yy = np.einsum("bp,bp->b", y_new, y_new)
+            keep = sy > 2.2e-16 * yy  # curvature pairs L-BFGS-B would keep
+            rows = np.flatnonzero(ok)[keep]
+            if rows.size:
+                S[rows] = np.roll(S[rows], 1, axis=1)
+                Y[rows] = np.roll(Y[rows], 1, axis=1)
+                S[rows, 0] = s_new[keep]
+                Y[rows, 0] = y_new[keep]
+                k[rows] = np.minimum(k[rows] + 1, LBFGS_MEMORY)
+            reduction = (f[ok] - ft[ok]) / np.maximum.reduce(
+                [np.abs(f[ok]), np.abs(ft[ok]), np.ones(int(ok.sum()))]
+            )
+            x[ok], f[ok], g[ok], lml[ok] = xt[ok], ft[ok], gt[ok], lt[ok]
+            steps[ok] += 1
+            backtracks[ok] = 0
+            conv = np.zeros(nb, dtype=bool)
+            conv[ok] = (reduction <= settings.tol) | (
+                projected_gradient(x, g)[ok] <= GTOL
+            )
+            converged |= conv
+            done |= conv | (ok & (steps >= settings.maxiter))
+            go = ok & ~done
+            if np.any(go):
+                d_all = direction(g, free(x, g), S, Y, k)
+                d[go] = d_all[go]
+                t[go] = 1.0
+        if np.any(fail):
+            # backtrack: a safeguarded quadratic fit of f along the step, or
+            # a quarter of it where the evaluation failed
+            fin = np.isfinite(ft)
+            curv = ft - f - slope
+            tq = np.where(
+                fin & (curv > 0), -0.5 * slope * t / np.where(curv > 0, curv, 1.0), 0
+            )
+            shrink = np.where(fin, np.clip(tq / t, 0.1, 0.5), 0.25)
+            t[fail] *= shrink[fail]
+            backtracks[fail] += 1
+            done |= fail & (backtracks > MAX_BACKTRACKS)
+    objective._last = (pack(x), lml.reshape(space.batch))
+    conv = converged.reshape(space.batch)
+    return OptimizeResult(
+        x=pack(x), success=bool(np.all(conv)), converged=conv, nit=int(steps.max())
+    )
+
+
 # --------------------------------------------------------------------------
 # step 6: the result
 
@@ -1331,11 +1531,27 @@ def _result(gp, obs, space, best, objective, settings):
             "noise bounds (bounds={'noise.value': (lo, hi)}) or check the data "
             "for duplicated points"
         )
-    if space.specs and not best.converged:
+    if space.specs and not np.all(best.converged):
+        which = ""
+        if np.ndim(best.converged):
+            bad = int(np.size(best.converged) - np.count_nonzero(best.converged))
+            which = f" for {bad} of {np.size(best.converged)} problems"
         warnings.warn(
-            f"L-BFGS-B did not converge from any of the {settings.restarts} starts "
-            f"within {settings.maxiter} iterations; raise maxiter or check the "
-            "bounds",
+            f"L-BFGS-B did not converge{which} from any of the {settings.restarts} "
+            f"starts within {settings.maxiter} iterations; raise maxiter or check "
+            "the bounds",
+            FitWarning,
+            stacklevel=3,
+        )
+    if best.refused:
+        warnings.warn(
+            f"the fit stopped next to {best.refused} trial point(s) whose "
+            "conjugate-gradient solves needed more than the iteration budget "
+            f"({CG_BUDGET_FACTOR}x the most an earlier evaluation needed): the "
+            "likelihood may rise further towards a worse conditioned system, "
+            "typically a smaller noise. Bound the noise from below (fit(..., "
+            "bounds={'noise.gradient': (lower, upper)})) or fix it, or raise "
+            "gpgrad.fit.CG_BUDGET_FACTOR",
             FitWarning,
             stacklevel=3,
         )

@@ -157,6 +157,51 @@ def test_batched_torch_matches_looped_numpy():
         assert ls == pytest.approx(one.params["lengthscale"], rel=1e-2)
 
 
+def _batch_of_series(seeds, noises, scales):
+    pairs = [_series(seed=s, noise=n) for s, n in zip(seeds, noises)]
+    Xb = torch.as_tensor(np.stack([X for X, _ in pairs]))
+    yb = torch.as_tensor(np.stack([c * y for (_, y), c in zip(pairs, scales)]))
+    return Xb, yb
+
+
+def test_each_problem_of_a_batch_is_optimized_on_its_own():
+    # a problem's fit does not depend on the other problems in its batch:
+    # every problem has its own line search, memory and stopping test
+    gp = gpgrad.GP(K.Matern52(), backend="torch")
+    Xb, yb = _batch_of_series([6, 7, 8], [0.05, 0.2, 0.01], [1.0, 3.0, 0.1])
+    together = gpgrad.fit(gp, Xb, yb, restarts=1)
+    alone = gpgrad.fit(gp, Xb[:1], yb[:1], restarts=1)
+    pair = gpgrad.fit(gp, Xb[1:], yb[1:], restarts=1)
+    for name in ("variance", "lengthscale", "noise.value", "mean"):
+        a = np.asarray(together.params[name]).reshape(3)
+        b = np.concatenate(
+            [
+                np.asarray(alone.params[name]).reshape(1),
+                np.asarray(pair.params[name]).reshape(2),
+            ]
+        )
+        np.testing.assert_allclose(a, b, rtol=1e-9, err_msg=name)
+    # and each reaches its own single-problem optimum (to 10× the stopping
+    # test's relative change of the loss, 1e-6 per step)
+    for b in range(3):
+        one = gpgrad.fit(
+            gpgrad.GP(K.Matern52()), Xb[b].numpy(), yb[b].numpy(), restarts=1
+        )
+        assert float(together.log_marginal_likelihood[b]) == pytest.approx(
+            one.log_marginal_likelihood, rel=1e-5
+        )
+
+
+def test_a_batch_reports_which_problems_did_not_converge():
+    gp = gpgrad.GP(K.Matern52(), backend="torch")
+    Xb, yb = _batch_of_series([6, 7], [0.05, 0.2], [1.0, 3.0])
+    with pytest.warns(FitWarning, match="did not converge for 2 of 2 problems"):
+        gpgrad.fit(gp, Xb, yb, restarts=1, maxiter=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FitWarning)
+        gpgrad.fit(gp, Xb, yb, restarts=1)
+
+
 def test_torch_float32_gp_keeps_its_dtype():
     X, y = _series()
     gp = gpgrad.GP(K.RBF(), backend="torch", dtype=torch.float32)
@@ -396,6 +441,18 @@ def test_iterative_evaluations_over_the_budget_fail_and_the_optimizer_backs_off(
         warnings.simplefilter("error")
         f1, g1 = obj(theta)
     assert f1 == F._BAD_OBJECTIVE and not np.any(g1)
+    assert obj.refused_since_best() == 1
+    # a whole fit that ends next to refused trial points says so: from the
+    # 5th evaluation on, every trial point is over the budget
+    monkeypatch.setattr(F, "CG_BUDGET_FACTOR", 4)
+    monkeypatch.setattr(F, "CG_BUDGET_MIN", 1000)
+
+    def tighten(start, evaluation, lml):
+        if evaluation == 5:
+            F.CG_BUDGET_FACTOR, F.CG_BUDGET_MIN = 0, 1
+
+    with pytest.warns(FitWarning, match="iteration budget"):
+        gpgrad.fit(gp, *obs, restarts=1, progress=tighten)
     # a dense problem has no budget
     dense = _Objective(
         gpgrad.GP(K.Matern52()), obs, specs, fixed, (), "autograd", False

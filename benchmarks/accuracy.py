@@ -110,7 +110,7 @@ FUNCTIONS = [
 ]  # fmt: skip
 NOISE = [0.001, 0.02, 0.2]
 SIZES = [100]
-REPLICATES = 1
+REPLICATES = 3  # noise draws per case: one draw decides a case's coverage alone
 
 NO_TRUTH = [
     "gpgrad",

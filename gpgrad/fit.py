@@ -1361,6 +1361,99 @@ LBFGS_MEMORY = 10
 MAX_BACKTRACKS = 30
 
 
+#: the batched optimizer evaluates only the problems still searching once
+#: they are at most this share of the problems it evaluates
+COMPACT_FRACTION = 0.5
+
+
+def _problem_index(space):
+    """``(nb, p)``: the entries of the packed ``θ`` that belong to each
+    problem of ``space``'s (flattened) batch, in spec order."""
+    nb = int(np.prod(space.batch))
+    cols, i = [], 0
+    for size in space.sizes:
+        cols.append(np.arange(i, i + size).reshape(nb, -1))
+        i += size
+    return np.concatenate(cols, axis=1)
+
+
+def _size(v):
+    return int(np.size(B.to_numpy(v))) if v is not None else 1
+
+
+def _compactable(objective):
+    """Whether :func:`_sub_objective` can take a subset of ``objective``'s
+    problems: every per-problem quantity has the batch axes in front (points,
+    targets, the fitted hyperparameters' bounds); noises, fixed values and
+    functional fields shared by all problems."""
+    if objective.fast is not None or objective.gradient != "autograd":
+        return False
+    fitted = {s.name for s in objective.space.specs}
+    if any(_size(v) != 1 for v in objective.space.fixed_values.values()):
+        return False
+    gp = objective.gp
+    for name, v in gp.kernel.parameters().items():
+        if name not in fitted and _size(v) != 1:
+            return False
+    for f in objective.obs:
+        if f.noise is not None and _size(f.noise) != 1:
+            return False
+        if any(getattr(f, name) is not None for name in f.fields):
+            return False
+        if f"noise.{f.kind}" not in fitted and _size(gp.noise_for(f.kind)) != 1:
+            return False
+    return "mean" in fitted or _size(gp.mean) == 1
+
+
+def _sub_objective(objective, members):
+    """An :class:`_Objective` for the problems ``members`` (indices into the
+    flattened batch) of ``objective``, which :func:`_compactable` allows."""
+    import torch
+
+    space = objective.space
+    batch = tuple(space.batch)
+    nb, k = int(np.prod(batch)), len(batch)
+    rows = torch.as_tensor(members, dtype=torch.long)
+
+    def take(a, tail):
+        full = batch + tuple(tail)
+        return np.broadcast_to(np.asarray(a, dtype=float), full).reshape(
+            (nb,) + tuple(tail)
+        )[members]
+
+    specs = [
+        replace(
+            sp,
+            init=take(sp.init, sp.shape),
+            lower=take(sp.lower, sp.shape),
+            upper=take(sp.upper, sp.shape),
+            center=take(sp.center, sp.shape) if np.ndim(sp.center) else sp.center,
+            width=take(sp.width, sp.shape) if np.ndim(sp.width) else sp.width,
+        )
+        for sp in space.specs
+    ]
+
+    def rows_of(t):
+        t = torch.as_tensor(t)
+        return t.reshape((nb,) + tuple(t.shape[k:]))[rows.to(t.device)]
+
+    obs = [
+        type(f).build(f.kind, rows_of(f.X), rows_of(f.y), f.noise)
+        for f in objective.obs
+    ]
+    sub = _Objective(
+        objective.gp,
+        obs,
+        specs,
+        space.fixed_values,
+        (len(members),),
+        objective.gradient,
+        objective.progress,
+    )
+    sub.count, sub.start = objective.count, objective.start
+    return sub
+
+
 def _minimize_batched(objective, x0, space, settings):
     """Every problem of a batch by its own projected L-BFGS, in lockstep.
 
@@ -1376,39 +1469,50 @@ def _minimize_batched(objective, x0, space, settings):
     a bound, the step a projected backtracking (Armijo) search.
 
     Returns an :class:`~scipy.optimize.OptimizeResult` with ``x`` (the packed
-    ``θ``), ``success`` (every problem converged), ``converged`` (per
-    problem, ``batch`` shaped) and ``nit`` (the most steps a problem took).
+    ``θ``), ``success`` (every problem converged), ``converged`` and
+    ``steps`` (per problem, ``batch`` shaped) and ``nit`` (the most steps a
+    problem took).
     """
     from scipy.optimize import OptimizeResult
 
     nb = int(np.prod(space.batch))
-    cols, i = [], 0  # the packed θ's entries of each spec as (nb, size) blocks
-    for size in space.sizes:
-        cols.append(np.arange(i, i + size).reshape(nb, -1))
-        i += size
-    index = np.concatenate(cols, axis=1)  # (nb, p): problem b's entries
+    index = _problem_index(space)  # (nb, p): problem b's entries of θ
 
     def unpack(v):
         return v[index]
 
-    def pack(m):
-        out = np.empty(index.size)
-        out[index] = m
+    def pack(m, idx=index):
+        out = np.empty(idx.size)
+        out[idx] = m
         return out
 
     lo, hi = unpack(space.lo), unpack(space.hi)
     n_per = objective.n_obs / nb
+    # the problems evaluated (all, until few are left searching) and their
+    # objective
+    state = {"members": np.arange(nb), "obj": objective, "index": index}
+    compact = _compactable(objective)
 
-    def evaluate(xm):
+    def evaluate(xm, f_now, g_now, lml_now):
         """Per problem ``−log p / n`` and its gradient (inf where the batch
-        evaluation failed) and the per-problem ``log p``."""
-        f, g = objective(pack(xm))
-        member = objective._last[1]
+        evaluation failed) and the per-problem ``log p``; the problems not
+        evaluated keep ``f_now``, ``g_now``, ``lml_now``."""
+        members, obj = state["members"], state["obj"]
+        f, g = obj(pack(xm[members], state["index"]))
+        objective.count = obj.count
+        member = obj._last[1]
+        m = len(members)
         if member is None or f >= _BAD_OBJECTIVE:
-            return np.full(nb, np.inf), np.zeros_like(xm), None
-        member = np.broadcast_to(np.asarray(member, dtype=float), space.batch)
-        member = member.reshape(nb).copy()
-        return -member / n_per, unpack(g) * nb, member
+            ft = f_now.copy()
+            ft[members] = np.inf
+            gt = g_now.copy()
+            return ft, gt, None
+        member = np.asarray(member, dtype=float).reshape(m)
+        ft, gt, lt = f_now.copy(), g_now.copy(), lml_now.copy()
+        ft[members] = -member / n_per
+        gt[members] = g[state["index"]] * m
+        lt[members] = member
+        return ft, gt, lt
 
     def free(x, g):
         """Variables not held at a bound by their gradient."""
@@ -1442,7 +1546,7 @@ def _minimize_batched(objective, x0, space, settings):
         return d
 
     x = np.clip(unpack(np.asarray(x0, dtype=float)), lo, hi)
-    f, g, lml = evaluate(x)
+    f, g, lml = evaluate(x, np.zeros(nb), np.zeros_like(x), np.zeros(nb))
     if lml is None:  # the start itself cannot be evaluated
         return OptimizeResult(
             x=pack(x), success=False, converged=np.zeros(space.batch, bool), nit=0
@@ -1465,8 +1569,14 @@ def _minimize_batched(objective, x0, space, settings):
     t = np.minimum(1.0, 1.0 / np.maximum(np.linalg.norm(d, axis=1), 1e-300))
     backtracks = np.zeros(nb, dtype=int)
     while not np.all(done):
+        searching = np.flatnonzero(~done)
+        if compact and searching.size <= COMPACT_FRACTION * len(state["members"]):
+            # evaluate only the problems still searching from now on
+            state["obj"] = _sub_objective(objective, searching)
+            state["members"] = searching
+            state["index"] = _problem_index(state["obj"].space)
         xt = np.where(done[:, None], x, np.clip(x + t[:, None] * d, lo, hi))
-        ft, gt, lt = evaluate(xt)
+        ft, gt, lt = evaluate(xt, f, g, lml)
         search = ~done
         # Armijo on the projected path: f(x_t) ≤ f(x) + c₁ gᵀ(x_t − x)
         slope = np.einsum("bp,bp->b", g, xt - x)
@@ -1516,7 +1626,11 @@ def _minimize_batched(objective, x0, space, settings):
     objective._last = (pack(x), lml.reshape(space.batch))
     conv = converged.reshape(space.batch)
     return OptimizeResult(
-        x=pack(x), success=bool(np.all(conv)), converged=conv, nit=int(steps.max())
+        x=pack(x),
+        success=bool(np.all(conv)),
+        converged=conv,
+        nit=int(steps.max()),
+        steps=steps.reshape(space.batch),
     )
 
 

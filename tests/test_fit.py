@@ -192,6 +192,44 @@ def test_each_problem_of_a_batch_is_optimized_on_its_own():
         )
 
 
+def test_a_batch_evaluates_only_the_problems_still_searching(monkeypatch):
+    from gpgrad import fit as F
+
+    gp = gpgrad.GP(K.Matern52(), backend="torch")
+    Xb, yb = _batch_of_series([6, 7, 8, 9], [0.05, 0.2, 0.01, 0.1], [1, 3, 0.1, 2])
+    sizes = []
+    real = F._sub_objective
+    monkeypatch.setattr(
+        F, "_sub_objective", lambda o, m: sizes.append(len(m)) or real(o, m)
+    )
+    compact = gpgrad.fit(gp, Xb, yb, restarts=1)
+    assert sizes and sizes == sorted(sizes, reverse=True) and sizes[0] <= 2
+    monkeypatch.setattr(F, "COMPACT_FRACTION", -1.0)  # never
+    sizes.clear()
+    full = gpgrad.fit(gp, Xb, yb, restarts=1)
+    assert sizes == []
+    np.testing.assert_allclose(
+        np.asarray(compact.log_marginal_likelihood),
+        np.asarray(full.log_marginal_likelihood),
+        rtol=1e-10,
+    )
+    for name in ("variance", "lengthscale", "noise.value", "mean"):
+        np.testing.assert_allclose(
+            np.asarray(compact.params[name]),
+            np.asarray(full.params[name]),
+            rtol=1e-6,
+            err_msg=name,
+        )
+    # a functional with fields (directions): every problem stays in the
+    # evaluations
+    U = torch.ones(30, 1, dtype=torch.float64)
+    obs = [gpgrad.values(Xb, yb), gpgrad.directional(Xb, U, yb, noise=0.1)]
+    sizes.clear()
+    monkeypatch.setattr(F, "COMPACT_FRACTION", 0.5)
+    res = gpgrad.fit(gp, *obs, restarts=1)
+    assert sizes == [] and res.log_marginal_likelihood.shape == (4,)
+
+
 def test_a_batch_reports_which_problems_did_not_converge():
     gp = gpgrad.GP(K.Matern52(), backend="torch")
     Xb, yb = _batch_of_series([6, 7], [0.05, 0.2], [1.0, 3.0])

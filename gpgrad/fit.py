@@ -1171,6 +1171,8 @@ def _to_torch(f, dtype, device):
             return a
         if not (isinstance(a, np.ndarray) or B.is_tensor(a)):
             return a
+        if isinstance(a, np.ndarray) and not a.flags.writeable:
+            a = np.array(a)  # torch warns on (and may write to) read-only memory
         return torch.as_tensor(a, dtype=dtype, device=device)
 
     fields = {name: conv(getattr(f, name)) for name in f.fields}

@@ -453,11 +453,9 @@ def test_iterative_fits_start_on_a_subset(monkeypatch):
     assert calls == []
 
 
-def test_iterative_evaluations_over_the_budget_fail_and_the_optimizer_backs_off(
-    monkeypatch,
-):
-    from gpgrad import fit as F
-
+def _cg_objective():
+    """A small problem's objective on the iterative solver (4 probes), its GP
+    and its parsed observations."""
     rng = np.random.default_rng(3)
     X = rng.uniform(0, 1, (12, 2))
     obs = gpgrad.GP(K.Matern52())._parse(
@@ -467,6 +465,15 @@ def test_iterative_evaluations_over_the_budget_fail_and_the_optimizer_backs_off(
     specs, fixed = _specs(gp, obs, (), None, None, False, True)
     obj = _Objective(gp, obs, specs, fixed, (), "autograd", False)
     assert obj.cg is not None
+    return gp, obs, obj
+
+
+def test_iterative_evaluations_over_the_budget_fail_and_the_optimizer_backs_off(
+    monkeypatch,
+):
+    from gpgrad import fit as F
+
+    gp, obs, obj = _cg_objective()
     theta = obj.space.start()
     f0, g0 = obj(theta)
     assert f0 < F._BAD_OBJECTIVE and obj.cg_iterations > 1
@@ -492,8 +499,15 @@ def test_iterative_evaluations_over_the_budget_fail_and_the_optimizer_backs_off(
     with pytest.warns(FitWarning, match="iteration budget"):
         gpgrad.fit(gp, *obs, restarts=1, progress=tighten)
     # a dense problem has no budget
+    space = obj.space
     dense = _Objective(
-        gpgrad.GP(K.Matern52()), obs, specs, fixed, (), "autograd", False
+        gpgrad.GP(K.Matern52()),
+        obs,
+        space.specs,
+        space.fixed_values,
+        (),
+        "autograd",
+        False,
     )
     assert dense.cg is None
 
@@ -504,15 +518,7 @@ def _plateau_objective(monkeypatch, wobble):
     the start in every coordinate, plus what a stochastic estimate adds: a
     value that wobbles by ``wobble`` nats between nearby points and a gradient
     that is not the value's (both pseudo-random in θ, deterministic)."""
-    rng = np.random.default_rng(3)
-    X = rng.uniform(0, 1, (12, 2))
-    obs = gpgrad.GP(K.Matern52())._parse(
-        [gpgrad.values(X, np.sin(3 * X).sum(1)), gpgrad.gradients(X, np.cos(X))]
-    )
-    gp = gpgrad.GP(K.Matern52(), method=gpgrad.CG(probes=4))
-    specs, fixed = _specs(gp, obs, (), None, None, False, True)
-    obj = _Objective(gp, obs, specs, fixed, (), "autograd", False)
-    assert obj.cg is not None
+    gp, obs, obj = _cg_objective()
     peak = torch.as_tensor(obj.space.start() + 0.3)
 
     def lml(t):
@@ -582,3 +588,16 @@ def test_a_dense_objective_has_no_stall_rule(monkeypatch):
     for _ in range(30):
         obj(obj.space.start())  # the same point: no gain, but no stop
     assert obj.best is None
+
+
+def test_read_only_inputs_fit_without_a_warning():
+    # scikit-learn's checks pass read-only arrays; torch warns when it wraps
+    # one (and could write to it), so the fit copies them first
+    X, y = _series(seed=3)
+    X.setflags(write=False)
+    y.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("ignore", FitWarning)
+        gpgrad.fit(gpgrad.GP(K.RBF()), X, y, restarts=1)
+    assert not X.flags.writeable and not y.flags.writeable

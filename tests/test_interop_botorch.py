@@ -286,11 +286,13 @@ def test_exact_mll_is_the_gpgrad_log_marginal_likelihood():
 def test_fit_gpytorch_mll_runs_and_raises_the_likelihood():
     model = _model(noise=None)
     mll = ExactMarginalLogLikelihood(model.likelihood, model)
-    before = float(mll(model(*model.train_inputs), model.train_targets))
+    with torch.no_grad():
+        before = float(mll(model(*model.train_inputs), model.train_targets))
     fit_gpytorch_mll(mll, optimizer_kwargs={"options": {"maxiter": 10}})
     assert not model.training
     mll.train()
-    after = float(mll(model(*model.train_inputs), model.train_targets))
+    with torch.no_grad():
+        after = float(mll(model(*model.train_inputs), model.train_targets))
     assert after > before
     # the posterior follows the new hyperparameters
     ls = model.covar_module.lengthscale.detach()[0]

@@ -938,6 +938,18 @@ STALL_EVALUATIONS = 10
 STALL_RTOL = 5e-5
 
 
+@dataclass
+class _StartBest:
+    """The best point of the current start on the iterative solver."""
+
+    theta: np.ndarray
+    member: np.ndarray
+    #: evaluations since the best log p last rose by more than STALL_RTOL
+    stale: int = 0
+    #: trial points refused by the iteration budget since it was found
+    refused: int = 0
+
+
 class _Stalled(Exception):
     """Raised by :class:`_Objective` to end a start on a stochastic objective
     that has stopped improving (see :data:`STALL_EVALUATIONS`)."""
@@ -992,16 +1004,15 @@ class _Objective:
         #: otherwise) and the most iterations an evaluation has needed
         self.cg = None if batch else _iterative_options(gp, obs, self.space)
         self.cg_iterations = 0
-        #: the best (θ, log p, evaluations since it improved, trial points
-        #: refused by the iteration budget since) of this start, tracked on
-        #: the iterative solver only
+        #: this start's :class:`_StartBest`, tracked on the iterative solver
+        #: only
         self.best = None
         self._refused = False
 
     def refused_since_best(self):
         """Trial points refused by the CG iteration budget since this start's
         best point was found (0 off the iterative solver)."""
-        return 0 if self.best is None else int(self.best[3])
+        return 0 if self.best is None else self.best.refused
 
     def new_start(self, start):
         """Begin start number ``start`` (1-based)."""
@@ -1014,21 +1025,21 @@ class _Objective:
         more than :data:`STALL_RTOL` of it."""
         if self.cg is None or member is None:
             if self.cg is not None and self.best is not None:
-                self.best[2] += 1  # a failed evaluation is no improvement
-                self.best[3] += self._refused
+                self.best.stale += 1  # a failed evaluation is no improvement
+                self.best.refused += self._refused
         elif self.best is None:
-            self.best = [np.array(theta, copy=True), member, 0, 0]
+            self.best = _StartBest(np.array(theta, copy=True), member)
         else:
-            best_total = float(np.sum(self.best[1]))
+            best_total = float(np.sum(self.best.member))
             if total > best_total:
                 gain = total - best_total
-                stale = self.best[2] + 1
+                stale = self.best.stale + 1
                 if gain > STALL_RTOL * abs(best_total):
                     stale = 0
-                self.best = [np.array(theta, copy=True), member, stale, 0]
+                self.best = _StartBest(np.array(theta, copy=True), member, stale)
             else:
-                self.best[2] += 1
-        if self.best is not None and self.best[2] >= STALL_EVALUATIONS:
+                self.best.stale += 1
+        if self.best is not None and self.best.stale >= STALL_EVALUATIONS:
             raise _Stalled
 
     def _lml(self, theta):
@@ -1127,12 +1138,16 @@ class _Objective:
 
     def member_lml(self, theta):
         """Log marginal likelihood per problem (``-inf`` where it fails); the
-        last evaluation's when it was at ``theta``."""
-        known = [k for k in (self._last, self.best) if k is not None]
-        member = next(
-            (k[1] for k in known if k[1] is not None and np.array_equal(k[0], theta)),
-            None,
-        )
+        last evaluation's (or this start's best one's) when it was at
+        ``theta``."""
+        known = [self._last]
+        if self.best is not None:
+            known.append((self.best.theta, self.best.member))
+        member = None
+        for k in known:
+            if k is not None and k[1] is not None and np.array_equal(k[0], theta):
+                member = k[1]
+                break
         if member is None:
             try:
                 with warnings.catch_warnings():
@@ -1345,7 +1360,7 @@ def _minimize(objective, x0, space, settings):
         # converged as far as the stochastic estimate can tell: the best
         # point of this start
         return OptimizeResult(
-            x=objective.best[0],
+            x=objective.best.theta,
             success=True,
             message="no gain above the estimator's resolution",
         )
@@ -1372,11 +1387,8 @@ def _problem_index(space):
     """``(nb, p)``: the entries of the packed ``θ`` that belong to each
     problem of ``space``'s (flattened) batch, in spec order."""
     nb = int(np.prod(space.batch))
-    cols, i = [], 0
-    for size in space.sizes:
-        cols.append(np.arange(i, i + size).reshape(nb, -1))
-        i += size
-    return np.concatenate(cols, axis=1)
+    parts = space.split(np.arange(sum(space.sizes)))
+    return np.concatenate([a.reshape(nb, -1) for a in parts], axis=1)
 
 
 def _size(v):

@@ -568,7 +568,7 @@ def test_a_stochastic_objective_stops_when_it_no_longer_improves(monkeypatch):
     last_gain = np.flatnonzero(gains > F.STALL_RTOL * 1e6)[-1] + 1
     assert len(seen) - 1 - last_gain == F.STALL_EVALUATIONS
     assert best >= last_gain
-    np.testing.assert_array_equal(res.x, obj.best[0])
+    np.testing.assert_array_equal(res.x, obj.best.theta)
     assert seen[best] == float(np.sum(obj.member_lml(res.x)))
     # near the optimum (within ~10 nats: |θ − peak| ≲ 0.03)
     assert np.all(np.abs(res.x - (obj.space.start() + 0.3)) < 0.1)

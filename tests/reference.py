@@ -15,7 +15,7 @@ from itertools import product
 import mpmath as mp
 import numpy as np
 import torch
-from torch.func import jacfwd, jacrev, vmap
+from torch.func import jacrev, vmap
 
 import gpgrad
 from gpgrad import kernels as K
@@ -35,8 +35,21 @@ class MpOps:
     pi = mp.pi
 
 
+# Each sum over the inputs is one tensor expression under torch (one op per
+# step instead of one per input: autodiff's cost is per op) and a loop over
+# the coordinates under mpmath; the same formula either way.
+
+
 def _sq(x, y, ls):
+    if isinstance(x, torch.Tensor):
+        return (((x - y) / torch.tensor(ls, dtype=x.dtype)) ** 2).sum()
     return sum(((x[i] - y[i]) / ls[i]) ** 2 for i in range(len(ls)))
+
+
+def _dot(x, y, ls):
+    if isinstance(x, torch.Tensor):
+        return (x * y / torch.tensor(ls, dtype=x.dtype) ** 2).sum()
+    return sum(x[i] * y[i] / ls[i] ** 2 for i in range(len(ls)))
 
 
 def rbf(var, ls):
@@ -66,23 +79,25 @@ def rq(var, ls, alpha):
 
 def periodic(var, ls, period):
     def f(x, y, o):
-        s = sum(
-            2 * o.sin(o.pi * (x[i] - y[i]) / period) ** 2 / ls[i] ** 2
-            for i in range(len(ls))
-        )
+        if isinstance(x, torch.Tensor):
+            lt = torch.tensor(ls, dtype=x.dtype)
+            s = (2 * torch.sin(math.pi * (x - y) / period) ** 2 / lt**2).sum()
+        else:
+            s = sum(
+                2 * o.sin(o.pi * (x[i] - y[i]) / period) ** 2 / ls[i] ** 2
+                for i in range(len(ls))
+            )
         return var * o.exp(-s)
 
     return f
 
 
 def linear(var, ls):
-    return lambda x, y, o: var * sum(x[i] * y[i] / ls[i] ** 2 for i in range(len(ls)))
+    return lambda x, y, o: var * _dot(x, y, ls)
 
 
 def poly(var, ls, degree, offset):
-    return lambda x, y, o: (
-        var * (sum(x[i] * y[i] / ls[i] ** 2 for i in range(len(ls))) + offset) ** degree
-    )
+    return lambda x, y, o: var * (_dot(x, y, ls) + offset) ** degree
 
 
 def const(var):
@@ -182,40 +197,63 @@ def cases(d=2):
     return out
 
 
+def _one_order_more(g, argnum):
+    """``g`` returns the tuple of derivative tensors of orders 0..m on input
+    ``argnum``; the returned function returns orders 0..m + 1 (``has_aux``
+    hands the lower orders through, so they are computed once)."""
+
+    def h(a, b):
+        def top(a, b):
+            lower = g(a, b)
+            return lower[-1], lower
+
+        new, lower = jacrev(top, argnums=argnum, has_aux=True)(a, b)
+        return (*lower, new)
+
+    return h
+
+
 @functools.cache
-def _derivative_functions(f, max_p=2, max_q=2):
-    """The functions (x, y) -> T[(p, q)] for reference ``f``, built once per
-    reference function (reverse mode for the first derivative on x, forward
-    mode for the others)."""
+def _derivative_function(f, max_p=2, max_q=2):
+    """One function (x, y) -> {(p, q): T[(p, q)]} for reference ``f``, built
+    once per reference function.
 
-    def k(a, b):
-        return f(a, b, TorchOps)
+    Every derivative is reverse mode (``jacrev`` of ``jacrev``): forward mode
+    in torch meets constants as "efficient zero" tangents, whose shapes it
+    infers by Python meta kernels, ~20x slower here for the same values (to
+    rounding). One evaluation gives every (p, q): the (max_p, max_q) tensor
+    computes the lower orders on the way.
+    """
 
-    funcs = {}
-    for p in range(max_p + 1):
-        g = k
-        for _ in range(p):
-            g = jacfwd(g, argnums=0) if _ else jacrev(g, argnums=0)
-        for q in range(max_q + 1):
-            h = g
-            for _ in range(q):
-                h = jacfwd(h, argnums=1)
-            funcs[(p, q)] = h
-    return funcs
+    def by_p(a, b):  # orders 0..max_p on x
+        g = lambda a, b: (f(a, b, TorchOps),)  # noqa: E731
+        for _ in range(max_p):
+            g = _one_order_more(g, 0)
+        return g(a, b)
+
+    g = lambda a, b: (by_p(a, b),)  # noqa: E731
+    for _ in range(max_q):  # then orders 0..max_q on y of every one of them
+        g = _one_order_more(g, 1)
+
+    def all_orders(a, b):
+        by_q = g(a, b)
+        return {(p, q): by_q[q][p] for p in range(max_p + 1) for q in range(max_q + 1)}
+
+    return all_orders
 
 
 def derivative_tensors(f, x, y, max_p=2, max_q=2):
     """T[(p, q)]: the tensor of p derivatives on x then q on y of f(x, y)."""
-    funcs = _derivative_functions(f, max_p, max_q)
-    return {key: h(x, y).numpy(force=True) for key, h in funcs.items()}
+    T = _derivative_function(f, max_p, max_q)(x, y)
+    return {key: t.numpy(force=True) for key, t in T.items()}
 
 
 def derivative_tensors_batch(f, XA, XB, max_p=2, max_q=2):
     """T[(p, q)] of shape (npairs, d, ..., d) for the point pairs (XA[i], XB[i]):
     the same derivatives as :func:`derivative_tensors`, vectorized over the
     pairs with ``torch.func.vmap``."""
-    funcs = _derivative_functions(f, max_p, max_q)
-    return {key: vmap(h)(XA, XB).numpy(force=True) for key, h in funcs.items()}
+    T = vmap(_derivative_function(f, max_p, max_q))(XA, XB)
+    return {key: t.numpy(force=True) for key, t in T.items()}
 
 
 #: mpmath tensors at coincident points of stationary references, by case key:

@@ -6,6 +6,7 @@ default generator) that a test or a library under test may use unseeded, so
 that no test sees different data from one run to the next.
 """
 
+import gc
 import os
 import random
 
@@ -26,6 +27,31 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     from threadpoolctl import threadpool_limits
 
     _BLAS_LIMIT = threadpool_limits(limits=1)
+
+
+# The cyclic garbage collector's full passes scan every tracked object, and
+# the suite's imports (torch and its compiler stack, scipy, sklearn,
+# matplotlib, gpytorch) leave millions of them alive to the end of the
+# session. What is alive after this file's imports, after each test module's
+# collection and after each test is frozen out of the collector's sight (once
+# a pass has collected that step's garbage), so that its passes scan only
+# what the current step makes: ~7 s per worker less, and pytest's five passes
+# at the end of the session take no time.
+gc.freeze()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    yield
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    yield
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True)

@@ -32,6 +32,16 @@ linear trend), and a prior on θ that the data do not supply. BIC is the same
 Laplace approximation with a unit-information prior: cheap, defined at a
 bound, and consistent (it picks the true family as N grows).
 
+Each member is in turn averaged over its own hyperparameters
+(:func:`hyperparameter_points`): the Laplace approximation of
+``p(log θ | y)`` at the fitted values, integrated by a cubature rule of
+``2p`` points. A plug-in fit treats the fitted lengthscales, variances and
+noise as known; where the data pin them down loosely (few points, much
+noise, a variance traded against a lengthscale) its bands are too narrow.
+Measured on ``benchmarks/accuracy.py``: ``tanh`` at 0.1 % noise, 74 % → 88 %
+coverage of the 95 % bands; the chirp at 0.1 %, 84 % → 91 %; the RMSE as
+good or slightly better.
+
 The search is staged so that it stays interactive: the base families are fitted
 once each on at most ``search_points`` observations (an evenly spread
 subset); refinements (an input warping, a linear trend, a periodic part when
@@ -55,7 +65,7 @@ import numpy as np
 
 from . import backend as B
 from . import kernels as K
-from .exceptions import GPGradWarning, NotPositiveDefiniteError
+from .exceptions import GPGradWarning, JitterWarning, NotPositiveDefiniteError
 from .fit import FitResult, fit
 from .functionals import gradients, values
 from .gp import GP
@@ -69,6 +79,7 @@ __all__ = [
     "Candidate",
     "default_candidates",
     "estimate",
+    "hyperparameter_points",
     "DerivativeEstimate",
 ]
 
@@ -77,6 +88,16 @@ WARP_BOUNDS = (0.25, 4.0)
 #: share of the identity in the warping: the effective lengthscale at the
 #: box's ends stays within 10× of the unwarped one (see ``Warped(floor=)``)
 WARP_FLOOR = 0.1
+#: largest standard deviation of a log-hyperparameter in a member's Laplace
+#: approximation (a factor e): a direction the likelihood leaves flat (the
+#: second scale of a rational quadratic near its RBF limit) is explored that
+#: far and no further
+LAPLACE_MAX_SD = 1.0
+#: step of the finite-difference Hessian of ``log p(y | θ)`` in ``log θ``
+HESSIAN_STEP = 1e-2
+#: members lighter than this are not averaged over their hyperparameters
+#: (their mode alone stands for them)
+MARGINALIZE_MIN_WEIGHT = 0.05
 
 
 # --------------------------------------------------------------------------
@@ -341,6 +362,15 @@ class Member:
         ``log p(y | θ̂) − p/2 · log N``.
     weight : float
         Posterior model probability.
+    points : list of Posterior
+        The member conditioned at the cubature points of its hyperparameters'
+        Laplace approximation (:func:`hyperparameter_points`); its queries
+        average over them. ``[posterior]`` when not marginalized.
+    point_weights : ndarray
+        The points' weights (sum to 1).
+    log_sd : dict
+        ``name -> standard deviation of log θ`` in the Laplace approximation
+        (the marginalized hyperparameters; empty when not marginalized).
     """
 
     name: str
@@ -350,6 +380,14 @@ class Member:
     n_params: int
     log_evidence: float
     weight: float = 0.0
+    points: list = field(default_factory=list)
+    point_weights: np.ndarray = field(default_factory=lambda: np.ones(1))
+    log_sd: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.points:
+            self.points = [self.posterior]
+            self.point_weights = np.ones(1)
 
     @property
     def kernel(self):
@@ -406,38 +444,39 @@ class AveragedPosterior:
         w = np.array([m.weight for m in ms])
         return ms, w / w.sum()
 
-    def _mix(self, preds, w, full_cov):
-        return mixture(preds, w, full_cov=full_cov)
+    def _mix(self, order, query, full_cov):
+        """The mixture over the usable members and, within each, over its
+        hyperparameter points; ``query(posterior)`` is one prediction."""
+        ms, w = self._usable(order)
+        preds, weights = [], []
+        for m, wm in zip(ms, w):
+            for post, wp in zip(m.points, m.point_weights):
+                preds.append(query(post))
+                weights.append(wm * wp)
+        return mixture(preds, np.asarray(weights), full_cov=full_cov)
 
     def value(self, X, full_cov=False) -> Prediction:
         """Mixture posterior of ``f`` at ``X``: mean and var (..., m)."""
-        ms, w = self._usable(0)
-        return self._mix([m.posterior.value(X, full_cov) for m in ms], w, full_cov)
+        return self._mix(0, lambda p: p.value(X, full_cov), full_cov)
 
     def gradient(self, X, full_cov=False) -> Prediction:
         """Mixture posterior of ``∇f`` at ``X``: mean and var (..., m, d)."""
-        ms, w = self._usable(1)
-        preds = [m.posterior.gradient(X, full_cov) for m in ms]
-        return self._mix(preds, w, full_cov)
+        return self._mix(1, lambda p: p.gradient(X, full_cov), full_cov)
 
     def hessian(self, X, full_cov=False) -> Prediction:
         """Mixture posterior of the Hessian at ``X``: (..., m, d, d)."""
-        ms, w = self._usable(2)
-        preds = [m.posterior.hessian(X, full_cov) for m in ms]
-        return self._mix(preds, w, full_cov)
+        return self._mix(2, lambda p: p.hessian(X, full_cov), full_cov)
 
     def directional(self, X, U, full_cov=False) -> Prediction:
         """Mixture posterior of ``u·∇f`` at ``X``: (..., m)."""
-        ms, w = self._usable(1)
-        preds = [m.posterior.directional(X, U, full_cov) for m in ms]
-        return self._mix(preds, w, full_cov)
+        return self._mix(1, lambda p: p.directional(X, U, full_cov), full_cov)
 
     def predict(self, *queries, full_cov=False) -> Prediction:
         """Mixture posterior of a joint query set (see ``Posterior.predict``)."""
         order = max(q.order for q in queries) if queries else 0
-        ms, w = self._usable(order)
-        preds = [m.posterior.predict(*queries, full_cov=full_cov) for m in ms]
-        return self._mix(preds, w, full_cov)
+        return self._mix(
+            order, lambda p: p.predict(*queries, full_cov=full_cov), full_cov
+        )
 
     def summary(self) -> str:
         """The members, their evidence and weights, one line each."""
@@ -447,10 +486,13 @@ class AveragedPosterior:
             f"in {self.seconds:.2f} s)"
         ]
         for m in self.members:
+            spread = ""
+            if len(m.points) > 1:
+                spread = f", averaged over {len(m.points)} hyperparameter points"
             lines.append(
                 f"  {m.weight:7.3f}  {m.name:<18} log ML "
                 f"{m.log_marginal_likelihood:.6g}, {m.n_params} parameters, "
-                f"log evidence {m.log_evidence:.6g}"
+                f"log evidence {m.log_evidence:.6g}{spread}"
             )
         return "\n".join(lines)
 
@@ -573,6 +615,197 @@ def _fit_one(cand, obs, *, backend, method, restarts, seed, ard, maxiter):
     return best
 
 
+# --------------------------------------------------------------------------
+# hyperparameter uncertainty
+
+
+def _log_coordinates(res: FitResult):
+    """The fitted hyperparameters a Laplace approximation covers: positive,
+    not on a bound (there the likelihood is not locally quadratic), not the
+    constant mean. Returns ``(names, shapes, log θ̂ flattened)``."""
+    names, shapes, flat = [], [], []
+    for name in res.fitted:
+        if name == "mean" or name in res.on_bound:
+            continue
+        v = res.params[name]
+        v = np.asarray(B.to_numpy(v) if B.is_tensor(v) else v, dtype=float)
+        if np.any(v <= 0):
+            continue
+        names.append(name)
+        shapes.append(v.shape)
+        flat.append(np.log(v).ravel())
+    theta = np.concatenate(flat) if flat else np.zeros(0)
+    return names, shapes, theta
+
+
+def _model_at(res: FitResult, names, shapes, theta) -> GP:
+    """``res.gp`` with the hyperparameters ``names`` at ``exp(θ)``."""
+    from .fit import _assemble
+
+    entries, i = {}, 0
+    for name, shape in zip(names, shapes):
+        size = int(np.prod(shape)) if shape else 1
+        v = np.exp(theta[i : i + size]).reshape(shape)
+        entries[name] = float(v) if not shape else v
+        i += size
+    return _assemble(res.gp, entries, (), {}, res.gp.backend)
+
+
+def _lml_hessian(res, names, shapes, theta, obs, step):
+    """Central-difference Hessian of ``log p(y | θ)`` in ``log θ``.
+
+    Each coordinate's step starts at ``step`` and shrinks to a fifth of the
+    standard deviation its own curvature implies when that is smaller (a
+    period pinned down to 0.3 % by many cycles): a step wider than the peak
+    would read a curvature far too small."""
+
+    def lml(t):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", JitterWarning)
+                gp = _model_at(res, names, shapes, t)
+                return B.to_float(gp.log_marginal_likelihood(*obs))
+        except NotPositiveDefiniteError:
+            return -math.inf
+
+    p = theta.size
+    f0 = lml(theta)
+    h = np.full(p, float(step))
+    diag = np.empty(p)
+    for i in range(p):
+        for _ in range(6):
+            e = np.zeros(p)
+            e[i] = h[i]
+            diag[i] = (lml(theta + e) - 2.0 * f0 + lml(theta - e)) / h[i] ** 2
+            if not (diag[i] < 0 and 1.0 / math.sqrt(-diag[i]) < 5.0 * h[i]):
+                break
+            h[i] = 0.2 / math.sqrt(-diag[i])
+    H = np.diag(diag)
+    for i in range(p):
+        for j in range(i + 1, p):
+            ei = np.zeros(p)
+            ej = np.zeros(p)
+            ei[i], ej[j] = h[i], h[j]
+            H[i, j] = H[j, i] = (
+                lml(theta + ei + ej)
+                - lml(theta + ei - ej)
+                - lml(theta - ei + ej)
+                + lml(theta - ei - ej)
+            ) / (4.0 * h[i] * h[j])
+    return H
+
+
+def hyperparameter_points(
+    res: FitResult,
+    observations,
+    *,
+    posterior=None,
+    hessian_observations=None,
+    scale: float = 1.0,
+):
+    """A member's posterior averaged over its hyperparameters' uncertainty.
+
+    The Laplace approximation of ``p(log θ | y)`` (flat prior in ``log θ``)
+    is the Gaussian at the fitted ``log θ̂`` with precision ``−∇² log p(y|θ)``
+    (central differences, :data:`HESSIAN_STEP`); each eigen-direction's
+    standard deviation is capped at :data:`LAPLACE_MAX_SD`. The third-degree
+    spherical-radial cubature rule (``2p`` points ``log θ̂ ± √p σ_i v_i``,
+    equal weights; Arasaratnam & Haykin 2009) integrates the member's
+    prediction over it: exact for the moments of predictions quadratic in
+    ``log θ``. A plug-in fit ignores this spread and gives bands that are too
+    narrow where the data pin the hyperparameters down loosely.
+
+    Hyperparameters on a bound, the constant mean and fixed values stay at
+    their fitted values.
+
+    Parameters
+    ----------
+    res : FitResult
+    observations : list of Functional
+        What the points are conditioned on.
+    posterior : Posterior, optional
+        The fitted model conditioned on ``observations`` (default
+        ``res.posterior``): it stands in for a point whose system cannot be
+        factored.
+    hessian_observations : list of Functional, optional
+        Where the Hessian is taken (default ``observations``; a subset is
+        cheaper, with ``scale`` the ratio of sizes: information grows with N).
+    scale : float
+        Multiplies the Hessian.
+
+    Returns
+    -------
+    points : list of Posterior
+    weights : ndarray
+    log_sd : dict
+        ``name -> marginal standard deviation of log θ`` (one float per
+        entry of a vector hyperparameter).
+    """
+    mode = res.posterior if posterior is None else posterior
+    names, shapes, theta = _log_coordinates(res)
+    p = theta.size
+    if p == 0:
+        return [mode], np.ones(1), {}
+    obs_h = observations if hessian_observations is None else hessian_observations
+    H = _lml_hessian(res, names, shapes, theta, obs_h, HESSIAN_STEP)
+    if not np.all(np.isfinite(H)):
+        return [mode], np.ones(1), {}
+    lam, V = np.linalg.eigh(-0.5 * (H + H.T) * scale)
+    lam = np.maximum(lam, 1.0 / LAPLACE_MAX_SD**2)
+    cov = (V / lam) @ V.T
+    sd = np.sqrt(np.diag(cov))
+    log_sd, i = {}, 0
+    for name, shape in zip(names, shapes):
+        size = int(np.prod(shape)) if shape else 1
+        log_sd[name] = float(sd[i]) if not shape else sd[i : i + size].reshape(shape)
+        i += size
+    lo, hi = (
+        np.concatenate(
+            [
+                np.log(
+                    np.broadcast_to(np.asarray(res.bounds[n][side], float), sh)
+                ).ravel()
+                for n, sh in zip(names, shapes)
+            ]
+        )
+        for side in (0, 1)
+    )
+    radius = math.sqrt(p)
+    precision = (V * lam) @ V.T
+    lml_mode = B.to_float(mode.log_marginal_likelihood())
+    points, weights = [], []
+    for k in range(p):
+        for sign in (1.0, -1.0):
+            step = sign * radius * V[:, k] / math.sqrt(lam[k])
+            # a point whose system does not factor moves halfway back
+            for _ in range(4):
+                t = np.clip(theta + step, lo, hi)
+                try:
+                    with warnings.catch_warnings():
+                        # a point's jitter (≤ 1e-6 of the diagonal) is part
+                        # of the approximation, not the user's model
+                        warnings.simplefilter("ignore", JitterWarning)
+                        post = _model_at(res, names, shapes, t).condition(*observations)
+                        lml = B.to_float(post.log_marginal_likelihood())
+                    break
+                except NotPositiveDefiniteError:
+                    step = 0.5 * step
+            else:
+                continue
+            # the likelihood where the Gaussian puts this point, against what
+            # the Gaussian predicts there: mass it puts where the likelihood
+            # is not stays at the mode
+            d = t - theta
+            gap = lml - (lml_mode - 0.5 * d @ precision @ d)
+            points.append(post)
+            weights.append(math.exp(min(0.0, gap)) / (2 * p))
+    rest = 1.0 - sum(weights)
+    if rest > 1e-12:
+        points.append(mode)
+        weights.append(rest)
+    return points, np.asarray(weights), log_sd
+
+
 def _check_candidates(candidates):
     if candidates is None:
         return None
@@ -624,6 +857,7 @@ def fit_auto(
     max_members: int = 4,
     search_points: int = 120,
     maxiter: int = 200,
+    marginalize: bool = True,
     progress: bool = False,
 ) -> AveragedPosterior:
     """Fit a family of kernels and average their posteriors by evidence.
@@ -669,6 +903,12 @@ def fit_auto(
         conditioned on all of them.
     maxiter : int, default 200
         L-BFGS-B iterations per start.
+    marginalize : bool, default True
+        Average each member (of weight at least
+        :data:`MARGINALIZE_MIN_WEIGHT`) over its hyperparameters' Laplace
+        approximation (:func:`hyperparameter_points`), so that the bands
+        include how loosely the data determine the lengthscales, variances
+        and noise. ``False`` plugs in the fitted values.
     progress : bool
         Print a line per candidate to stderr.
 
@@ -705,6 +945,8 @@ def fit_auto(
     ):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not isinstance(marginalize, (bool, np.bool_)):
+        raise TypeError(f"marginalize must be True or False, got {marginalize!r}")
     if not (isinstance(prune, (int, float)) and prune > 0 and math.isfinite(prune)):
         raise ValueError(f"prune must be a positive number of nats, got {prune!r}")
     if periodic is not None and not isinstance(periodic, (bool, int, float)):
@@ -855,6 +1097,17 @@ def fit_auto(
     for m, wk in zip(members, w):
         m.weight = float(wk)
     members.sort(key=lambda m: -m.weight)
+    if marginalize:
+        for m in members:
+            if m.weight < MARGINALIZE_MIN_WEIGHT:
+                continue
+            m.points, m.point_weights, m.log_sd = hyperparameter_points(
+                m.fit,
+                obs,
+                posterior=m.posterior,
+                hessian_observations=search,
+                scale=N / N_search,
+            )
     return AveragedPosterior(
         members, searched, log_ev, seconds=time.perf_counter() - t_start
     )

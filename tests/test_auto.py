@@ -78,18 +78,28 @@ def test_averaged_posterior_is_the_mixture_of_its_members():
     x = np.linspace(0, 1, 25)
     y = np.sin(5 * x) + 0.02 * np.random.default_rng(2).normal(size=25)
     cands = {"Matern52": K.Matern52(), "RQ": K.RationalQuadratic()}
-    avg = gpgrad.fit_auto(x[:, None], y, candidates=cands, restarts=1)
     Xs = np.array([[0.1], [0.55]])
-    g = avg.gradient(Xs)
-    preds = [m.posterior.gradient(Xs) for m in avg.members]
-    w = avg.weights
-    mean = sum(wk * p.mean for wk, p in zip(w, preds))
-    var = sum(wk * (p.var + (p.mean - mean) ** 2) for wk, p in zip(w, preds))
-    np.testing.assert_allclose(g.mean, mean)
-    np.testing.assert_allclose(g.var, var)
-    assert g.mean.shape == (2, 1) and avg.value(Xs).mean.shape == (2,)
-    assert avg.hessian(Xs).mean.shape == (2, 1, 1)
-    assert "model average of" in avg.summary()
+    for marginalize in (False, True):
+        avg = gpgrad.fit_auto(
+            x[:, None], y, candidates=cands, restarts=1, marginalize=marginalize
+        )
+        g = avg.gradient(Xs)
+        # every member's hyperparameter points, weighted w_member · w_point
+        preds, w = [], []
+        for m in avg.members:
+            if not marginalize or m.weight < gpgrad.auto.MARGINALIZE_MIN_WEIGHT:
+                assert m.points == [m.posterior] and list(m.point_weights) == [1.0]
+            assert math.isclose(float(np.sum(m.point_weights)), 1.0, rel_tol=1e-12)
+            preds += [p.gradient(Xs) for p in m.points]
+            w += [m.weight * u for u in m.point_weights]
+        assert len(preds) > len(avg.members) or not marginalize
+        mean = sum(wk * p.mean for wk, p in zip(w, preds))
+        var = sum(wk * (p.var + (p.mean - mean) ** 2) for wk, p in zip(w, preds))
+        np.testing.assert_allclose(g.mean, mean)
+        np.testing.assert_allclose(g.var, var)
+        assert g.mean.shape == (2, 1) and avg.value(Xs).mean.shape == (2,)
+        assert avg.hessian(Xs).mean.shape == (2, 1, 1)
+        assert "model average of" in avg.summary()
 
 
 def test_hessian_averages_over_twice_differentiable_members_only():
@@ -101,7 +111,10 @@ def test_hessian_averages_over_twice_differentiable_members_only():
     assert "Matern32" in names and "Matern52" in names
     m52 = next(m for m in avg.members if m.name == "Matern52")
     h = avg.hessian(x[:2, None])
-    np.testing.assert_allclose(h.mean, m52.posterior.hessian(x[:2, None]).mean)
+    want = sum(
+        u * p.hessian(x[:2, None]).mean for p, u in zip(m52.points, m52.point_weights)
+    )
+    np.testing.assert_allclose(h.mean, want)
     only32 = gpgrad.fit_auto(x[:, None], y, candidates={"M32": K.Matern32()})
     with pytest.raises(ValueError, match="2 times mean-square differentiable"):
         only32.hessian(x[:2, None])

@@ -440,7 +440,7 @@ def test_iterative_fits_start_on_a_subset(monkeypatch):
     monkeypatch.setattr(F, "STALL_EVALUATIONS", 3)
     with pytest.warns(FitWarning, match="did not converge"):
         res = gpgrad.fit(
-            gpgrad.GP(K.Matern52()), *obs, restarts=2, maxiter=4, progress=progress
+            gpgrad.GP(K.Matern52()), *obs, restarts=2, maxiter=2, progress=progress
         )
     assert calls == [F.SUBSET_FRACTION]
     # two starts on the subset, then the whole problem once from its optimum

@@ -7,11 +7,16 @@ that no test sees different data from one run to the next.
 """
 
 import gc
-import os
-import random
 
-import numpy as np
-import pytest
+# no cyclic garbage collection while the suite imports and collects (see
+# pytest_runtestloop below): imports make next to no cyclic garbage
+gc.disable()
+
+import os  # noqa: E402
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 try:
     import torch
@@ -32,19 +37,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # The cyclic garbage collector's full passes scan every tracked object, and
 # the suite's imports (torch and its compiler stack, scipy, sklearn,
 # matplotlib, gpytorch) leave millions of them alive to the end of the
-# session. What is alive after this file's imports, after each test module's
-# collection and after each test is frozen out of the collector's sight (once
-# a pass has collected that step's garbage), so that its passes scan only
-# what the current step makes: ~7 s per worker less, and pytest's five passes
-# at the end of the session take no time.
-gc.freeze()
+# session. The collector is off while they are imported and the tests
+# collected; what is alive then, and after each test (once a pass has
+# collected that test's garbage), is frozen out of its sight, so that its passes
+# scan only what the current test makes: ~8 s per worker less, and pytest's
+# five passes at the end of the session take no time.
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_make_collect_report(collector):
-    yield
-    gc.collect()
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    # frozen without a pass first: a full pass over everything imported costs
+    # ~0.5 s, and what little cyclic garbage the imports made is kept
     gc.freeze()
+    gc.enable()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -7,7 +7,7 @@ machine) and wall time (``time.perf_counter``).
 
 Usage::
 
-    python benchmarks/auto_speed.py [--n 1000]
+    python benchmarks/auto_speed.py [--n 1000] [--plug-in]
 """
 
 from __future__ import annotations
@@ -39,18 +39,28 @@ def _cpu():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=1000)
+    p.add_argument(
+        "--plug-in",
+        action="store_true",
+        help="also time the members at their fitted hyperparameters alone "
+        "(marginalize=False), right after the default",
+    )
     a = p.parse_args(argv)
     print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs")
     warnings.simplefilter("ignore")
     t = np.linspace(0, 1, a.n)
     y = np.sin(9 * t) + t + 0.02 * np.random.default_rng(0).normal(size=a.n)
     estimate(t[:50], y[:50], candidates={"RBF": kernels.RBF()})  # warm-up
-    c0, w0 = _cpu(), time.perf_counter()
-    est = estimate(t, y)
-    cpu, wall = _cpu() - c0, time.perf_counter() - w0
-    print(f"n={a.n}: {cpu:.1f} s CPU, {wall:.1f} s wall")
-    print(est.model.summary())
-    return cpu, wall
+    out = []
+    for marginalize in (True, False) if a.plug_in else (True,):
+        c0, w0 = _cpu(), time.perf_counter()
+        est = estimate(t, y, marginalize=marginalize)
+        cpu, wall = _cpu() - c0, time.perf_counter() - w0
+        what = "" if marginalize else " (marginalize=False)"
+        print(f"n={a.n}{what}: {cpu:.1f} s CPU, {wall:.1f} s wall")
+        print(est.model.summary())
+        out.append((cpu, wall))
+    return out[0]
 
 
 if __name__ == "__main__":

@@ -253,7 +253,7 @@ def test_refinements_by_kind_of_base():
 
 def test_rough_part_of_a_warped_lead():
     class Fitted:  # what rough_part reads of a fit
-        params = {"variance": 2.0}
+        params = {"variance": 2.0, "noise.value": 1e-3, "mean": 0.5}
 
     x = np.linspace(0.0, 2.0, 10)[:, None]
     (warped,) = [
@@ -266,7 +266,15 @@ def test_rough_part_of_a_warped_lead():
     w, m = rough.kernel.children
     assert isinstance(w, K.Warped) and isinstance(w.kernel, K.RationalQuadratic)
     assert w.floor == warped.kernel.floor and isinstance(m, K.Matern32)
-    assert rough.start == {"1.variance": pytest.approx(2e-4), "1.lengthscale": 0.1}
+    # the lead's optimum (its kernel's names prefixed "0.", its noise and mean
+    # as they are) with a small rough part
+    assert rough.start == {
+        "0.variance": 2.0,
+        "noise.value": 1e-3,
+        "mean": 0.5,
+        "1.variance": pytest.approx(2e-4),
+        "1.lengthscale": 0.1,
+    }
     assert rough.bounds == {
         "0.concentration1": gpgrad.auto.WARP_BOUNDS,
         "0.concentration0": gpgrad.auto.WARP_BOUNDS,

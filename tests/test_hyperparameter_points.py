@@ -188,3 +188,27 @@ def test_torch_members_are_marginalized_like_numpy_ones():
     assert isinstance(gt.mean, torch.Tensor)
     np.testing.assert_allclose(gt.std.numpy(), ga.std, rtol=1e-3)
     np.testing.assert_allclose(gt.mean.numpy(), ga.mean, rtol=1e-3, atol=1e-6)
+
+
+def test_above_the_size_limit_points_bring_their_means_and_the_mode_its_variance(
+    monkeypatch,
+):
+    x, y = _data(n=12, noise=0.05, seed=6)
+    kw = dict(candidates={"RBF": K.RBF()}, restarts=1)
+    monkeypatch.setattr(gpgrad.auto, "MARGINALIZE_VARIANCE_MAX", 11)
+    avg = gpgrad.fit_auto(x[:, None], y, **kw)
+    m = avg.best
+    assert not m.point_variances and len(m.points) >= 6
+    Xs = x[:5, None]
+    g = avg.gradient(Xs)
+    means = np.array([p.gradient(Xs).mean for p in m.points])
+    u = m.point_weights[:, None, None]
+    mean = np.sum(u * means, axis=0)
+    mode_var = m.posterior.gradient(Xs).var
+    np.testing.assert_allclose(g.mean, mean, rtol=1e-12)
+    np.testing.assert_allclose(
+        g.var, mode_var + np.sum(u * (means - mean) ** 2, axis=0), rtol=1e-12
+    )
+    # at or below the limit every point brings its own variance
+    monkeypatch.setattr(gpgrad.auto, "MARGINALIZE_VARIANCE_MAX", 12)
+    assert gpgrad.fit_auto(x[:, None], y, **kw).best.point_variances

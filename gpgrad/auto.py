@@ -718,8 +718,12 @@ def _lml_hessian(res, names, shapes, theta, obs, step):
             e = np.zeros(p)
             e[i] = h[i]
             diag[i] = (lml(theta + e) - 2.0 * f0 + lml(theta - e)) / h[i] ** 2
-            if not (diag[i] < 0 and 1.0 / math.sqrt(-diag[i]) < 5.0 * h[i]):
-                break
+            if not (
+                math.isfinite(diag[i])
+                and diag[i] < 0
+                and 1.0 / math.sqrt(-diag[i]) < 5.0 * h[i]
+            ):
+                break  # wide enough, not concave, or a side failed to factor
             h[i] = 0.2 / math.sqrt(-diag[i])
     H = np.diag(diag)
     for i in range(p):
@@ -753,7 +757,10 @@ def hyperparameter_points(
     spherical-radial cubature rule (``2p`` points ``log θ̂ ± √p σ_i v_i``,
     equal weights; Arasaratnam & Haykin 2009) integrates the member's
     prediction over it: exact for the moments of predictions quadratic in
-    ``log θ``. A plug-in fit ignores this spread and gives bands that are too
+    ``log θ``. A point whose log likelihood falls ``g`` below the Gaussian's
+    prediction there keeps ``e^{−g}`` of its weight, and the mode (then the
+    last point) takes the rest: mass the Gaussian puts where the likelihood
+    is not. A plug-in fit ignores this spread and gives bands that are too
     narrow where the data pin the hyperparameters down loosely.
 
     Hyperparameters on a bound, the constant mean and fixed values stay at
@@ -777,7 +784,11 @@ def hyperparameter_points(
     Returns
     -------
     points : list of Posterior
+        The ``2p`` cubature points (fewer where a system could not be
+        factored even halfway back), then the mode if it keeps weight; the
+        mode alone when nothing is marginalized or the Hessian failed.
     weights : ndarray
+        Summing to 1.
     log_sd : dict
         ``name -> marginal standard deviation of log θ`` (one float per
         entry of a vector hyperparameter).

@@ -5,6 +5,7 @@ Run from the repository root::
     python benchmarks/scaling.py                 # everything (several minutes)
     python benchmarks/scaling.py --only large    # one part (see below)
     python benchmarks/scaling.py --quick         # small sizes, a smoke run
+    python benchmarks/scaling.py --only large --device cuda   # on a GPU
 
 Parts:
 
@@ -107,6 +108,25 @@ def _child(spec):
         kw["method"] = method
     if spec.get("backend"):
         kw["backend"] = spec["backend"]
+    device = spec.get("device") or "cpu"
+    cuda = device.startswith("cuda")
+    if device != "cpu" or spec.get("dtype"):
+        import torch
+
+        kw["backend"] = "torch"
+        kw["device"] = device
+        kw["dtype"] = getattr(torch, spec.get("dtype") or "float64")
+
+    def sync():
+        # CUDA runs asynchronously: a timer reads the clock after the work
+        if cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def host(a):
+        return gpgrad.backend.to_numpy(a) if gpgrad.backend.is_tensor(a) else a
+
     gp = gpgrad.GP(kernel, noise=spec["noise"], **kw)
     # warm-up on a tiny problem of the same kind: lazy imports and the BLAS
     # and LAPACK first-call costs are not part of the figure
@@ -115,15 +135,21 @@ def _child(spec):
     if spec["values"]:
         warm.insert(0, gpgrad.values(Xw, f(Xw)))
     _ = gp.condition(*warm).gradient(Xs[:1]).std
+    sync()
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # process CPU time beside wall time: on the shared machine it is the
         # figure other processes' load inflates least
         c0, t0 = time.process_time(), time.perf_counter()
         post = gp.condition(*obs)
+        sync()
         t1 = time.perf_counter()
         pred = post.gradient(Xs)
-        mean = np.asarray(pred.mean)
+        mean = np.asarray(host(pred.mean))
         c2, t2 = time.process_time(), time.perf_counter()
         out = {
             "method": post.method,
@@ -146,11 +172,14 @@ def _child(spec):
             r = post._r[..., None]
             res = r - op.matmul(post._alpha[..., None])
             out["relative_residual"] = float(
-                np.linalg.norm(np.asarray(res)) / np.linalg.norm(np.asarray(r))
+                np.linalg.norm(np.asarray(host(res)))
+                / np.linalg.norm(np.asarray(host(r)))
             )
             # one more product, timed alone: the per-iteration cost
+            sync()
             c4, t4 = time.process_time(), time.perf_counter()
             op.matmul(post._alpha[..., None])
+            sync()
             out["product_s"] = time.perf_counter() - t4
             out["product_cpu_s"] = time.process_time() - c4
             out["preconditioner_s"] = stats.get("preconditioner_s")
@@ -165,7 +194,7 @@ def _child(spec):
             }
         if spec["query"] in ("meanstd", "meanvar"):
             c3, t3 = time.process_time(), time.perf_counter()
-            std = np.asarray(pred.std)
+            std = np.asarray(host(pred.std))
             out["std_s"] = time.perf_counter() - t3
             out["std_cpu_s"] = time.process_time() - c3
             out["std"] = std.reshape(-1).tolist() if spec.get("keep") else None
@@ -173,6 +202,12 @@ def _child(spec):
     out["total_s"] = out["condition_s"] + out["query_s"]
     out["mean"] = mean.reshape(-1).tolist() if spec.get("keep") else None
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if cuda:
+        import torch
+
+        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        out["gpu"] = torch.cuda.get_device_name()
+    out["device"], out["dtype"] = device, spec.get("dtype") or "float64"
     print(json.dumps(out))
 
 
@@ -257,6 +292,21 @@ def machine():
 # parts
 
 
+def _device_spec(args):
+    """The device and dtype entries of a spec (none for the CPU defaults)."""
+    out = {}
+    if args.device != "cpu":
+        out["device"] = args.device
+    if args.dtype != "float64":
+        out["dtype"] = args.dtype
+    return out
+
+
+def _device_tag(args):
+    tag = f" {args.device}" if args.device != "cpu" else ""
+    return tag + (f" {args.dtype}" if args.dtype != "float64" else "")
+
+
 def part_large(args):
     """N = 2,000, D = 50: the plain API, numpy (default) and torch backends."""
     rows = []
@@ -270,10 +320,14 @@ def part_large(args):
                     kernel=kernel,
                     backend=backend,
                     method=method,
+                    **_device_spec(args),
                 )
                 r = run(s, args.repeats_large)
                 rows.append({"kernel": kernel, **s, **r})
-                name = f"large {backend} {kernel} N={s['N']} D=50 {method}"
+                name = (
+                    f"large {backend}{_device_tag(args)} {kernel} N={s['N']} D=50 "
+                    f"{method}"
+                )
                 print(_fmt_row(name, r), flush=True)
     return rows
 
@@ -333,10 +387,17 @@ def part_huge(args):
     """N = 5,000 and 10,000 in D = 100, Matérn 5/2, the plain API."""
     rows = []
     for N in [int(n) for n in args.huge_n.split(",")]:
-        s = spec(N=N, D=100, M=100, kernel="matern52", max_iter=args.max_iter)
+        s = spec(
+            N=N,
+            D=100,
+            M=100,
+            kernel="matern52",
+            max_iter=args.max_iter,
+            **_device_spec(args),
+        )
         r = run(s, 1)
         rows.append({**s, **r})
-        print(_fmt_row(f"huge matern52 N={N} D=100", r), flush=True)
+        print(_fmt_row(f"huge{_device_tag(args)} matern52 N={N} D=100", r), flush=True)
     return rows
 
 
@@ -518,6 +579,8 @@ def _fmt_row(name, r):
         it += f", one product {r['product_s']:.3f} s ({r['product_cpu_s']:.3f} s CPU)"
     if "std_s" in r:
         it += f", then the variances {r['std_s']:.2f} s"
+    if "peak_gpu_gb" in r:
+        it += f", peak {r['gpu']} memory {r['peak_gpu_gb']:.2f} GiB"
     cpu = f", {r['cpu_s']:.2f} s CPU" if "cpu_s" in r else ""
     return (
         f"{name}: {r['method']}, condition {r['condition_s']:.2f} s + query "
@@ -567,6 +630,19 @@ def main(argv=None):
         default="default",
         help="large part: 'default' (the plain API) and/or 'cg-no-elimination' "
         "(CG on the whole system, value elimination off), side by side",
+    )
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="large and huge parts: a torch device (cuda, cuda:1); anything but "
+        "cpu runs the torch backend there, timed with synchronization, with "
+        "the peak device memory",
+    )
+    ap.add_argument(
+        "--dtype",
+        choices=["float64", "float32"],
+        default="float64",
+        help="large and huge parts: the GP's dtype (float32 implies torch)",
     )
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))

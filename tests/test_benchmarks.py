@@ -265,3 +265,19 @@ def test_batched_benchmark_runs_and_its_bands_cover(tmp_path):
     assert rec["problems"] == 3 and rec["rows_per_problem"] == 200
     assert rec["batched_problems_per_s"] > 0 and rec["looped_s_per_problem"] > 0
     assert rec["coverage_95"] > 0.8 and rec["gradient_rmse"] < 0.5
+
+
+@pytest.mark.slow  # subprocesses
+def test_scaling_runs_on_a_chosen_device_and_dtype(tmp_path):
+    # what benchmarks/gpu_session.sh runs on a GPU, here on the CPU in float32
+    out = _run(
+        "scaling.py",
+        *("--only", "huge", "--huge-n", "150", "--device", "cpu"),
+        *("--dtype", "float32", "--out", str(tmp_path), "--tag", "_t"),
+    )
+    assert "huge float32 matern52 N=150 D=100: cg" in out
+    (row,) = json.loads((tmp_path / "scaling_huge_t.json").read_text())["huge"]
+    assert row["device"] == "cpu" and row["dtype"] == "float32"
+    assert row["method"] == "cg" and row["iterations"] > 0
+    # float32 products: converged to float32's reach, not to float64's
+    assert 1e-9 < row["relative_residual"] < 1e-4

@@ -105,7 +105,8 @@ MARGINALIZE_MIN_WEIGHT = 0.05
 #: mean only, and the member's mode its variance (the mixture's variance to
 #: first order in the spread): each point's variances would cost a
 #: triangular solve with every queried column, N² per column (at 5,000
-#: samples with f, f' and f'' at each, ~13 s per point)
+#: samples with f, f' and f'' at each, ~13 s per point). Members on the
+#: state-space solver keep their points' variances (O(N) there)
 MARGINALIZE_VARIANCE_MAX = 2_000
 
 
@@ -1160,7 +1161,11 @@ def fit_auto(
                 hessian_observations=search,
                 scale=N / N_search,
             )
-            m.point_variances = N <= MARGINALIZE_VARIANCE_MAX
+            # the state-space smoother's variances cost O(N) like its means
+            m.point_variances = (
+                N <= MARGINALIZE_VARIANCE_MAX
+                or getattr(m.posterior, "method", None) == "statespace"
+            )
     return AveragedPosterior(
         members, searched, log_ev, seconds=time.perf_counter() - t_start
     )

@@ -212,3 +212,9 @@ def test_above_the_size_limit_points_bring_their_means_and_the_mode_its_variance
     # at or below the limit every point brings its own variance
     monkeypatch.setattr(gpgrad.auto, "MARGINALIZE_VARIANCE_MAX", 12)
     assert gpgrad.fit_auto(x[:, None], y, **kw).best.point_variances
+    # and on the state-space solver at any size (its variances cost O(N))
+    monkeypatch.setattr(gpgrad.auto, "MARGINALIZE_VARIANCE_MAX", 11)
+    ss = gpgrad.fit_auto(
+        x[:, None], y, candidates={"M52": K.Matern52()}, method="statespace"
+    )
+    assert ss.best.posterior.method == "statespace" and ss.best.point_variances

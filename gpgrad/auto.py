@@ -476,9 +476,12 @@ class AveragedPosterior:
             if not m.point_variances and len(m.points) > 1:
                 mode = query(m.posterior)
             for post, wp in zip(m.points, m.point_weights):
-                pred = query(post)
-                if mode is not None:
-                    pred = Prediction(source=_ModeSpread(pred, mode))
+                if mode is not None and post is m.posterior:
+                    pred = mode  # the mode closing the points: queried above
+                elif mode is not None:
+                    pred = Prediction(source=_ModeSpread(query(post), mode))
+                else:
+                    pred = query(post)
                 preds.append(pred)
                 weights.append(wm * wp)
         return mixture(preds, np.asarray(weights), full_cov=full_cov)
@@ -680,16 +683,33 @@ def _log_coordinates(res: FitResult):
     return names, shapes, theta
 
 
+def _unflatten(flat, names, shapes) -> dict:
+    """``name -> entries of flat`` in :func:`_log_coordinates`'s layout
+    (floats for scalar hyperparameters)."""
+    out, i = {}, 0
+    for name, shape in zip(names, shapes):
+        size = int(np.prod(shape)) if shape else 1
+        v = flat[i : i + size].reshape(shape)
+        out[name] = float(v) if not shape else v
+        i += size
+    return out
+
+
+def _log_bounds(res: FitResult, names, shapes):
+    """``(lower, upper)`` of ``log θ`` in :func:`_log_coordinates`'s layout."""
+    lo, hi = [], []
+    for name, shape in zip(names, shapes):
+        a, b = (np.broadcast_to(np.asarray(v, float), shape) for v in res.bounds[name])
+        lo.append(np.log(a).ravel())
+        hi.append(np.log(b).ravel())
+    return np.concatenate(lo), np.concatenate(hi)
+
+
 def _model_at(res: FitResult, names, shapes, theta) -> GP:
     """``res.gp`` with the hyperparameters ``names`` at ``exp(θ)``."""
     from .fit import _assemble
 
-    entries, i = {}, 0
-    for name, shape in zip(names, shapes):
-        size = int(np.prod(shape)) if shape else 1
-        v = np.exp(theta[i : i + size]).reshape(shape)
-        entries[name] = float(v) if not shape else v
-        i += size
+    entries = _unflatten(np.exp(theta), names, shapes)
     return _assemble(res.gp, entries, (), {}, res.gp.backend)
 
 
@@ -807,22 +827,8 @@ def hyperparameter_points(
     lam = np.maximum(lam, 1.0 / LAPLACE_MAX_SD**2)
     cov = (V / lam) @ V.T
     sd = np.sqrt(np.diag(cov))
-    log_sd, i = {}, 0
-    for name, shape in zip(names, shapes):
-        size = int(np.prod(shape)) if shape else 1
-        log_sd[name] = float(sd[i]) if not shape else sd[i : i + size].reshape(shape)
-        i += size
-    lo, hi = (
-        np.concatenate(
-            [
-                np.log(
-                    np.broadcast_to(np.asarray(res.bounds[n][side], float), sh)
-                ).ravel()
-                for n, sh in zip(names, shapes)
-            ]
-        )
-        for side in (0, 1)
-    )
+    log_sd = _unflatten(sd, names, shapes)
+    lo, hi = _log_bounds(res, names, shapes)
     radius = math.sqrt(p)
     precision = (V * lam) @ V.T
     lml_mode = B.to_float(mode.log_marginal_likelihood())

@@ -120,8 +120,6 @@ def _child(spec):
     def sync():
         # CUDA runs asynchronously: a timer reads the clock after the work
         if cuda:
-            import torch
-
             torch.cuda.synchronize()
 
     def host(a):
@@ -137,8 +135,6 @@ def _child(spec):
     _ = gp.condition(*warm).gradient(Xs[:1]).std
     sync()
     if cuda:
-        import torch
-
         torch.cuda.reset_peak_memory_stats()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -203,8 +199,6 @@ def _child(spec):
     out["mean"] = mean.reshape(-1).tolist() if spec.get("keep") else None
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if cuda:
-        import torch
-
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
         out["gpu"] = torch.cuda.get_device_name()
     out["device"], out["dtype"] = device, spec.get("dtype") or "float64"

@@ -108,6 +108,9 @@ MARGINALIZE_MIN_WEIGHT = 0.05
 #: samples with f, f' and f'' at each, ~13 s per point). Members on the
 #: state-space solver keep their points' variances (O(N) there)
 MARGINALIZE_VARIANCE_MAX = 2_000
+#: standard deviation of each log-hyperparameter's prior in the members'
+#: Laplace evidence (``None``: the BIC penalty instead)
+EVIDENCE_PRIOR_SD = 2.0
 
 
 # --------------------------------------------------------------------------
@@ -405,6 +408,7 @@ class Member:
     point_weights: np.ndarray = field(default_factory=lambda: np.ones(1))
     log_sd: dict = field(default_factory=dict)
     point_variances: bool = True
+    hessian: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if not self.points:
@@ -580,9 +584,14 @@ class _MixtureSource:
 
     def moments(self):
         preds, w = self.preds, self.w
+        # each prediction's variance first: it fills its mean on the way (one
+        # cross-covariance per point, not one for the mean and one again)
+        variances = [p.var for p in preds]
         xp = B.namespace(preds[0].mean)
         mean = self.mean()
-        var = sum(wk * (p.var + (p.mean - mean) ** 2) for wk, p in zip(w, preds))
+        var = sum(
+            wk * (v + (p.mean - mean) ** 2) for wk, v, p in zip(w, variances, preds)
+        )
         cov = None
         if self.full_cov:
             shape = tuple(mean.shape)
@@ -599,9 +608,11 @@ class _MixtureSource:
 # the search
 
 
-def _n_params(res: FitResult) -> int:
+def _n_params(res: FitResult, exclude_mean: bool = False) -> int:
     total = 0
     for name in res.fitted:
+        if exclude_mean and name == "mean":
+            continue
         v = res.params[name]
         total += int(np.size(B.to_numpy(v) if B.is_tensor(v) else v))
     return total
@@ -761,6 +772,40 @@ def _lml_hessian(res, names, shapes, theta, obs, step):
     return H
 
 
+def _member_hessian(res, observations, scale):
+    """``scale ×`` the Hessian of ``log p(y | θ)`` in the member's Laplace
+    coordinates (:func:`_log_coordinates`), on ``observations``."""
+    names, shapes, theta = _log_coordinates(res)
+    if theta.size == 0:
+        return np.zeros((0, 0))
+    return scale * _lml_hessian(res, names, shapes, theta, observations, HESSIAN_STEP)
+
+
+def _prior_sd(res, sd):
+    """Each Laplace coordinate's prior sd: ``sd``, or that of a uniform
+    prior over the coordinate's bounds (in log) when those are narrower."""
+    names, shapes, _ = _log_coordinates(res)
+    if not names:
+        return np.zeros(0)
+    lo, hi = _log_bounds(res, names, shapes)
+    return np.minimum(sd, (hi - lo) / math.sqrt(2 * math.pi))
+
+
+def _log_occam(hessian, prior_sd):
+    """``log`` of the Laplace Occam factor ``det(I + S A S)^{-1/2}`` with
+    ``A = −hessian`` and ``S = diag(prior_sd)`` (negative eigenvalues of
+    ``S A S`` count as flat)."""
+    H = np.asarray(hessian, dtype=float)
+    if H.size == 0:
+        return 0.0
+    if not np.all(np.isfinite(H)):
+        return -math.inf
+    S = np.asarray(prior_sd, dtype=float)
+    A = -0.5 * (H + H.T) * S[:, None] * S[None, :]
+    lam = np.linalg.eigvalsh(A)
+    return float(-0.5 * np.sum(np.log1p(np.maximum(lam, 0.0))))
+
+
 def hyperparameter_points(
     res: FitResult,
     observations,
@@ -768,6 +813,7 @@ def hyperparameter_points(
     posterior=None,
     hessian_observations=None,
     scale: float = 1.0,
+    hessian=None,
 ):
     """A member's posterior averaged over its hyperparameters' uncertainty.
 
@@ -819,11 +865,13 @@ def hyperparameter_points(
     p = theta.size
     if p == 0:
         return [mode], np.ones(1), {}
-    obs_h = observations if hessian_observations is None else hessian_observations
-    H = _lml_hessian(res, names, shapes, theta, obs_h, HESSIAN_STEP)
-    if not np.all(np.isfinite(H)):
+    if hessian is None:
+        obs_h = observations if hessian_observations is None else hessian_observations
+        hessian = scale * _lml_hessian(res, names, shapes, theta, obs_h, HESSIAN_STEP)
+    H = np.asarray(hessian, dtype=float)
+    if H.shape != (p, p) or not np.all(np.isfinite(H)):
         return [mode], np.ones(1), {}
-    lam, V = np.linalg.eigh(-0.5 * (H + H.T) * scale)
+    lam, V = np.linalg.eigh(-0.5 * (H + H.T))
     lam = np.maximum(lam, 1.0 / LAPLACE_MAX_SD**2)
     cov = (V / lam) @ V.T
     sd = np.sqrt(np.diag(cov))
@@ -1132,6 +1180,20 @@ def fit_auto(
             post = res.posterior
             lml = float(res.log_marginal_likelihood)
         p = _n_params(res)
+        hess = None
+        if EVIDENCE_PRIOR_SD is None:
+            occam = -0.5 * p * logN
+        else:
+            hess = _member_hessian(res, search, N / N_search)
+            occam = _log_occam(hess, _prior_sd(res, EVIDENCE_PRIOR_SD))
+            if math.isfinite(occam):
+                # entries outside the Laplace coordinates other than the
+                # mean (on a bound, where the likelihood is not locally
+                # quadratic) keep the BIC penalty
+                n_mean = _n_params(res) - _n_params(res, exclude_mean=True)
+                occam -= 0.5 * (p - hess.shape[0] - n_mean) * logN
+            else:  # the Hessian failed: BIC for the whole member
+                hess, occam = None, -0.5 * p * logN
         members.append(
             Member(
                 name=c.name,
@@ -1139,7 +1201,8 @@ def fit_auto(
                 posterior=post,
                 log_marginal_likelihood=lml,
                 n_params=p,
-                log_evidence=lml - 0.5 * p * logN + math.log(c.prior),
+                log_evidence=lml + occam + math.log(c.prior),
+                hessian=hess,
             )
         )
     if not members:
@@ -1166,6 +1229,7 @@ def fit_auto(
                 posterior=m.posterior,
                 hessian_observations=search,
                 scale=N / N_search,
+                hessian=m.hessian,
             )
             # the state-space smoother's variances cost O(N) like its means
             m.point_variances = (
@@ -1306,17 +1370,20 @@ def estimate(
 
     v = model.value(Q)
     g = model.gradient(Q)
+    # each std before its mean: the moments fill the mean on the way, while
+    # a mean read first would cost the members' cross-covariances twice
+    f_std, df_std = plain(v.std), plain(g.std)[:, 0]
     out = dict(
         t=P,
         f_mean=plain(v.mean),
-        f_std=plain(v.std),
+        f_std=f_std,
         df_mean=plain(g.mean)[:, 0],
-        df_std=plain(g.std)[:, 0],
+        df_std=df_std,
         d2f_mean=None,
         d2f_std=None,
     )
     if order >= 2:
         h = model.hessian(Q)
-        out["d2f_mean"] = plain(h.mean)[:, 0, 0]
         out["d2f_std"] = plain(h.std)[:, 0, 0]
+        out["d2f_mean"] = plain(h.mean)[:, 0, 0]
     return DerivativeEstimate(model=model, **out)

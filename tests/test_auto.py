@@ -68,10 +68,19 @@ def test_weights_sum_to_one_and_favour_the_true_kernel(truth, name):
     np.testing.assert_allclose(
         avg.weights, np.exp(le - le.max()) / np.exp(le - le.max()).sum()
     )
+    # the Laplace Occam factor: det(I + S A S)^-1/2 over the member's log
+    # coordinates (A = −Hessian, S = the prior's sds); every entry outside
+    # them other than the mean (on a bound) keeps BIC's ½ log N
     for m in avg.members:
+        names, _, theta = gpgrad.auto._log_coordinates(m.fit)
+        S = np.diag(gpgrad.auto._prior_sd(m.fit, gpgrad.auto.EVIDENCE_PRIOR_SD))
+        lam = np.linalg.eigvalsh(-S @ m.hessian @ S)
+        occam = -0.5 * np.sum(np.log1p(np.maximum(lam, 0)))
+        outside = m.n_params - theta.size - 1  # the constant mean
         assert m.log_evidence == pytest.approx(
-            m.log_marginal_likelihood - 0.5 * m.n_params * math.log(60)
+            m.log_marginal_likelihood + occam - 0.5 * outside * math.log(60)
         )
+        assert m.log_evidence < m.log_marginal_likelihood
 
 
 def test_averaged_posterior_is_the_mixture_of_its_members():

@@ -218,3 +218,48 @@ def test_above_the_size_limit_points_bring_their_means_and_the_mode_its_variance
         x[:, None], y, candidates={"M52": K.Matern52()}, method="statespace"
     )
     assert ss.best.posterior.method == "statespace" and ss.best.point_variances
+
+
+def test_member_evidence_is_the_laplace_integral_over_its_prior():
+    # two fitted hyperparameters (variance, lengthscale): the member's log
+    # evidence against ∫ p(y | θ) N(log θ; log θ̂, S²) d log θ by quadrature
+    # on a grid, with an RBF likelihood written out independently
+    x = np.linspace(0, 1, 40)
+    y = np.sin(5 * x) + 0.05 * np.random.default_rng(0).normal(size=40)
+    nz = 0.05**2
+    cand = gpgrad.auto.Candidate("RBF", K.RBF(), fixed={"noise.value": nz, "mean": 0.0})
+    avg = gpgrad.fit_auto(x[:, None], y, candidates=[cand], marginalize=False)
+    m = avg.members[0]
+    names, _, theta = _log_coordinates(m.fit)
+    assert names == ["variance", "lengthscale"]
+    # the prior's sd: EVIDENCE_PRIOR_SD, or a uniform over the (log) bounds
+    # when that is narrower (not here: both bounds are wide)
+    s = gpgrad.auto.EVIDENCE_PRIOR_SD
+    assert all(np.log(b / a) / math.sqrt(2 * math.pi) > s for a, b in
+               (m.fit.bounds[n] for n in names))  # fmt: skip
+
+    def lml(t):  # log p(y | exp(t)) on a batch of points t (..., 2)
+        s2, ell = np.exp(t[..., 0]), np.exp(t[..., 1])
+        d2 = (x[:, None] - x[None, :]) ** 2
+        C = s2[..., None, None] * np.exp(-0.5 * d2 / ell[..., None, None] ** 2)
+        C = C + nz * np.eye(x.size)
+        L = np.linalg.cholesky(C)
+        a = np.linalg.solve(L, np.broadcast_to(y, C.shape[:-1])[..., None])[..., 0]
+        return (
+            -0.5 * np.sum(a**2, -1)
+            - np.log(np.diagonal(L, axis1=-2, axis2=-1)).sum(-1)
+            - 0.5 * x.size * math.log(2 * math.pi)
+        )
+
+    assert lml(theta) == pytest.approx(m.log_marginal_likelihood, abs=1e-8)
+    # a grid over ±8 posterior sds of each coordinate
+    sd = np.sqrt(np.diag(np.linalg.inv(-m.hessian)))
+    g = [np.linspace(t - 8 * v, t + 8 * v, 161) for t, v in zip(theta, sd)]
+    T = np.stack(np.meshgrid(*g, indexing="ij"), axis=-1)
+    log_prior = np.sum(-0.5 * ((T - theta) / s) ** 2, -1) - math.log(2 * math.pi * s**2)
+    f = lml(T) + log_prior
+    top = f.max()
+    integral = np.trapezoid(np.trapezoid(np.exp(f - top), g[1], axis=1), g[0])
+    want = top + math.log(integral)
+    # the Laplace approximation's own error on 40 points: hundredths of a nat
+    assert m.log_evidence == pytest.approx(want, abs=0.05)

@@ -315,3 +315,46 @@ def test_estimate_command_defaults_to_the_average():
         ["estimate", "d.csv", "--x", "t", "--y", "y", "--out", "o"]
     )
     assert a.kernel == "auto"
+
+
+def test_statespace_family_runs_on_the_statespace_solver_and_matches_dense():
+    t = np.linspace(0, 4, 300)
+    y = np.sin(2 * t) + 0.3 * t + 0.02 * np.random.default_rng(4).normal(size=300)
+    avg = gpgrad.fit_auto(t[:, None], y, family="statespace", restarts=1)
+    tried = [name for name, _ in avg.searched]
+    assert {"Matern32", "Matern52", "Matern72"} <= set(tried)
+    assert all(name.startswith("Matern") for name in tried)
+    assert any("+" in name for name in tried)  # the two-scale refinement
+    Q = t[::7, None]
+    g = avg.gradient(Q)
+    # the same mixture rebuilt with each point refactored densely
+    means, var2, ws = [], [], []
+    for m in avg.members:
+        assert m.posterior.method == "statespace"
+        for post, wp in zip(m.points, m.point_weights):
+            assert post.method == "statespace"
+            gp = post.gp
+            dense = gpgrad.GP(
+                post.kernel, noise=gp.noise, mean=gp.mean, method="cholesky"
+            )
+            dense = dense.condition(*post.observations).gradient(Q)
+            means.append(dense.mean[:, 0])
+            var2.append(dense.var[:, 0] + dense.mean[:, 0] ** 2)
+            ws.append(m.weight * wp)
+    ws = np.asarray(ws)
+    mean = np.einsum("k,kq->q", ws, np.asarray(means))
+    var = np.einsum("k,kq->q", ws, np.asarray(var2)) - mean**2
+    np.testing.assert_allclose(g.mean[:, 0], mean, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(g.var[:, 0], var, rtol=1e-6, atol=1e-12)
+
+
+def test_statespace_family_refuses_what_it_cannot_run():
+    x = np.linspace(0, 1, 20)
+    with pytest.raises(ValueError, match="1-D inputs"):
+        gpgrad.fit_auto(np.c_[x, x], x, family="statespace")
+    with pytest.raises(ValueError, match="family must be"):
+        gpgrad.fit_auto(x[:, None], x, family="fast")
+    with pytest.raises(ValueError, match="not both"):
+        gpgrad.fit_auto(x[:, None], x, family="statespace", candidates=[K.RBF()])
+    with pytest.raises(ValueError, match="method='statespace'"):
+        gpgrad.fit_auto(x[:, None], x, family="statespace", method="cholesky")

@@ -744,3 +744,30 @@ def test_kernel_auto_averages_kernels(tmp_path):
     _, data = _read_csv(out)
     err = data[:, 3] - np.cos(t)
     assert np.sqrt(np.mean(err**2)) < 0.2
+
+
+def test_kernel_auto_on_a_long_series_averages_the_statespace_family(
+    tmp_path, monkeypatch
+):
+    from gpgrad import cli
+
+    monkeypatch.setattr(cli, "AUTO_MAX_ROWS", 100)
+    t = np.linspace(0, 6, 400)
+    y = np.sin(t) + 0.01 * np.random.default_rng(0).normal(size=400)
+    path = tmp_path / "s.csv"
+    np.savetxt(path, np.c_[t, y], delimiter=",", header="t,y", comments="")
+    out = tmp_path / "o.csv"
+    code, text = _run(
+        ["estimate", str(path), "--x", "t", "--y", "y", "--out", str(out),
+         "--restarts", "1"]
+    )  # fmt: skip
+    assert code == 0, text
+    assert "fitted a GP (auto)" in text and "average the Matérn family" in text
+    # every member has a state-space form (no RBF, warping or trend)
+    members = [ln.split()[1] for ln in text.splitlines() if ln.startswith("      ")]
+    assert members and all(m.startswith("Matern") for m in members), text
+    _, data = _read_csv(out)
+    assert np.sqrt(np.mean((data[:, 3] - np.cos(t)) ** 2)) < 0.05
+    # two input columns have no state-space form: Matérn 5/2 as before
+    plan = cli.plan_fit("auto", np.c_[t, t], [("values", (np.c_[t, t], y))], 1)
+    assert plan.kernel == "matern52" and "fitted with matern52" in plan.note

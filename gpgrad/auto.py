@@ -64,10 +64,10 @@ picks it, but the dense members (RBF, warped kernels, trends) still cost
 O(N³). ``family="statespace"`` keeps to the kernels the state-space solver
 takes (Matérn 3/2, 5/2, 7/2 and their two-scale sums), so that every fit,
 hyperparameter point and prediction costs O(N): measured with
-:func:`estimate` on ``sin(9t) + t`` with 2 % noise (2-core CPU), 18.5 s for
-20,000 samples, 22.7 s and 0.68 GB for 100,000, 79 s and 6.2 GB for
-1,000,000, its derivative RMSE 28 % below Matérn 5/2 alone at 20,000. It is
-what ``gpgrad estimate --kernel auto`` runs above 5,000 rows.
+``benchmarks/auto_speed.py --family statespace`` on ``sin(9t) + t`` (2-core
+CPU): 19.0 s for 20,000 samples, 84.9 s for 100,000, 76.7 s and 6.7 GB for
+1,000,000, the derivative RMSE 0.39–0.72 of Matérn 5/2 alone's. It is what
+``gpgrad estimate --kernel auto`` runs above 5,000 rows.
 """
 
 from __future__ import annotations

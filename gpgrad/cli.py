@@ -564,19 +564,22 @@ def estimate_cost(
 
 def _auto_statespace_cost(rows, n_obs, d) -> Cost:
     """``--kernel auto`` on the state-space family
-    (``gpgrad.fit_auto(family="statespace")``): about six candidates fitted
-    on at most ``STATESPACE_SEARCH_POINTS`` rows, then Hessians, hyperparameter
-    points and predictions worth about 200 evaluations on all rows, with
-    several members' posteriors alive at once. Measured with
-    ``gpgrad.auto.estimate`` on ``sin(9t) + t``: 18.5 s at 20,000 rows,
-    22.7 s and 0.68 GB at 100,000, 79 s and 6.2 GB at 1,000,000."""
+    (``gpgrad.fit_auto(family="statespace")``): about six candidates, one of
+    them a two-scale sum (state 8), fitted on at most
+    ``STATESPACE_SEARCH_POINTS`` rows, then Hessians, hyperparameter points
+    and predictions worth about 400 evaluations on all rows, with several
+    members' posteriors alive at once. Measured with
+    ``benchmarks/auto_speed.py --family statespace``
+    (``benchmarks/results/auto_statespace.txt``): 19.0 s at 20,000 rows
+    (estimate 28 s), 84.9 s at 100,000 with two members averaged (estimate
+    37 s), 76.7 s and 6.7 GB peak at 1,000,000 (estimate 135 s, 8.0 GB)."""
     from .auto import STATESPACE_SEARCH_POINTS
 
     search = min(rows, STATESPACE_SEARCH_POINTS)
     memory, per_eval = _statespace_cost(rows, n_obs, d, 4)
-    per_eval_search = _statespace_cost(search, search, d, 4)[1]
-    seconds = 6 * EVALS_PER_START * per_eval_search + 200 * per_eval
-    return Cost("statespace", int(4 * memory + _BASE_MEMORY), float(seconds))
+    per_eval_search = _statespace_cost(search, search, d, 8)[1]
+    seconds = 6 * EVALS_PER_START * per_eval_search + 400 * per_eval
+    return Cost("statespace", int(5 * memory + _BASE_MEMORY), float(seconds))
 
 
 def available_memory() -> int:

@@ -892,6 +892,10 @@ def hyperparameter_points(
         cheaper, with ``scale`` the ratio of sizes: information grows with N).
     scale : float
         Multiplies the Hessian.
+    hessian : ndarray (p, p), optional
+        The Hessian of ``log p(y | θ)`` in the member's log coordinates,
+        already scaled (``Member.hessian``, which the weights used); taken
+        by central differences when not given.
 
     Returns
     -------

@@ -966,10 +966,9 @@ class Progress:
 
     def done(self):
         if self.last is not None:
-            self._say(
-                f"fitted in {_fmt_time(time.perf_counter() - self.t0)} "
-                f"({self.count} evaluations)"
-            )
+            # --kernel auto's fits do not report their evaluations here
+            count = f" ({self.count} evaluations)" if self.count else ""
+            self._say(f"fitted in {_fmt_time(time.perf_counter() - self.t0)}{count}")
 
 
 # --------------------------------------------------------------------------

@@ -65,7 +65,7 @@ O(N³). ``family="statespace"`` keeps to the kernels the state-space solver
 takes (Matérn 3/2, 5/2, 7/2 and their two-scale sums), so that every fit,
 hyperparameter point and prediction costs O(N): measured with
 ``benchmarks/auto_speed.py --family statespace`` on ``sin(9t) + t`` (2-core
-CPU): 19.0 s for 20,000 samples, 84.9 s for 100,000, 76.7 s and 6.7 GB for
+CPU): 19.2 s for 20,000 samples, 82.0 s for 100,000, 88.6 s and 6.7 GB for
 1,000,000, the derivative RMSE 0.39–0.72 of Matérn 5/2 alone's. It is what
 ``gpgrad estimate --kernel auto`` runs above 5,000 rows.
 """
@@ -73,6 +73,7 @@ CPU): 19.0 s for 20,000 samples, 84.9 s for 100,000, 76.7 s and 6.7 GB for
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -126,8 +127,15 @@ MARGINALIZE_MIN_WEIGHT = 0.05
 #: state-space solver keep their points' variances (O(N) there)
 MARGINALIZE_VARIANCE_MAX = 500
 #: ``fit_auto(family="statespace")`` scores its candidates on at most this
-#: many observations (each likelihood costs O(N) there)
+#: many observations (an evenly spread subset), unless that subset aliases
+#: the series (:data:`ALIAS_NOISE_RATIO`): then on all of them
 STATESPACE_SEARCH_POINTS = 20_000
+#: the spread subset aliases a series when its best candidate's noise
+#: variance is more than 1 / this times the one read on consecutive samples
+ALIAS_NOISE_RATIO = 0.5
+#: the Hessians of a state-space search on all observations are taken on a
+#: window of at most this many consecutive ones (scaled by N / window)
+STATESPACE_HESSIAN_WINDOW = 20_000
 #: standard deviation of each log hyperparameter's prior in the members'
 #: Laplace evidence: a factor e² ≈ 7 either way within one sd (``None``
 #: weighs by BIC instead). 3 gives the same benchmark figures to 1 %
@@ -688,6 +696,75 @@ def _subsample(obs, max_points, seed):
     return out, True
 
 
+def _window(obs, max_points):
+    """The observations of 1-D inputs inside the middle window of
+    ``max_points`` consecutive inputs, or ``obs`` (a long series keeps its
+    resolution, unlike an evenly spread subset)."""
+    n = sum(f.n for f in obs)
+    if n <= max_points:
+        return obs
+    if any(f.kind not in ("value", "gradient") or f.X.ndim != 2 for f in obs):
+        return obs
+
+    def inputs(f):
+        return (B.to_numpy(f.X) if B.is_tensor(f.X) else np.asarray(f.X))[:, 0]
+
+    xs = np.sort(np.concatenate([inputs(f) for f in obs]))
+    start = (n - max_points) // 2
+    lo, hi = xs[start], xs[start + max_points - 1]
+    out = []
+    for f in obs:
+        X = B.to_numpy(f.X) if B.is_tensor(f.X) else np.asarray(f.X)
+        idx = np.flatnonzero((X[:, 0] >= lo) & (X[:, 0] <= hi))
+        if idx.size == 0:
+            continue
+        y = B.to_numpy(f.y) if B.is_tensor(f.y) else np.asarray(f.y)
+        noise = f.noise
+        if noise is not None and np.ndim(noise) > 0:
+            noise = np.asarray(noise)[idx]
+        ctor = values if f.kind == "value" else gradients
+        out.append(ctor(X[idx], y[idx], noise=noise))
+    return out
+
+
+def _aliased(tried, obs, search, kw) -> bool:
+    """Whether an evenly spread subset (``search``) of a long 1-D series
+    aliases it: its best candidate's lengthscale is under twice the subset's
+    spacing (it interpolates what the subset cannot resolve), or its noise
+    variance is more than 1 / :data:`ALIAS_NOISE_RATIO` times the one read
+    on :data:`gpgrad.fit.WINDOW` consecutive samples (it took a fast
+    oscillation for noise)."""
+    from .fit import WINDOW
+
+    fitted = [(c, r, sc) for c, r, sc in tried.values() if r is not None]
+    if not fitted:
+        return False
+    c, res, _ = max(fitted, key=lambda v: v[2])
+    xs = np.concatenate(
+        [
+            (B.to_numpy(f.X) if B.is_tensor(f.X) else np.asarray(f.X))[:, 0]
+            for f in search
+        ]
+    )
+    spacing = np.ptp(xs) / max(1, np.unique(xs).size - 1)
+    ls = [
+        float(np.min(B.to_numpy(v) if B.is_tensor(v) else v))
+        for name, v in res.params.items()
+        if name.split(".")[-1] == "lengthscale" and name in res.fitted
+    ]
+    if ls and min(ls) < 2.0 * spacing:
+        return True
+    if "noise.value" not in res.fitted:
+        return False
+    try:
+        res_w = _fit_one(c, _window(obs, WINDOW), restarts=1, **kw)
+    except (NotPositiveDefiniteError, ValueError):
+        return False
+    spread = float(B.to_float(res.params["noise.value"]))
+    local = float(B.to_float(res_w.params["noise.value"]))
+    return local < ALIAS_NOISE_RATIO * spread
+
+
 def _fit_one(cand, obs, *, backend, method, restarts, seed, ard, maxiter):
     """Fit a candidate; a list of starts fits from each, the best one wins."""
     gp = GP(cand.kernel, backend=backend, method=method)
@@ -1059,7 +1136,11 @@ def fit_auto(
         subset of value and gradient observations); the members are then
         conditioned on all of them. Default 120, and
         :data:`STATESPACE_SEARCH_POINTS` for ``family="statespace"`` (each
-        likelihood there costs O(N)).
+        likelihood costs O(N) there). Where the best base reads a noise
+        variance on that subset more than twice the one on consecutive
+        samples, the subset aliases a fast oscillation, and the state-space
+        family searches on all observations instead (Hessians on
+        :data:`STATESPACE_HESSIAN_WINDOW` consecutive ones).
     maxiter : int, default 200
         L-BFGS-B iterations per start.
     marginalize : bool, default True
@@ -1164,6 +1245,9 @@ def fit_auto(
     N = sum(f.size for f in obs)
     search, subsampled = _subsample(obs, search_points, seed)
     N_search = sum(f.size for f in search)
+    # where the members' Hessians are taken: the search set (a window of
+    # consecutive samples when the state-space family searches on all data)
+    hess_obs, N_hess = search, N_search
 
     period = None
     if family == "statespace":
@@ -1205,8 +1289,6 @@ def fit_auto(
             tried[c.name] = (c, res, s)
             searched.append((c.name, s))
             if progress:
-                import sys
-
                 print(
                     f"gpgrad.fit_auto: {c.name:<18} log evidence {s:.6g} "
                     f"({time.perf_counter() - t0:.2f} s)",
@@ -1223,6 +1305,15 @@ def fit_auto(
         if any(f.order >= 2 for f in obs):
             bases = [c for c in bases if c.kernel.order >= 2]
         run(bases)
+        if family == "statespace" and subsampled and _aliased(tried, obs, search, kw):
+            # the spread subset took a fast oscillation for noise: search on
+            # every sample (gpgrad.fit starts a long series from a window)
+            search, subsampled, N_search = obs, False, N
+            hess_obs = _window(obs, STATESPACE_HESSIAN_WINDOW)
+            N_hess = sum(f.size for f in hess_obs)
+            tried.clear()
+            searched.clear()
+            run(bases)
         if refine:
             ranked = sorted(
                 (v for v in tried.values() if v[1] is not None), key=lambda v: -v[2]
@@ -1273,7 +1364,7 @@ def fit_auto(
         if EVIDENCE_PRIOR_SD is None:
             occam = -0.5 * p * logN
         else:
-            hess = _member_hessian(res, search, N / N_search)
+            hess = _member_hessian(res, hess_obs, N / N_hess)
             occam = _log_occam(hess, _prior_sd(res, EVIDENCE_PRIOR_SD))
             if math.isfinite(occam):
                 # entries outside the Laplace coordinates other than the
@@ -1316,8 +1407,8 @@ def fit_auto(
                 m.fit,
                 obs,
                 posterior=m.posterior,
-                hessian_observations=search,
-                scale=N / N_search,
+                hessian_observations=hess_obs,
+                scale=N / N_hess,
                 hessian=m.hessian,
             )
             # the state-space smoother's variances cost O(N) like its means

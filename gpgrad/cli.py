@@ -564,21 +564,24 @@ def estimate_cost(
 
 def _auto_statespace_cost(rows, n_obs, d) -> Cost:
     """``--kernel auto`` on the state-space family
-    (``gpgrad.fit_auto(family="statespace")``): about six candidates, one of
-    them a two-scale sum (state 8), fitted on at most
-    ``STATESPACE_SEARCH_POINTS`` rows, then Hessians, hyperparameter points
-    and predictions worth about 400 evaluations on all rows, with several
-    members' posteriors alive at once. Measured with
-    ``benchmarks/auto_speed.py --family statespace``
-    (``benchmarks/results/auto_statespace.txt``): 19.0 s at 20,000 rows
-    (estimate 28 s), 84.9 s at 100,000 with two members averaged (estimate
-    37 s), 76.7 s and 6.7 GB peak at 1,000,000 (estimate 135 s, 8.0 GB)."""
-    from .auto import STATESPACE_SEARCH_POINTS
+    (``gpgrad.fit_auto(family="statespace")``), at its dearest: about six
+    candidates (one a two-scale sum, state 8) each fitted on all rows like a
+    long series (a window, then one start on all rows: what it does when an
+    evenly spread subset would alias the series), Hessians on a window of
+    ``STATESPACE_HESSIAN_WINDOW`` rows, then hyperparameter points and
+    predictions worth about 60 evaluations on all rows, with several
+    members' posteriors alive at once (measured peak: 6.7 GB at 1,000,000
+    rows, ``benchmarks/results/auto_statespace.txt``)."""
+    from .auto import STATESPACE_HESSIAN_WINDOW
 
-    search = min(rows, STATESPACE_SEARCH_POINTS)
+    window = min(rows, STATESPACE_HESSIAN_WINDOW)
     memory, per_eval = _statespace_cost(rows, n_obs, d, 4)
-    per_eval_search = _statespace_cost(search, search, d, 8)[1]
-    seconds = 6 * EVALS_PER_START * per_eval_search + 400 * per_eval
+    per_eval_sum = _statespace_cost(rows, n_obs, d, 8)[1]
+    seconds = (
+        6 * _statespace_seconds(rows, 1, per_eval_sum)
+        + 4 * 50 * _statespace_cost(window, window, d, 4)[1]
+        + 60 * per_eval
+    )
     return Cost("statespace", int(5 * memory + _BASE_MEMORY), float(seconds))
 
 

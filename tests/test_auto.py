@@ -358,3 +358,23 @@ def test_statespace_family_refuses_what_it_cannot_run():
         gpgrad.fit_auto(x[:, None], x, family="statespace", candidates=[K.RBF()])
     with pytest.raises(ValueError, match="method='statespace'"):
         gpgrad.fit_auto(x[:, None], x, family="statespace", method="cholesky")
+
+
+def test_window_keeps_consecutive_samples_of_every_observation():
+    from gpgrad.auto import _window
+
+    x = np.arange(100.0)
+    obs = [
+        gpgrad.values(x[:, None], np.sin(x)),
+        gpgrad.gradients(x[::2, None], np.cos(x[::2])[:, None], noise=0.1),
+    ]
+    w = _window(obs, 30)
+    xs = np.sort(np.concatenate([f.X[:, 0] for f in w]))
+    assert xs.size == 30
+    # the middle of the 150 inputs, every one between its ends kept
+    assert np.all(np.isin(np.arange(xs.min(), xs.max() + 1), w[0].X[:, 0]))
+    assert abs((xs.min() + xs.max()) / 2 - 49.5) <= 1
+    np.testing.assert_array_equal(w[0].y, np.sin(w[0].X[:, 0]))
+    np.testing.assert_array_equal(w[1].y[:, 0], np.cos(w[1].X[:, 0]))
+    assert w[1].kind == "gradient"
+    assert _window(obs, 1000) is obs

@@ -186,7 +186,8 @@ def _parser():
         help="covariance kernel; 'auto' (the default) averages Matérn, RBF, "
         "rational-quadratic, periodic and cubic models and their trend, two-scale "
         "and warped variants by their evidence (up to "
-        f"{AUTO_MAX_ROWS:,} rows; longer series use matern52)",
+        f"{AUTO_MAX_ROWS:,} rows; a longer one-column series averages the "
+        "Matérn family in linear time, other data use matern52)",
     )
     est.add_argument(
         "--at",

@@ -687,13 +687,17 @@ def _subsample(obs, max_points, seed):
             idx = order[np.unique(np.linspace(0, f.n - 1, m).round().astype(int))]
         else:
             idx = np.sort(np.random.default_rng(seed).choice(f.n, m, replace=False))
-        y = B.to_numpy(f.y) if B.is_tensor(f.y) else np.asarray(f.y)
-        noise = f.noise
-        if noise is not None and np.ndim(noise) > 0:
-            noise = np.asarray(noise)[idx]
-        ctor = values if f.kind == "value" else gradients
-        out.append(ctor(X[idx], y[idx], noise=noise))
+        out.append(_take(f, idx))
     return out, True
+
+
+def _take(f, idx):
+    """The value or gradient observations ``f`` at rows ``idx``."""
+    noise = f.noise
+    if noise is not None and np.ndim(noise) > 0:
+        noise = np.asarray(noise)[idx]
+    ctor = values if f.kind == "value" else gradients
+    return ctor(B.to_numpy(f.X)[idx], B.to_numpy(f.y)[idx], noise=noise)
 
 
 def _window(obs, max_points):
@@ -705,25 +709,15 @@ def _window(obs, max_points):
         return obs
     if any(f.kind not in ("value", "gradient") or f.X.ndim != 2 for f in obs):
         return obs
-
-    def inputs(f):
-        return (B.to_numpy(f.X) if B.is_tensor(f.X) else np.asarray(f.X))[:, 0]
-
-    xs = np.sort(np.concatenate([inputs(f) for f in obs]))
+    xs = np.sort(np.concatenate([B.to_numpy(f.X)[:, 0] for f in obs]))
     start = (n - max_points) // 2
     lo, hi = xs[start], xs[start + max_points - 1]
     out = []
     for f in obs:
-        X = B.to_numpy(f.X) if B.is_tensor(f.X) else np.asarray(f.X)
-        idx = np.flatnonzero((X[:, 0] >= lo) & (X[:, 0] <= hi))
-        if idx.size == 0:
-            continue
-        y = B.to_numpy(f.y) if B.is_tensor(f.y) else np.asarray(f.y)
-        noise = f.noise
-        if noise is not None and np.ndim(noise) > 0:
-            noise = np.asarray(noise)[idx]
-        ctor = values if f.kind == "value" else gradients
-        out.append(ctor(X[idx], y[idx], noise=noise))
+        x = B.to_numpy(f.X)[:, 0]
+        idx = np.flatnonzero((x >= lo) & (x <= hi))
+        if idx.size:
+            out.append(_take(f, idx))
     return out
 
 
@@ -740,15 +734,10 @@ def _aliased(tried, obs, search, kw) -> bool:
     if not fitted:
         return False
     c, res, _ = max(fitted, key=lambda v: v[2])
-    xs = np.concatenate(
-        [
-            (B.to_numpy(f.X) if B.is_tensor(f.X) else np.asarray(f.X))[:, 0]
-            for f in search
-        ]
-    )
+    xs = np.concatenate([B.to_numpy(f.X)[:, 0] for f in search])
     spacing = np.ptp(xs) / max(1, np.unique(xs).size - 1)
     ls = [
-        float(np.min(B.to_numpy(v) if B.is_tensor(v) else v))
+        float(np.min(B.to_numpy(v)))
         for name, v in res.params.items()
         if name.split(".")[-1] == "lengthscale" and name in res.fitted
     ]
@@ -1370,8 +1359,8 @@ def fit_auto(
                 # entries outside the Laplace coordinates other than the
                 # mean (on a bound, where the likelihood is not locally
                 # quadratic) keep the BIC penalty
-                n_mean = _n_params(res) - _n_params(res, exclude_mean=True)
-                occam -= 0.5 * (p - hess.shape[0] - n_mean) * logN
+                outside = _n_params(res, exclude_mean=True) - hess.shape[0]
+                occam -= 0.5 * outside * logN
             else:  # the Hessian failed: BIC for the whole member
                 hess, occam = None, -0.5 * p * logN
         members.append(

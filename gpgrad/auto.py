@@ -256,19 +256,66 @@ def _span(lo, hi) -> float:
     return float(np.mean(np.maximum(np.asarray(hi) - np.asarray(lo), 1e-12)))
 
 
-def rough_part(lead: Candidate, *, fitted=None) -> Candidate | None:
-    """``W(base)+Matern32`` for a warped candidate ``W(base)``, else None.
+def _spacing(X) -> float | None:
+    """The mean spacing of 1-D inputs (None for several columns or fewer
+    than two distinct points): the shortest lengthscale a fast part may
+    take. Below it, a part decorrelates neighbouring samples and the data
+    cannot tell it from the noise, while its derivative at the samples is
+    prior alone."""
+    X = np.asarray(X, dtype=float)
+    if X.ndim != 2 or X.shape[1] != 1:
+        return None
+    u = np.unique(X[:, 0])
+    return float(np.ptp(u) / (u.size - 1)) if u.size > 1 else None
 
-    The warped part starts at the lead's fitted hyperparameters (``fitted``)
-    and the Matérn 3/2 part at 1e-4 of its variance and a lengthscale of 5 %
-    of the window: what a smooth warped kernel misses at low noise. Started
-    at the nested model, the fit ends at least as high as the lead.
-    Measured on Runge's function at 0.1 % noise (100 samples):
+
+def _fast_part_bounds(spacing, span) -> dict:
+    """Bounds for the second (fast) part's lengthscale: at least the
+    spacing (see :func:`_spacing`); nothing where that is unknown."""
+    if spacing is None:
+        return {}
+    return {"1.lengthscale": (spacing, max(100.0 * span, 2.0 * spacing))}
+
+
+def rough_part(
+    lead: Candidate, *, fitted=None, spacing=None, span=None
+) -> Candidate | None:
+    """``lead+Matern32`` for a warped lead ``W(base)`` or a stationary radial
+    one (Matérn, RBF, RQ); None for others (periodic, polynomial, sums).
+
+    The lead's part starts at its fitted hyperparameters (``fitted``) and the
+    Matérn 3/2 part at 1e-4 of its variance and a lengthscale of 5 % of the
+    window: what a smooth kernel misses at low noise (a kink, a steep
+    flank). Started at the nested model, the fit ends at least as high as
+    the lead. Measured on Runge's function at 0.1 % noise (100 samples):
     log marginal likelihood +7.7 over W(RQ), derivative band coverage 82 %
     → 99 %, RMSE 0.0074 → 0.0060; on ``tanh`` its variance goes to zero.
+    Beside a stationary Matérn 5/2 on ``|x − 0.45|^1.5`` (0.1 % and 2 %
+    noise) it takes 0.05–0.58 of the weight, and the derivative band
+    coverage rises 91 → 96 % at 2 % noise.
+
+    Parameters
+    ----------
+    lead : Candidate
+    fitted : FitResult, optional
+        The lead's fit (its optimum is the start).
+    spacing : float, optional
+        The 1-D inputs' mean spacing (:func:`_spacing`): the Matérn 3/2
+        lengthscale's lower bound. Under it the part absorbs the noise
+        (measured on the chirp at 2 % noise: lengthscale 0.57 × the spacing,
+        noise variance to its floor, derivative RMSE 0.41 → 0.79).
+    span : float, optional
+        The window's width for a stationary lead (a warped one knows its
+        own); default 1.
     """
     kern = lead.kernel
-    if not isinstance(kern, K.Warped):
+    warped = isinstance(kern, K.Warped)
+    stationary = (
+        isinstance(kern, K.RadialKernel)
+        and isinstance(kern.input_map, StationaryMap)
+        and not warped
+    )
+    if not (warped or stationary):
         return None
     var = 1.0
     start = {}
@@ -279,15 +326,20 @@ def rough_part(lead: Candidate, *, fitted=None) -> Candidate | None:
         for name, v in fitted.params.items():
             own = name.startswith("noise.") or name == "mean"
             start[name if own else f"0.{name}"] = v
-    start["1.variance"] = 1e-4 * var
-    start["1.lengthscale"] = 0.05 * _span(kern.lower, kern.upper)
-    return Candidate(
-        f"{lead.name}+Matern32",
-        K.Warped(
+    if warped:
+        span = _span(kern.lower, kern.upper)
+        smooth = K.Warped(
             type(kern.kernel)(), lower=kern.lower, upper=kern.upper, floor=kern.floor
         )
-        + K.Matern32(),
-        bounds=_prefixed(lead.bounds, "0."),
+    else:
+        span = 1.0 if span is None else float(span)
+        smooth = type(kern)()
+    start["1.variance"] = 1e-4 * var
+    start["1.lengthscale"] = max(0.05 * span, 2.0 * (spacing or 0.0))
+    return Candidate(
+        f"{lead.name}+Matern32",
+        smooth + K.Matern32(),
+        bounds={**_prefixed(lead.bounds, "0."), **_fast_part_bounds(spacing, span)},
         start=start,
     )
 
@@ -297,7 +349,8 @@ def refinements(base: Candidate, X, *, period=None, fitted=None) -> list:
 
     * ``W(base)``: the base on Kumaraswamy-warped inputs (local features);
     * ``base+base``: a second part of the same family, started at a fifth of
-      the fitted lengthscale (two scales: a slow signal and a fast ripple);
+      the fitted lengthscale (two scales: a slow signal and a fast ripple;
+      for 1-D inputs its lengthscale at least the mean spacing);
     * ``base+Linear``: a linear trend (its lengthscale fixed, the variance
       alone scales it);
     * ``base+Periodic``: a periodic part, when ``period`` is given.
@@ -337,9 +390,10 @@ def refinements(base: Candidate, X, *, period=None, fitted=None) -> list:
         p = fitted.params
         ls = np.asarray(B.to_numpy(p["lengthscale"]), dtype=float)
         var = float(B.to_float(p["variance"]))
+        spacing = _spacing(X)
         start = {
             "0.lengthscale": ls,
-            "1.lengthscale": ls / 5.0,
+            "1.lengthscale": np.maximum(ls / 5.0, spacing or 0.0),
             "0.variance": var,
             "1.variance": var / 25.0,
         }
@@ -347,6 +401,7 @@ def refinements(base: Candidate, X, *, period=None, fitted=None) -> list:
             Candidate(
                 f"{base.name}+{base.name}",
                 type(kern)() + type(kern)(),
+                bounds=_fast_part_bounds(spacing, _span(lo, hi)),
                 start=start,
             )
         )
@@ -1313,12 +1368,18 @@ def fit_auto(
                 if family == "statespace":
                     extra = [e for e in extra if _has_statespace_form(e.kernel)]
                 run(extra if i == 0 else [e for e in extra if e.name[:2] == "W("])
-            # a rough part for the leading warped kernel
+            # a rough part beside the leading kernel (the state-space
+            # family's refinements are its two-scale sums alone)
             lead = max(
                 (v for v in tried.values() if v[1] is not None), key=lambda v: v[2]
             )
-            rough = rough_part(lead[0], fitted=lead[1])
-            if rough is not None:
+            rough = rough_part(
+                lead[0],
+                fitted=lead[1],
+                spacing=_spacing(Xall),
+                span=_span(Xall.min(axis=0), Xall.max(axis=0)),
+            )
+            if rough is not None and family != "statespace":
                 run([rough])
 
     ok = [(c, r, s) for c, r, s in tried.values() if r is not None]

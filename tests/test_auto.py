@@ -233,7 +233,7 @@ def test_refinements_by_kind_of_base():
     class Fitted:  # what refinements reads of a fit
         params = {"lengthscale": 0.4, "variance": 2.0}
 
-    x = np.linspace(0.0, 2.0, 10)[:, None]
+    x = np.linspace(0.0, 2.0, 41)[:, None]  # spacing 0.05, under 0.4 / 5
     rbf = {c.name: c for c in gpgrad.auto.refinements(Candidate("RBF", K.RBF()), x,
                                                       fitted=Fitted())}  # fmt: skip
     assert set(rbf) == {"W(RBF)", "RBF+RBF", "RBF+Linear"}
@@ -288,8 +288,66 @@ def test_rough_part_of_a_warped_lead():
         "0.concentration1": gpgrad.auto.WARP_BOUNDS,
         "0.concentration0": gpgrad.auto.WARP_BOUNDS,
     }
-    # only a warped lead gets one
-    assert gpgrad.auto.rough_part(Candidate("RBF", K.RBF())) is None
+    # a stationary lead gets one beside it (started at 5 % of the window);
+    # a periodic, polynomial or summed lead none
+    fitted = Fitted()
+    fitted.params = {"variance": 2.0, "lengthscale": 0.3, "noise.value": 1e-3}
+    beside = gpgrad.auto.rough_part(
+        Candidate("RBF", K.RBF()), fitted=fitted, spacing=0.01, span=4.0
+    )
+    assert beside.name == "RBF+Matern32"
+    assert [type(k) for k in beside.kernel.children] == [K.RBF, K.Matern32]
+    assert beside.start == {
+        "0.variance": 2.0,
+        "0.lengthscale": 0.3,
+        "noise.value": 1e-3,
+        "1.variance": pytest.approx(2e-4),
+        "1.lengthscale": pytest.approx(0.2),
+    }
+    assert beside.bounds == {"1.lengthscale": (0.01, 400.0)}
+    for other in (
+        K.Periodic(period=1.0),
+        K.Polynomial(degree=3),
+        K.RBF() + K.Linear(),
+    ):
+        assert gpgrad.auto.rough_part(Candidate("x", other)) is None
+    # with the inputs' spacing, the rough part's lengthscale stays above it
+    # (and starts at least twice it)
+    rough = gpgrad.auto.rough_part(warped, fitted=Fitted(), spacing=0.08)
+    assert rough.bounds["1.lengthscale"] == (0.08, pytest.approx(200.0))
+    assert rough.start["1.lengthscale"] == pytest.approx(0.16)
+
+
+def test_fast_parts_stay_above_the_sample_spacing():
+    # the mean spacing of distinct 1-D inputs (repeats and order ignored);
+    # none for several columns or a single point
+    x = np.array([0.5, 0.0, 1.0, 0.5, 2.0])[:, None]
+    assert gpgrad.auto._spacing(x) == pytest.approx(2.0 / 3)
+    assert gpgrad.auto._spacing(np.zeros((4, 2))) is None
+    assert gpgrad.auto._spacing(np.ones((3, 1))) is None
+
+    class Fitted:
+        params = {"lengthscale": 0.05, "variance": 1.0}
+
+    x = np.linspace(0.0, 1.0, 21)[:, None]
+    (two,) = [
+        c
+        for c in gpgrad.auto.refinements(
+            Candidate("M32", K.Matern32()), x, fitted=Fitted()
+        )  # fmt: skip
+        if c.name == "M32+M32"
+    ]
+    assert two.bounds == {"1.lengthscale": (pytest.approx(0.05), 100.0)}
+    # the start (a fifth of the base's lengthscale, 0.01) is lifted to it
+    assert two.start["1.lengthscale"] == pytest.approx(0.05)
+    # fitted: white noise with a slow signal, where an unbounded fast part
+    # can take the noise for itself
+    rng = np.random.default_rng(3)
+    x = np.linspace(0.0, 1.0, 60)
+    y = np.sin(3 * x) + 0.05 * rng.normal(size=60)
+    avg = gpgrad.fit_auto(x[:, None], y, candidates=[two], marginalize=False)
+    ls = float(avg.best.fit.params["1.lengthscale"])
+    assert ls >= 1.0 / 59 * (1 - 1e-9)
 
 
 @pytest.mark.parametrize(
@@ -378,3 +436,18 @@ def test_window_keeps_consecutive_samples_of_every_observation():
     np.testing.assert_array_equal(w[1].y[:, 0], np.cos(w[1].X[:, 0]))
     assert w[1].kind == "gradient"
     assert _window(obs, 1000) is obs
+
+
+def test_a_kink_brings_a_rough_part_beside_a_stationary_lead():
+    # |x − 0.45|^1.5 has a derivative with a square-root tip: a Matérn 5/2
+    # lead, and its sum with a rough Matérn 3/2 part carries real weight
+    x = np.linspace(0.0, 1.0, 60)
+    y = np.abs(x - 0.45) ** 1.5 + 1e-3 * np.random.default_rng(1).normal(size=60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gpgrad.GPGradWarning)
+        avg = gpgrad.fit_auto(x[:, None], y, restarts=1)
+    weights = {m.name: m.weight for m in avg.members}
+    assert avg.best.name == "Matern52"
+    assert weights.get("Matern52+Matern32", 0.0) > 0.05
+    rough = next(m for m in avg.members if m.name == "Matern52+Matern32")
+    assert float(rough.fit.params["1.lengthscale"]) >= 1.0 / 59 * (1 - 1e-9)

@@ -340,6 +340,7 @@ def rough_part(
         f"{lead.name}+Matern32",
         smooth + K.Matern32(),
         bounds={**_prefixed(lead.bounds, "0."), **_fast_part_bounds(spacing, span)},
+        prior=lead.prior,
         start=start,
     )
 
@@ -427,6 +428,8 @@ def refinements(base: Candidate, X, *, period=None, fitted=None) -> list:
                 bounds={"1.period": (0.8 * period, 1.25 * period)},
             )
         )
+    for c in out:  # a variant of the base keeps its prior weight
+        c.prior = base.prior
     return out
 
 

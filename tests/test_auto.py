@@ -258,6 +258,10 @@ def test_refinements_by_kind_of_base():
     assert per[0].start == [{"0.lengthscale": 1.0}, {}]
     cubic = Candidate("Cubic", K.Polynomial(degree=3))
     assert gpgrad.auto.refinements(cubic, x) == []
+    # variants keep their base's prior weight
+    rare = Candidate("RBF", K.RBF(), prior=0.3)
+    assert {c.prior for c in gpgrad.auto.refinements(rare, x, fitted=Fitted())} == {0.3}
+    assert gpgrad.auto.rough_part(rare).prior == 0.3
 
 
 def test_rough_part_of_a_warped_lead():

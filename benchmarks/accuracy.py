@@ -43,6 +43,12 @@ Usage::
     python benchmarks/accuracy.py --quick         # seconds, for the tests
     python benchmarks/accuracy.py --functions 4 5 --noise 0.001  # a subset
     python benchmarks/accuracy.py --out DIR       # where the outputs go
+    python benchmarks/accuracy.py --held-out      # the held-out signals
+
+``--held-out`` runs eight other signals (``HELD_OUT``: smooth, local,
+non-smooth and non-stationary ones) written after the method was built and
+tuned on ``FUNCTIONS``; its figures say how far those of ``FUNCTIONS``
+carry to signals the method was not developed on.
 
 Prints the machine, the table and the summary; writes ``accuracy.md``,
 ``accuracy.json`` (every case), ``accuracy.png`` (RMSE and coverage per case)
@@ -107,6 +113,37 @@ FUNCTIONS = [
      lambda x: 2 * np.pi * (1 + 6 * x) * np.cos(2 * np.pi * (x + 3 * x**2))),
     ("|x − 0.45|^1.5", "non-smooth", lambda x: _pow15(x)[0],
      lambda x: _pow15(x)[1]),
+]  # fmt: skip
+
+
+def _logistic(x):
+    return 1.0 / (1.0 + np.exp(-12.0 * (x - 0.35)))
+
+
+#: signals written after the method was built (``--held-out``): a check that
+#: its figures are not fitted to FUNCTIONS. Their derivatives are exact.
+HELD_OUT = [
+    ("cos(3x) + x²/2", "smooth", lambda x: np.cos(3 * x) + 0.5 * x**2,
+     lambda x: -3 * np.sin(3 * x) + x),
+    ("exp(−2x)sin(4πx)", "smooth",
+     lambda x: np.exp(-2 * x) * np.sin(4 * np.pi * x),
+     lambda x: np.exp(-2 * x)
+     * (4 * np.pi * np.cos(4 * np.pi * x) - 2 * np.sin(4 * np.pi * x))),
+    ("logistic 1/(1+e^(−12(x−0.35)))", "local", _logistic,
+     lambda x: 12 * _logistic(x) * (1 - _logistic(x))),
+    ("bump exp(−50(x−0.6)²)", "local", lambda x: np.exp(-50 * (x - 0.6) ** 2),
+     lambda x: -100 * (x - 0.6) * np.exp(-50 * (x - 0.6) ** 2)),
+    ("|x − 0.6|^2.5", "non-smooth", lambda x: np.abs(x - 0.6) ** 2.5,
+     lambda x: 2.5 * np.sign(x - 0.6) * np.abs(x - 0.6) ** 1.5),
+    ("max(0, x − 0.4)² + sin(2x)", "non-smooth",
+     lambda x: np.maximum(0, x - 0.4) ** 2 + np.sin(2 * x),
+     lambda x: 2 * np.maximum(0, x - 0.4) + 2 * np.cos(2 * x)),
+    ("√(x + 0.05)", "non-stationary", lambda x: np.sqrt(x + 0.05),
+     lambda x: 0.5 / np.sqrt(x + 0.05)),
+    ("x sin(6x) + |x − 0.3|^1.5", "non-smooth",
+     lambda x: x * np.sin(6 * x) + np.abs(x - 0.3) ** 1.5,
+     lambda x: np.sin(6 * x) + 6 * x * np.cos(6 * x)
+     + 1.5 * np.sign(x - 0.3) * np.abs(x - 0.3) ** 0.5),
 ]  # fmt: skip
 NOISE = [0.001, 0.02, 0.2]
 SIZES = [100]
@@ -325,8 +362,8 @@ def run_case(fname, kind, f, df, level, n, reps, seed0, kernel="auto", quick=Fal
 
 
 def _run_job(job):
-    i, level, n, reps, seed, kernel, quick = job
-    fname, kind, f, df = FUNCTIONS[i]
+    i, level, n, reps, seed, kernel, quick, held_out = job
+    fname, kind, f, df = (HELD_OUT if held_out else FUNCTIONS)[i]
     return run_case(fname, kind, f, df, level, n, reps, seed, kernel, quick=quick)
 
 
@@ -540,6 +577,13 @@ def main(argv=None):
         "--noise", type=float, nargs="+", metavar="LEVEL", help="only these levels"
     )
     p.add_argument(
+        "--held-out",
+        action="store_true",
+        help="the held-out signals (HELD_OUT, written after the method was "
+        "built) instead of FUNCTIONS; outputs accuracy_held_out.* and "
+        "calibration_held_out.png",
+    )
+    p.add_argument(
         "--jobs", type=int, default=1, help="cases run in this many processes"
     )
     p.add_argument(
@@ -550,10 +594,11 @@ def main(argv=None):
         "evidence-weighted average over a family of kernels",
     )
     a = p.parse_args(argv)
+    signals = HELD_OUT if a.held_out else FUNCTIONS
     if a.quick:
-        funcs, noise, sizes, reps = FUNCTIONS[:2], [0.05], [30], 1
+        funcs, noise, sizes, reps = signals[:2], [0.05], [30], 1
     else:
-        funcs, noise, sizes, reps = FUNCTIONS, NOISE, SIZES, REPLICATES
+        funcs, noise, sizes, reps = signals, NOISE, SIZES, REPLICATES
     if a.replicates is not None:
         reps = a.replicates
     index = list(range(len(funcs)))
@@ -568,6 +613,8 @@ def main(argv=None):
     for line in machine_lines():
         print(line)
     cmd = "python benchmarks/accuracy.py" + (" --quick" if a.quick else "")
+    if a.held_out:
+        cmd += " --held-out"
     if a.kernel != "auto":
         cmd += f" --kernel {a.kernel}"
     if a.replicates is not None:
@@ -581,7 +628,7 @@ def main(argv=None):
     print(f"command: {cmd}; {reps} replicates per case, seed {a.seed}")
     t0 = time.perf_counter()
     jobs = [
-        (i, level, n, reps, a.seed, a.kernel, a.quick)
+        (i, level, n, reps, a.seed, a.kernel, a.quick, a.held_out)
         for i in index
         for level in noise
         for n in sizes
@@ -608,18 +655,19 @@ def main(argv=None):
     for line in lines:
         print(line)
     print(f"total {total:.0f} s")
-    with open(os.path.join(a.out, "accuracy.md"), "w") as fh:
+    tag = "_held_out" if a.held_out else ""
+    with open(os.path.join(a.out, f"accuracy{tag}.md"), "w") as fh:
         fh.write(md + "\n\n" + "\n".join(f"- {s}" for s in lines) + "\n")
-    with open(os.path.join(a.out, "accuracy.json"), "w") as fh:
+    with open(os.path.join(a.out, f"accuracy{tag}.json"), "w") as fh:
         json.dump(
             {"machine": machine_lines(), "command": cmd, "seconds": total,
              "cases": results},
             fh, indent=1, ensure_ascii=False,
         )  # fmt: skip
-    plot(results, os.path.join(a.out, "accuracy.png"))
-    plot_calibration(results, os.path.join(a.out, "calibration.png"))
-    print(f"wrote accuracy.md, accuracy.json, accuracy.png and calibration.png "
-          f"in {a.out}")  # fmt: skip
+    plot(results, os.path.join(a.out, f"accuracy{tag}.png"))
+    plot_calibration(results, os.path.join(a.out, f"calibration{tag}.png"))
+    print(f"wrote accuracy{tag}.md, accuracy{tag}.json, accuracy{tag}.png and "
+          f"calibration{tag}.png in {a.out}")  # fmt: skip
     return results, win_share, cov
 
 

@@ -348,7 +348,10 @@ def rough_part(
 def refinements(base: Candidate, X, *, period=None, fitted=None) -> list:
     """Local and global refinements of a base candidate.
 
-    * ``W(base)``: the base on Kumaraswamy-warped inputs (local features);
+    * ``W(base)``: the base on Kumaraswamy-warped inputs (local features),
+      fitted from two starts: the identity warping at the base's optimum
+      (``fitted``; the nested model, from which the fit can only rise) and
+      the data-driven one;
     * ``base+base``: a second part of the same family, started at a fifth of
       the fitted lengthscale (two scales: a slow signal and a fast ripple;
       for 1-D inputs its lengthscale at least the mean spacing);
@@ -377,14 +380,30 @@ def refinements(base: Candidate, X, *, period=None, fitted=None) -> list:
         and not isinstance(kern, K.Warped)
     )
     if stationary and np.all(hi > lo):
+        warped = K.Warped(type(kern)(), lower=lo, upper=hi, floor=WARP_FLOOR)
+        start = {}
+        if fitted is not None:
+            # the identity warping (a = b = 1) at the base's optimum, its
+            # lengthscale in the rescaled box's units: the nested model, from
+            # which the fit can only rise; and the data-driven start
+            p = dict(fitted.params)
+            ls = np.asarray(B.to_numpy(p.pop("lengthscale")), dtype=float)
+            width = (1.0 - 2.0 * warped.margin) / (hi - lo)
+            if ls.ndim == 0 or ls.size != width.size:
+                width = float(np.exp(np.mean(np.log(width))))
+            nested = {**p, "lengthscale": ls * width}
+            nested["concentration1"] = 1.0
+            nested["concentration0"] = 1.0
+            start = [nested, {}]
         out.append(
             Candidate(
                 f"W({base.name})",
-                K.Warped(type(kern)(), lower=lo, upper=hi, floor=WARP_FLOOR),
+                warped,
                 bounds={
                     "concentration1": WARP_BOUNDS,
                     "concentration0": WARP_BOUNDS,
                 },
+                start=start,
             )
         )
     if stationary and fitted is not None:

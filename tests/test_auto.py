@@ -455,3 +455,41 @@ def test_a_kink_brings_a_rough_part_beside_a_stationary_lead():
     assert weights.get("Matern52+Matern32", 0.0) > 0.05
     rough = next(m for m in avg.members if m.name == "Matern52+Matern32")
     assert float(rough.fit.params["1.lengthscale"]) >= 1.0 / 59 * (1 - 1e-9)
+
+
+def test_warping_starts_at_the_nested_model():
+    # W(k)'s first start is the identity warping at k's optimum (its
+    # lengthscale in the rescaled box's units), where the likelihood is k's:
+    # the warped fit cannot end below its base
+    x = np.linspace(0.2, 2.2, 40)
+    y = np.sin(3 * x) + 0.02 * np.random.default_rng(0).normal(size=40)
+    base = gpgrad.fit(gpgrad.GP(K.RationalQuadratic()), x[:, None], y)
+    (warped,) = [
+        c
+        for c in gpgrad.auto.refinements(
+            Candidate("RQ", K.RationalQuadratic()), x[:, None], fitted=base
+        )
+        if c.name == "W(RQ)"
+    ]
+    nested, data_driven = warped.start
+    assert data_driven == {}
+    assert nested["concentration1"] == nested["concentration0"] == 1.0
+    assert nested["lengthscale"] == pytest.approx(
+        float(base.params["lengthscale"]) * 0.9 / 2.0
+    )
+    fixed = {k: v for k, v in nested.items() if k != "mean"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gpgrad.GPGradWarning)
+        at = gpgrad.fit(gpgrad.GP(warped.kernel), x[:, None], y, fixed=fixed)
+    assert float(at.log_marginal_likelihood) == pytest.approx(
+        float(base.log_marginal_likelihood), abs=1e-6
+    )
+    # without a fit to start from, the data-driven start alone
+    (plain,) = [
+        c
+        for c in gpgrad.auto.refinements(
+            Candidate("RQ", K.RationalQuadratic()), x[:, None]
+        )
+        if c.name == "W(RQ)"
+    ]
+    assert plain.start == {}

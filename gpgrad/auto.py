@@ -1395,13 +1395,15 @@ def fit_auto(
             lead = max(
                 (v for v in tried.values() if v[1] is not None), key=lambda v: v[2]
             )
-            rough = rough_part(
-                lead[0],
-                fitted=lead[1],
-                spacing=_spacing(Xall),
-                span=_span(Xall.min(axis=0), Xall.max(axis=0)),
-            )
-            if rough is not None and family != "statespace":
+            rough = None
+            if family != "statespace":
+                rough = rough_part(
+                    lead[0],
+                    fitted=lead[1],
+                    spacing=_spacing(Xall),
+                    span=_span(Xall.min(axis=0), Xall.max(axis=0)),
+                )
+            if rough is not None:
                 run([rough])
 
     ok = [(c, r, s) for c, r, s in tried.values() if r is not None]

@@ -53,8 +53,9 @@ and the mode its variance.
 
 The search is staged so that it stays interactive: the base families are fitted
 once each on at most ``search_points`` observations (an evenly spread
-subset); refinements (an input warping, a linear trend, a periodic part when
-the data look periodic) are tried on the best bases only; members whose
+subset); refinements (an input warping, a second lengthscale, a linear
+trend, a periodic part when the data look periodic, a rough Matérn 3/2 part)
+are tried on the best bases only; members whose
 evidence trails the best by more than ``prune`` nats are dropped; only the
 best member gets ``restarts`` starts. Long series are then conditioned
 on all the data at the searched hyperparameters. Each fit goes through
@@ -1173,7 +1174,8 @@ def fit_auto(
         and a cubic polynomial (:func:`default_candidates`), then for the best
         of them a Kumaraswamy input warping (floor ``WARP_FLOOR``), a second
         lengthscale, a linear trend and, for periodic 1-D data, a periodic
-        part, and the warping of the runner-up (``refine``).
+        part, the warping of the runner-up, and a rough Matérn 3/2 part
+        beside the best kernel so far (:func:`rough_part`; ``refine``).
     backend : {"numpy", "torch"}
         The members' backend (results are tensors with ``"torch"``).
     method : str
@@ -1186,8 +1188,8 @@ def fit_auto(
         Per-dimension lengthscales (default: when the inputs have more than one
         column).
     refine : bool, default True
-        Try the refinements of the best base family and the warping of the
-        runner-up (default candidates only).
+        Try the refinements of the best base family, the warping of the
+        runner-up and the rough part (default candidates only).
     periodic : bool or float, optional
         ``None`` detects a dominant period in 1-D value data
         (:func:`detect_period`); ``False`` never adds a periodic part; a

@@ -258,16 +258,18 @@ def _span(lo, hi) -> float:
 
 
 def _spacing(X) -> float | None:
-    """The mean spacing of 1-D inputs (None for several columns or fewer
-    than two distinct points): the shortest lengthscale a fast part may
-    take. Below it, a part decorrelates neighbouring samples and the data
+    """The typical spacing of 1-D inputs: the median gap between consecutive
+    distinct points (the mean spacing on an even grid; the dense stretches'
+    spacing for clustered samples). None for several columns or fewer than
+    two distinct points. It is the shortest lengthscale a fast part may
+    take: below it, a part decorrelates neighbouring samples and the data
     cannot tell it from the noise, while its derivative at the samples is
     prior alone."""
     X = np.asarray(X, dtype=float)
     if X.ndim != 2 or X.shape[1] != 1:
         return None
     u = np.unique(X[:, 0])
-    return float(np.ptp(u) / (u.size - 1)) if u.size > 1 else None
+    return float(np.median(np.diff(u))) if u.size > 1 else None
 
 
 def _fast_part_bounds(spacing, span) -> dict:
@@ -301,7 +303,7 @@ def rough_part(
     fitted : FitResult, optional
         The lead's fit (its optimum is the start).
     spacing : float, optional
-        The 1-D inputs' mean spacing (:func:`_spacing`): the Matérn 3/2
+        The 1-D inputs' typical spacing (:func:`_spacing`): the Matérn 3/2
         lengthscale's lower bound. Under it the part absorbs the noise
         (measured on the chirp at 2 % noise: lengthscale 0.57 × the spacing,
         noise variance to its floor, derivative RMSE 0.41 → 0.79).
@@ -355,7 +357,7 @@ def refinements(base: Candidate, X, *, period=None, fitted=None) -> list:
       the data-driven one;
     * ``base+base``: a second part of the same family, started at a fifth of
       the fitted lengthscale (two scales: a slow signal and a fast ripple;
-      for 1-D inputs its lengthscale at least the mean spacing);
+      for 1-D inputs its lengthscale at least the typical spacing);
     * ``base+Linear``: a linear trend (its lengthscale fixed, the variance
       alone scales it);
     * ``base+Periodic``: a periodic part, when ``period`` is given.

@@ -323,10 +323,12 @@ def test_rough_part_of_a_warped_lead():
 
 
 def test_fast_parts_stay_above_the_sample_spacing():
-    # the mean spacing of distinct 1-D inputs (repeats and order ignored);
-    # none for several columns or a single point
-    x = np.array([0.5, 0.0, 1.0, 0.5, 2.0])[:, None]
-    assert gpgrad.auto._spacing(x) == pytest.approx(2.0 / 3)
+    # the median gap between distinct 1-D inputs (repeats and order
+    # ignored; a long gap does not raise it); none for several columns or a
+    # single point
+    x = np.array([0.5, 0.0, 1.0, 0.5, 2.0, 5.0])[:, None]
+    assert gpgrad.auto._spacing(x) == pytest.approx(0.75)
+    assert gpgrad.auto._spacing(np.linspace(0, 3, 31)[:, None]) == pytest.approx(0.1)
     assert gpgrad.auto._spacing(np.zeros((4, 2))) is None
     assert gpgrad.auto._spacing(np.ones((3, 1))) is None
 

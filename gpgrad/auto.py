@@ -272,6 +272,16 @@ def _spacing(X) -> float | None:
     return float(np.median(np.diff(u))) if u.size > 1 else None
 
 
+def _plain_stationary(kernel) -> bool:
+    """A stationary radial kernel on unwarped inputs (Matérn, RBF, RQ): what
+    warping, a second scale and a rough part are built beside."""
+    return (
+        isinstance(kernel, K.RadialKernel)
+        and isinstance(kernel.input_map, StationaryMap)
+        and not isinstance(kernel, K.Warped)
+    )
+
+
 def _fast_part_bounds(spacing, span) -> dict:
     """Bounds for the second (fast) part's lengthscale: at least the
     spacing (see :func:`_spacing`); nothing where that is unknown."""
@@ -313,12 +323,7 @@ def rough_part(
     """
     kern = lead.kernel
     warped = isinstance(kern, K.Warped)
-    stationary = (
-        isinstance(kern, K.RadialKernel)
-        and isinstance(kern.input_map, StationaryMap)
-        and not warped
-    )
-    if not (warped or stationary):
+    if not (warped or _plain_stationary(kern)):
         return None
     var = 1.0
     start = {}
@@ -377,11 +382,7 @@ def refinements(base: Candidate, X, *, period=None, fitted=None) -> list:
     lo = np.min(X, axis=0)
     hi = np.max(X, axis=0)
     kern = base.kernel
-    stationary = (
-        isinstance(kern, K.RadialKernel)
-        and isinstance(kern.input_map, StationaryMap)
-        and not isinstance(kern, K.Warped)
-    )
+    stationary = _plain_stationary(kern)
     if stationary and np.all(hi > lo):
         warped = K.Warped(type(kern)(), lower=lo, upper=hi, floor=WARP_FLOOR)
         start = {}
@@ -1396,19 +1397,19 @@ def fit_auto(
                 run(extra if i == 0 else [e for e in extra if e.name[:2] == "W("])
             # a rough part beside the leading kernel (the state-space
             # family's refinements are its two-scale sums alone)
-            lead = max(
-                (v for v in tried.values() if v[1] is not None), key=lambda v: v[2]
-            )
-            rough = None
             if family != "statespace":
+                lead = max(
+                    (v for v in tried.values() if v[1] is not None),
+                    key=lambda v: v[2],
+                )
                 rough = rough_part(
                     lead[0],
                     fitted=lead[1],
                     spacing=_spacing(Xall),
                     span=_span(Xall.min(axis=0), Xall.max(axis=0)),
                 )
-            if rough is not None:
-                run([rough])
+                if rough is not None:
+                    run([rough])
 
     ok = [(c, r, s) for c, r, s in tried.values() if r is not None]
     if not ok:

@@ -141,7 +141,7 @@ def test_default_search_tries_the_family_and_refinements():
         assert base in tried
     assert any(t.startswith("W(") for t in tried)
     assert any(t.endswith("+Linear") for t in tried)
-    assert len(avg.members) <= 4
+    assert len(avg.members) <= 5
     best = max(s for _, s in avg.searched)
     assert all(m.log_evidence > best - 10 - 5 for m in avg.members)
 
@@ -495,3 +495,63 @@ def test_warping_starts_at_the_nested_model():
         if c.name == "W(RQ)"
     ]
     assert plain.start == {}
+
+
+def test_a_part_fitted_to_nothing_is_merged_into_its_base():
+    # RBF+Linear with the trend's variance held at ~0 is RBF: one model
+    # counted twice. It must not take a member's place from a distinct kernel,
+    # and its weight goes to the member it duplicates.
+    x = np.linspace(0, 1, 25)
+    y = np.sin(5 * x) + 0.05 * np.random.default_rng(4).normal(size=25)
+    cands = [
+        Candidate("RBF", K.RBF()),
+        Candidate(
+            "RBF+Linear",
+            K.RBF() + K.Linear(),
+            fixed={"1.variance": 1e-12, "1.lengthscale": 1.0},
+        ),
+        Candidate("Matern32", K.Matern32()),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gpgrad.GPGradWarning)
+        avg = gpgrad.fit_auto(
+            x[:, None], y, candidates=cands, restarts=1, max_members=2,
+            prune=1e3, marginalize=False,
+        )  # fmt: skip
+        # each on its own: the evidence of the two copies and of Matern32
+        alone = {
+            c.name: gpgrad.fit_auto(
+                x[:, None], y, candidates=[c], restarts=1, marginalize=False
+            ).members[0]
+            for c in cands
+        }
+    names = sorted(m.name for m in avg.members)
+    assert len(names) == 2 and "Matern32" in names
+    rbf = next(m for m in avg.members if m.name != "Matern32")
+    m32 = next(m for m in avg.members if m.name == "Matern32")
+    assert sorted([rbf.name] + rbf.merged) == ["RBF", "RBF+Linear"]
+    assert m32.merged == []
+    z = {k: np.exp(m.log_evidence - alone["Matern32"].log_evidence)
+         for k, m in alone.items()}  # fmt: skip
+    assert rbf.weight / m32.weight == pytest.approx(
+        z["RBF"] + z["RBF+Linear"], rel=1e-6
+    )
+    # the merged member predicts what either copy predicts
+    Xs = np.array([[0.2], [0.7]])
+    np.testing.assert_allclose(
+        rbf.posterior.gradient(Xs).mean,
+        alone["RBF+Linear"].posterior.gradient(Xs).mean,
+        rtol=1e-4, atol=1e-6,
+    )  # fmt: skip
+    assert "the same posterior as" in avg.summary()
+
+
+def test_distinct_kernels_are_not_merged():
+    x = np.linspace(0, 1, 25)
+    y = np.abs(x - 0.4) + 0.01 * np.random.default_rng(5).normal(size=25)
+    cands = {"RBF": K.RBF(), "Matern32": K.Matern32()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gpgrad.GPGradWarning)
+        avg = gpgrad.fit_auto(x[:, None], y, candidates=cands, restarts=1, prune=1e3)
+    assert sorted(m.name for m in avg.members) == ["Matern32", "RBF"]
+    assert all(m.merged == [] for m in avg.members)

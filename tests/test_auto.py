@@ -555,3 +555,31 @@ def test_distinct_kernels_are_not_merged():
         avg = gpgrad.fit_auto(x[:, None], y, candidates=cands, restarts=1, prune=1e3)
     assert sorted(m.name for m in avg.members) == ["Matern32", "RBF"]
     assert all(m.merged == [] for m in avg.members)
+
+
+@pytest.mark.parametrize("variance_max", [10_000, 10])
+def test_estimate_joint_pass_equals_the_separate_queries(monkeypatch, variance_max):
+    # estimate queries f, f' and f'' jointly per hyperparameter point; the
+    # moments must be those of the averaged posterior's value, gradient and
+    # hessian (Matern32 is averaged for f and f' but not for f''); below
+    # variance_max the points bring their means and the mode its variance
+    monkeypatch.setattr(gpgrad.auto, "MARGINALIZE_VARIANCE_MAX", variance_max)
+    t = np.linspace(0, 1, 30)
+    y = np.abs(t - 0.4) ** 1.5 + 0.01 * np.random.default_rng(6).normal(size=30)
+    at = np.linspace(-0.1, 1.1, 17)
+    cands = {"Matern32": K.Matern32(), "Matern52": K.Matern52()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gpgrad.GPGradWarning)
+        est = estimate(t, y, at=at, candidates=cands, restarts=1, prune=1e3)
+    avg = est.model
+    assert {m.name for m in avg.members} == {"Matern32", "Matern52"}
+    assert all(len(m.points) > 1 for m in avg.members)
+    assert all(m.point_variances == (variance_max > 30) for m in avg.members)
+    Q = at[:, None]
+    v, g, h = avg.value(Q), avg.gradient(Q), avg.hessian(Q)
+    for got, want in [
+        (est.f_mean, v.mean), (est.f_std, v.std),
+        (est.df_mean, g.mean[:, 0]), (est.df_std, g.std[:, 0]),
+        (est.d2f_mean, h.mean[:, 0, 0]), (est.d2f_std, h.std[:, 0, 0]),
+    ]:  # fmt: skip
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)

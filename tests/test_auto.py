@@ -583,3 +583,34 @@ def test_estimate_joint_pass_equals_the_separate_queries(monkeypatch, variance_m
         (est.d2f_mean, h.mean[:, 0, 0]), (est.d2f_std, h.std[:, 0, 0]),
     ]:  # fmt: skip
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_estimate_on_the_torch_backend_matches_numpy():
+    # the merge's probes and the joint pass read tensors on the torch backend
+    pytest.importorskip("torch")
+    t = np.linspace(0, 1, 30)
+    y = np.abs(t - 0.4) ** 1.5 + 0.01 * np.random.default_rng(7).normal(size=30)
+
+    def cands():
+        return [
+            Candidate("Matern52", K.Matern52()),
+            Candidate("RBF", K.RBF()),
+            Candidate(
+                "RBF+Linear",
+                K.RBF() + K.Linear(),
+                fixed={"1.variance": 1e-12, "1.lengthscale": 1.0},
+            ),
+        ]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gpgrad.GPGradWarning)
+        a = estimate(t, y, candidates=cands(), restarts=1, prune=1e3)
+        b = estimate(t, y, candidates=cands(), restarts=1, prune=1e3, backend="torch")
+    assert [m.name for m in a.model.members] == [m.name for m in b.model.members]
+    assert [m.merged for m in a.model.members] == [m.merged for m in b.model.members]
+    assert any(m.merged for m in b.model.members)
+    np.testing.assert_allclose(b.model.weights, a.model.weights, rtol=1e-3)
+    for key in ("f_mean", "df_mean", "d2f_mean", "df_std", "d2f_std"):
+        got, want = getattr(b, key), getattr(a, key)
+        assert isinstance(got, np.ndarray)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.std(want))

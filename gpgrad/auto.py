@@ -60,8 +60,8 @@ evidence trails the best by more than ``prune`` nats are dropped; only the
 best member gets ``restarts`` starts. Candidates whose posteriors are the
 same model (a refinement whose added part fitted to nothing, and its base)
 are merged into one member carrying their summed weight, so that the cap on
-members (``max_members``) counts distinct models. Long series are then conditioned
-on all the data at the searched hyperparameters. Each fit goes through
+members (``max_members``) counts distinct models. Long series are then
+conditioned on all the data at the searched hyperparameters. Each fit goes through
 ``GP(method=...)``: a Matérn member of a 1-D series of 1,000 rows or more is
 conditioned by the linear-time state-space solver when ``method="auto"``
 picks it, but the dense members (RBF, warped kernels, trends) still cost
@@ -144,7 +144,8 @@ STATESPACE_HESSIAN_WINDOW = 20_000
 #: their standard deviation, in mean and standard deviation, are one model
 #: (see ``_merge_indistinguishable``)
 MERGE_TOLERANCE = 0.02
-#: ... at most this many of the search inputs
+#: members are compared at most at this many of the search inputs (evenly
+#: spread)
 MERGE_PROBE_POINTS = 200
 #: the members scored by their Laplace evidence before merging and capping:
 #: at most this many times ``max_members``, within ``prune`` plus this many
@@ -1042,27 +1043,22 @@ def _merge_indistinguishable(members, search, max_members):
     members are one model counted twice: their mixture is either of them with
     the summed weight, so merging them changes no prediction (beyond the
     tolerance below), while a cap on the members counted them separately and
-    crowded the distinct kernels out.
-    Measured on the held-out ``|x − 0.6|^2.5`` of ``benchmarks/accuracy.py``
-    (2 % noise): RBF, RQ, RBF+Linear and RBF+RBF had the same evidence to
-    0.1 nats and would fill four places, while Matérn 7/2 (0.15 nats behind)
-    and RBF+Matern32, whose bands covered the true derivative where RBF's
-    covered 45 % of it, were left out.
+    crowded the distinct kernels out. Measured on the held-out
+    ``|x − 0.6|^2.5`` of ``benchmarks/accuracy.py`` (2 % noise): RBF, RQ,
+    RBF+Linear and RBF+RBF had the same evidence to 0.1 nats and would fill
+    four places, while Matérn 7/2 (0.15 nats behind) and RBF+Matern32, whose
+    bands covered the true derivative where RBF's covered 45 % of it, were
+    left out.
 
     Members are compared by their mode posterior of ``f'`` (``f`` without a
     derivative) at the search inputs (at most :data:`MERGE_PROBE_POINTS`,
-    evenly spread): the same to within
-    :data:`MERGE_TOLERANCE` of the heavier one's typical standard deviation,
-    in mean and standard deviation alike. ``members`` is sorted by weight,
-    heaviest first; the merged member keeps the heavier one's fit and lists
-    the others in ``merged``.
+    evenly spread): the same to within :data:`MERGE_TOLERANCE` of the heavier
+    one's typical standard deviation, in mean and standard deviation alike.
+    ``members`` is sorted by weight, heaviest first; the merged member keeps
+    the heavier one's fit and lists the others in ``merged``.
     """
-    X = None
-    for f in search:
-        if f.kind == "value" or X is None:
-            X = f.X
-            if f.kind == "value":
-                break
+    # the value observations' inputs (else the first kind's)
+    X = next((f.X for f in search if f.kind == "value"), search[0].X)
     X = B.to_numpy(X) if B.is_tensor(X) else np.asarray(X)
     if X.shape[0] > MERGE_PROBE_POINTS:  # an evenly spread subset
         X = X[np.linspace(0, X.shape[0] - 1, MERGE_PROBE_POINTS).astype(int)]

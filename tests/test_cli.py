@@ -771,3 +771,42 @@ def test_kernel_auto_on_a_long_series_averages_the_statespace_family(
     # two input columns have no state-space form: Matérn 5/2 as before
     plan = cli.plan_fit("auto", np.c_[t, t], [("values", (np.c_[t, t], y))], 1)
     assert plan.kernel == "matern52" and "fitted with matern52" in plan.note
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "t,y\n1,2\n3,4\n",
+        "t,y\n1,2\n\n3,4\n",  # a blank line
+        "t,y\n 1 , 2 \n3,4\n",  # spaces around the numbers
+        "t,y\r\n1,2\r\n3,4\r\n",
+        "\ufefft,y\n1e-3,2.5E+2\n-3,.4\n\n",  # a BOM, exponents, a last blank
+        "t,y,z\n1,2\n3,4,5\n",  # a short row beside the used columns
+        "t,y\n1,2\n   \n3,4\n",  # a line of spaces: the csv path decides
+        '\nt,y\n"1",2\n3,4\n',  # a blank first line and a quoted cell: ditto
+    ],
+)
+def test_columns_read_fast_as_the_csv_module_reads_them(tmp_path, body):
+    """The C readers (pandas', else numpy's) give the csv module's numbers or
+    step aside for it."""
+    import gpgrad.cli as cli
+
+    path = tmp_path / "d.csv"
+    path.write_bytes(body.encode())
+    exact = cli.Table(str(path))
+    exact._rows = exact._read_rows()
+    want = exact._slow([0, 1], ["t", "y"], False)
+    fast = cli.Table(str(path))._numpy([0, 1])
+    if fast is not None:
+        np.testing.assert_array_equal(fast, want)
+    np.testing.assert_array_equal(cli.Table(str(path)).numbers(["t", "y"]), want)
+
+
+@pytest.mark.parametrize("cell", ["nan", "", "inf", "2#c", "x"])
+def test_a_bad_cell_read_fast_still_gets_its_line_named(tmp_path, cell):
+    import gpgrad.cli as cli
+
+    path = tmp_path / "d.csv"
+    path.write_text(f"t,y\n1,2\n3,{cell}\n5,6\n")
+    with pytest.raises(cli.CLIError, match="line 3, column 'y'"):
+        cli.Table(str(path)).numbers(["t", "y"])

@@ -382,8 +382,8 @@ def test_estimate_command_defaults_to_the_average():
 
 
 def test_statespace_family_runs_on_the_statespace_solver_and_matches_dense():
-    t = np.linspace(0, 4, 300)
-    y = np.sin(2 * t) + 0.3 * t + 0.02 * np.random.default_rng(4).normal(size=300)
+    t = np.linspace(0, 4, 150)
+    y = np.sin(2 * t) + 0.3 * t + 0.02 * np.random.default_rng(4).normal(size=150)
     avg = gpgrad.fit_auto(t[:, None], y, family="statespace", restarts=1)
     tried = [name for name, _ in avg.searched]
     assert {"Matern32", "Matern52", "Matern72"} <= set(tried)

@@ -751,9 +751,9 @@ def test_kernel_auto_on_a_long_series_averages_the_statespace_family(
 ):
     from gpgrad import cli
 
-    monkeypatch.setattr(cli, "AUTO_MAX_ROWS", 100)
-    t = np.linspace(0, 6, 400)
-    y = np.sin(t) + 0.01 * np.random.default_rng(0).normal(size=400)
+    monkeypatch.setattr(cli, "AUTO_MAX_ROWS", 50)
+    t = np.linspace(0, 6, 200)
+    y = np.sin(t) + 0.01 * np.random.default_rng(0).normal(size=200)
     path = tmp_path / "s.csv"
     np.savetxt(path, np.c_[t, y], delimiter=",", header="t,y", comments="")
     out = tmp_path / "o.csv"

@@ -364,30 +364,38 @@ class Table:
         return dict(zip(idx, a.T))
 
     def _fast_text(self, idx):
-        """The stripped text of the columns ``idx`` by pandas' C parser (the
-        numbers were read by it too), or None."""
-        if self._fast_cols is None:
+        """The stripped text of the columns ``idx`` by the C parser that read
+        the numbers (pandas', or numpy's without pandas), or None."""
+        if not self._fast_cols:
             return None
+        order = sorted(set(idx))
         try:
-            order = sorted(set(idx))
-            df = self._pandas(order, dtype=str, keep_default_na=False)
-            by = {j: df.iloc[:, i].tolist() for i, j in enumerate(order)}
-            return [[c.strip() for c in by[j]] for j in idx]
-        except Exception:  # any doubt: the exact slow path decides
-            return None
+            import pandas  # noqa: F401
+        except ImportError:  # pandas is optional
+            a = self._numpy(order, dtype=str)
+            if a is None or a.shape[1] != len(order):
+                return None
+            by = {j: a[:, i].tolist() for i, j in enumerate(order)}
+        else:
+            try:
+                df = self._pandas(order, dtype=str, keep_default_na=False)
+                by = {j: df.iloc[:, i].tolist() for i, j in enumerate(order)}
+            except Exception:  # any doubt: the exact slow path decides
+                return None
+        return [[c.strip() for c in by[j]] for j in idx]
 
-    def _numpy(self, columns):
-        """The columns (sorted indices) as floats by numpy's C reader, or
-        None where it has any doubt (a blank or short line, a quoted or
-        empty cell, text): the exact slow path decides then. A million rows
-        take about 1 s here against 8 s for the csv module's."""
+    def _numpy(self, columns, dtype=float):
+        """The columns (sorted indices) as floats (or their text, ``dtype=str``)
+        by numpy's C reader, or None where it has any doubt (a blank or short
+        line, a quoted or empty cell, text): the exact slow path decides then.
+        A million rows take about 1 s here against 8 s for the csv module's."""
         try:
             with open(self.path, encoding="utf-8-sig", newline="") as fh:
                 first = fh.readline()
                 if not first.strip():  # the header is not the first line
                     return None
                 a = np.loadtxt(
-                    fh, delimiter=self.delimiter, usecols=columns, dtype=float,
+                    fh, delimiter=self.delimiter, usecols=columns, dtype=dtype,
                     comments=None, ndmin=2, quotechar=None,
                 )  # fmt: skip
         except Exception:  # any doubt: the exact slow path decides

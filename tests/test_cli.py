@@ -799,7 +799,14 @@ def test_columns_read_fast_as_the_csv_module_reads_them(tmp_path, body):
     fast = cli.Table(str(path))._numpy([0, 1])
     if fast is not None:
         np.testing.assert_array_equal(fast, want)
-    np.testing.assert_array_equal(cli.Table(str(path)).numbers(["t", "y"]), want)
+    table = cli.Table(str(path))
+    np.testing.assert_array_equal(table.numbers(["t", "y"]), want)
+    # the cells' text, which the output repeats: the same as the csv module's
+    text = [[cells[j].strip() for _, cells in exact._rows] for j in (1, 0)]
+    assert table.text(["y", "t"], want[:, ::-1]) == text
+    fast = cli.Table(str(path))._numpy([0, 1], dtype=str)
+    if fast is not None:
+        assert [[c.strip() for c in col] for col in fast.T.tolist()] == text[::-1]
 
 
 @pytest.mark.parametrize("cell", ["nan", "", "inf", "2#c", "x"])

@@ -171,6 +171,23 @@ def test_detect_period():
     assert detect_period(x, 0.3 * x + np.exp(-x)) is None
 
 
+@pytest.mark.parametrize("even", [True, False])
+def test_lombscargle_is_scipys(even):
+    from scipy.signal import lombscargle
+
+    from gpgrad.auto import _lombscargle
+
+    rng = np.random.default_rng(3)
+    x = np.linspace(0, 5, 150) if even else np.sort(rng.uniform(0, 5, 150))
+    y = np.sin(3 * x) + rng.normal(size=150)
+    y -= y.mean()
+    w = np.linspace(0.5, 40, 401)
+    want = lombscargle(x, y, w)
+    np.testing.assert_allclose(_lombscargle(x, y, w), want, rtol=1e-10, atol=0)
+    # a block smaller than one row of frequencies: one frequency at a time
+    np.testing.assert_allclose(_lombscargle(x, y, w, block=7), want, rtol=1e-10)
+
+
 def test_validation_errors():
     x = np.linspace(0, 1, 10)[:, None]
     y = np.sin(x[:, 0])

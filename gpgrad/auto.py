@@ -381,7 +381,16 @@ def refinements(base: Candidate, X, *, period=None, fitted=None) -> list:
       for 1-D inputs its lengthscale at least the typical spacing);
     * ``base+Linear``: a linear trend (its lengthscale fixed, the variance
       alone scales it);
-    * ``base+Periodic``: a periodic part, when ``period`` is given.
+    * ``base+Periodic``: a periodic part, when ``period`` is given;
+    * ``base+Matern52`` for a polynomial base: a stationary residual beside
+      the polynomial trend (universal kriging), started at the polynomial's
+      optimum with a small residual (the nested model), its lengthscale at
+      least the 1-D inputs' typical spacing. A polynomial alone is certain
+      of its own shape: measured on ``cos(3x) + x²/2`` at 2 % noise (100
+      samples, the cubic leading), the derivative band covered the truth at
+      33 % of the points in one draw (77 % over three); with the residual
+      beside it, 97 %, the RMSE +3 %. On an exact cubic the residual takes
+      0.2–0.3 of the weight at 2 % noise (RMSE 0.0022 → 0.0030).
 
     The warping and the second scale apply to stationary bases only.
 
@@ -457,6 +466,31 @@ def refinements(base: Candidate, X, *, period=None, fitted=None) -> list:
                     if isinstance(base.start, list)
                     else _prefixed(base.start, "0.")
                 ),
+            )
+        )
+    if isinstance(kern, K.Polynomial):
+        spacing = _spacing(X)
+        span = _span(lo, hi)
+        start = {}
+        if fitted is not None:
+            # the polynomial's optimum with a small residual: the fit starts
+            # at the nested model and can only rise from it
+            for name, v in fitted.params.items():
+                own = name.startswith("noise.") or name == "mean"
+                start[name if own else f"0.{name}"] = v
+            noise = fitted.params.get("noise.value")
+            scale = B.to_float(noise) if noise is not None else 1e-4
+            start["1.variance"] = 1e-2 * float(scale)
+            start["1.lengthscale"] = max(0.2 * span, 2.0 * (spacing or 0.0))
+        out.append(
+            Candidate(
+                f"{base.name}+Matern52",
+                K.Polynomial(degree=kern.degree) + K.Matern52(),
+                bounds={
+                    **_prefixed(base.bounds, "0."),
+                    **_fast_part_bounds(spacing, span),
+                },
+                start=[start, {}] if start else {},
             )
         )
     if period is not None and stationary:
@@ -1278,8 +1312,9 @@ def fit_auto(
         and a cubic polynomial (:func:`default_candidates`), then for the best
         of them a Kumaraswamy input warping (floor ``WARP_FLOOR``), a second
         lengthscale, a linear trend and, for periodic 1-D data, a periodic
-        part, the warping of the runner-up, and a rough Matérn 3/2 part
-        beside the best kernel so far (:func:`rough_part`; ``refine``).
+        part (for a polynomial: a Matérn 5/2 residual beside it), the
+        warping of the runner-up, and a rough Matérn 3/2 part beside the
+        best kernel so far (:func:`rough_part`; ``refine``).
     backend : {"numpy", "torch"}
         The members' backend (results are tensors with ``"torch"``).
     method : str

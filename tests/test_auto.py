@@ -514,6 +514,46 @@ def test_warping_starts_at_the_nested_model():
     assert plain.start == {}
 
 
+def test_a_polynomial_lead_gets_a_residual_started_at_the_nested_model():
+    # a polynomial is certain of its own shape: its refinement is a Matérn
+    # 5/2 residual beside it, started at the polynomial's optimum, its
+    # lengthscale at least the spacing (else it would fit the noise)
+    x = np.linspace(0.0, 1.0, 40)
+    y = np.cos(3 * x) + 0.5 * x**2 + 0.02 * np.random.default_rng(0).normal(size=40)
+    cubic = Candidate("Cubic", K.Polynomial(degree=3))
+    base = gpgrad.fit(gpgrad.GP(cubic.kernel), x[:, None], y, restarts=1)
+    (res,) = [
+        c
+        for c in gpgrad.auto.refinements(cubic, x[:, None], fitted=base)
+        if c.name == "Cubic+Matern52"
+    ]
+    nested, data_driven = res.start
+    assert data_driven == {}
+    assert res.bounds["1.lengthscale"][0] == pytest.approx(1.0 / 39)
+    for name, v in base.params.items():
+        key = name if name.startswith("noise.") or name == "mean" else f"0.{name}"
+        assert float(nested[key]) == float(v)
+    # the polynomial's likelihood where the residual vanishes, and a fit
+    # from the nested start ends at least as high
+    at_zero = {**nested, "1.variance": 1e-12}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gpgrad.GPGradWarning)
+        zero = gpgrad.fit(gpgrad.GP(res.kernel), x[:, None], y, fixed=at_zero)
+        fitted = gpgrad.fit(
+            gpgrad.GP(res.kernel), x[:, None], y, start=nested, bounds=res.bounds
+        )
+    assert float(zero.log_marginal_likelihood) == pytest.approx(
+        float(base.log_marginal_likelihood), abs=1e-6
+    )
+    assert fitted.log_marginal_likelihood >= base.log_marginal_likelihood - 1e-6
+    assert float(fitted.params["1.lengthscale"]) >= 1.0 / 39 * (1 - 1e-9)
+    # stationary bases get no such residual (their refinements are others)
+    names = [
+        c.name for c in gpgrad.auto.refinements(Candidate("RBF", K.RBF()), x[:, None])
+    ]
+    assert "RBF+Matern52" not in names
+
+
 def test_a_part_fitted_to_nothing_is_merged_into_its_base():
     # RBF+Linear with the trend's variance held at ~0 is RBF: one model
     # counted twice. It must not take a member's place from a distinct kernel,

@@ -389,8 +389,9 @@ def refinements(base: Candidate, X, *, period=None, fitted=None) -> list:
       of its own shape: measured on ``cos(3x) + x²/2`` at 2 % noise (100
       samples), the cubic took 0.98 of one draw's weight and its derivative
       band covered the truth at 40 % of the points (77 % over three draws);
-      with the residual beside it, 100 % (97 % over three), the RMSE +3 %. On an exact cubic the residual takes
-      0.2–0.3 of the weight at 2 % noise (RMSE 0.0022 → 0.0030).
+      with the residual beside it, 100 % (97 % over three), the RMSE +3 %.
+      On an exact cubic the residual takes 0.2–0.3 of the weight at 2 %
+      noise (RMSE 0.0022 → 0.0030).
 
     The warping and the second scale apply to stationary bases only.
 

@@ -273,8 +273,12 @@ def test_refinements_by_kind_of_base():
     assert [c.name for c in per] == ["Periodic+Linear"]
     assert per[0].bounds == {"0.period": (1.0, 3.0)}
     assert per[0].start == [{"0.lengthscale": 1.0}, {}]
+    # a polynomial: no warping, second scale or trend, a stationary residual
+    # (without a fit to start from, the data-driven start alone)
     cubic = Candidate("Cubic", K.Polynomial(degree=3))
-    assert gpgrad.auto.refinements(cubic, x) == []
+    (residual,) = gpgrad.auto.refinements(cubic, x)
+    assert residual.name == "Cubic+Matern52" and residual.start == {}
+    assert residual.bounds["1.lengthscale"][0] == pytest.approx(0.05)
     # variants keep their base's prior weight
     rare = Candidate("RBF", K.RBF(), prior=0.3)
     assert {c.prior for c in gpgrad.auto.refinements(rare, x, fitted=Fitted())} == {0.3}

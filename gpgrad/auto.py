@@ -824,7 +824,7 @@ def _n_params(res: FitResult, exclude_mean: bool = False) -> int:
         if exclude_mean and name == "mean":
             continue
         v = res.params[name]
-        total += int(np.size(B.to_numpy(v) if B.is_tensor(v) else v))
+        total += int(np.size(B.to_numpy(v)))
     return total
 
 
@@ -838,7 +838,7 @@ def _subsample(obs, max_points, seed):
     out = []
     for f in obs:
         m = max(2, int(round(max_points * f.n / n)))
-        X = B.to_numpy(f.X) if B.is_tensor(f.X) else np.asarray(f.X)
+        X = B.to_numpy(f.X)
         if X.shape[1] == 1:
             order = np.argsort(X[:, 0], kind="stable")
             idx = order[np.unique(np.linspace(0, f.n - 1, m).round().astype(int))]
@@ -952,7 +952,7 @@ def _log_coordinates(res: FitResult):
         if name == "mean" or name in res.on_bound:
             continue
         v = res.params[name]
-        v = np.asarray(B.to_numpy(v) if B.is_tensor(v) else v, dtype=float)
+        v = np.asarray(B.to_numpy(v), dtype=float)
         if np.any(v <= 0):
             continue
         names.append(name)
@@ -1080,9 +1080,8 @@ def _probe(member, X):
     deviation as flat float arrays."""
     post = member.posterior
     pred = post.gradient(X) if post.kernel.order >= 1 else post.value(X)
-    mean, std = pred.mean, pred.std
-    if B.is_tensor(mean):
-        mean, std = B.to_numpy(mean), B.to_numpy(std)
+    std = B.to_numpy(pred.std)  # before the mean: it fills the mean on the way
+    mean = B.to_numpy(pred.mean)
     return np.ravel(np.asarray(mean, float)), np.ravel(np.asarray(std, float))
 
 
@@ -1112,7 +1111,7 @@ def _merge_indistinguishable(members, search, max_members):
     """
     # the value observations' inputs (else the first kind's)
     X = next((f.X for f in search if f.kind == "value"), search[0].X)
-    X = B.to_numpy(X) if B.is_tensor(X) else np.asarray(X)
+    X = B.to_numpy(X)
     if X.shape[0] > MERGE_PROBE_POINTS:  # an evenly spread subset
         X = X[np.linspace(0, X.shape[0] - 1, MERGE_PROBE_POINTS).astype(int)]
     kept, probes = [], []
@@ -1430,9 +1429,7 @@ def fit_auto(
             "fit_auto fits one problem at a time: inputs must be (n, d), got "
             f"shapes {[tuple(f.X.shape) for f in obs]}"
         )
-    Xall = np.concatenate(
-        [B.to_numpy(f.X) if B.is_tensor(f.X) else np.asarray(f.X) for f in obs]
-    )
+    Xall = np.concatenate([B.to_numpy(f.X) for f in obs])
     d = Xall.shape[1]
     if family == "statespace":
         from .solvers.select import METHODS
@@ -1469,12 +1466,7 @@ def fit_auto(
     elif periodic is True or periodic is None:
         vals = [f for f in obs if f.kind == "value"]
         if d == 1 and len(vals) == 1:
-            xv = np.asarray(
-                B.to_numpy(vals[0].X) if B.is_tensor(vals[0].X) else vals[0].X
-            )
-            yv = np.asarray(
-                B.to_numpy(vals[0].y) if B.is_tensor(vals[0].y) else vals[0].y
-            )
+            xv, yv = B.to_numpy(vals[0].X), B.to_numpy(vals[0].y)
             period = detect_period(xv[:, 0], yv)
     elif periodic is not False:
         period = float(periodic)
@@ -1811,9 +1803,8 @@ def _series_moments(model, Q, order):
     out = []
     for k in range(order + 1):
         pred = model._mix(k, sliced(k), False)
-        var = B.to_numpy(pred.var) if B.is_tensor(pred.var) else pred.var
-        mean = B.to_numpy(pred.mean) if B.is_tensor(pred.mean) else pred.mean
-        out.append((np.asarray(mean, float), np.asarray(var, float)))
+        var = B.to_numpy(pred.var)  # the variances fill the means on the way
+        out.append((np.asarray(B.to_numpy(pred.mean), float), np.asarray(var, float)))
     return out
 
 

@@ -268,6 +268,17 @@ def _prefixed(d: dict, prefix: str) -> dict:
     return {f"{prefix}{k}": v for k, v in d.items()}
 
 
+def _as_first_part(fitted) -> dict:
+    """A fit's hyperparameters as the start of a sum whose first part is
+    its kernel: the kernel's names prefixed ``0.``, the noise and the mean as
+    they are."""
+    start = {}
+    for name, v in fitted.params.items():
+        own = name.startswith("noise.") or name == "mean"
+        start[name if own else f"0.{name}"] = v
+    return start
+
+
 def _span(lo, hi) -> float:
     """The window's mean width over the input columns (at least 1e-12)."""
     return float(np.mean(np.maximum(np.asarray(hi) - np.asarray(lo), 1e-12)))
@@ -347,9 +358,7 @@ def rough_part(
         var = float(B.to_float(fitted.params["variance"]))
         # the lead's optimum with a small rough part: the search starts at
         # the nested model and can only rise from it
-        for name, v in fitted.params.items():
-            own = name.startswith("noise.") or name == "mean"
-            start[name if own else f"0.{name}"] = v
+        start = _as_first_part(fitted)
     if warped:
         span = _span(kern.lower, kern.upper)
         smooth = K.Warped(
@@ -476,12 +485,11 @@ def refinements(base: Candidate, X, *, period=None, fitted=None) -> list:
         if fitted is not None:
             # the polynomial's optimum with a small residual: the fit starts
             # at the nested model and can only rise from it
-            for name, v in fitted.params.items():
-                own = name.startswith("noise.") or name == "mean"
-                start[name if own else f"0.{name}"] = v
+            start = _as_first_part(fitted)
             noise = fitted.params.get("noise.value")
-            scale = B.to_float(noise) if noise is not None else 1e-4
-            start["1.variance"] = 1e-2 * float(scale)
+            start["1.variance"] = 1e-2 * (
+                B.to_float(noise) if noise is not None else 1e-4
+            )
             start["1.lengthscale"] = max(0.2 * span, 2.0 * (spacing or 0.0))
         out.append(
             Candidate(

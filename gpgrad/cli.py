@@ -348,15 +348,7 @@ class Table:
         """``{column index: floats}`` by pandas' C parser (numpy's without
         pandas) when every cell of the columns ``idx`` (sorted) is a finite
         number, else None."""
-        try:
-            import pandas  # noqa: F401
-        except ImportError:  # pandas is optional
-            a = self._numpy(idx)
-        else:
-            try:
-                a = self._pandas(idx, dtype=float).to_numpy(dtype=float)
-            except Exception:  # any doubt: the exact slow path decides
-                return None
+        a = self._c_read(idx, float)
         if a is None:
             return None
         if a.shape[1] != len(idx) or not np.all(np.isfinite(a)):
@@ -369,20 +361,28 @@ class Table:
         if not self._fast_cols:
             return None
         order = sorted(set(idx))
+        a = self._c_read(order, str)
+        if a is None or a.shape[1] != len(order):
+            return None
+        by = {j: a[:, i].tolist() for i, j in enumerate(order)}
+        return [[c.strip() for c in by[j]] for j in idx]
+
+    def _c_read(self, columns, dtype):
+        """The columns (sorted indices) as a (rows, columns) array of floats
+        or of their text (``dtype`` float or str) by pandas' C parser, or by
+        numpy's where pandas is not installed; None on any doubt (the exact
+        slow path decides then)."""
         try:
             import pandas  # noqa: F401
         except ImportError:  # pandas is optional
-            a = self._numpy(order, dtype=str)
-            if a is None or a.shape[1] != len(order):
-                return None
-            by = {j: a[:, i].tolist() for i, j in enumerate(order)}
-        else:
-            try:
-                df = self._pandas(order, dtype=str, keep_default_na=False)
-                by = {j: df.iloc[:, i].tolist() for i, j in enumerate(order)}
-            except Exception:  # any doubt: the exact slow path decides
-                return None
-        return [[c.strip() for c in by[j]] for j in idx]
+            return self._numpy(columns, dtype=dtype)
+        try:
+            if dtype is str:
+                df = self._pandas(columns, dtype=str, keep_default_na=False)
+                return df.to_numpy(dtype=object)
+            return self._pandas(columns, dtype=float).to_numpy(dtype=float)
+        except Exception:  # any doubt: the exact slow path decides
+            return None
 
     def _numpy(self, columns, dtype=float):
         """The columns (sorted indices) as floats (or their text, ``dtype=str``)
